@@ -205,8 +205,6 @@ def _axis_size(axis_name: Any) -> int:
         f"axis_name={axis_name!r} is not bound here: call bn_forward inside pmap, shard_map "
         "or vmap with that axis_name, or leave axis_name=None"
     ) from None
-  except Exception:  # sizes that are not static; the check is only a courtesy
-    return 2
 
 
 def _compute_dtype(x_dtype) -> Any:
@@ -238,42 +236,34 @@ def _feature_broadcast_shape(shape, reduce_axes) -> tuple[int, ...]:
 
 
 def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array]:
-  """Exact per-feature mean, biased variance and count in one pass over x.
+  """Exact per-feature mean, biased variance and count.
 
-  Shifted sums: with a shift k close to the mean, E[(x-k)²] - E[x-k]² loses no
-  precision (plain E[x²] - E[x]² does when |mean| >> std). k is the mean of the
-  first slice along the first reduced axis (e.g. the first example), averaged
-  over devices; it is a constant for differentiation since the result does not
-  depend on it. Returns arrays of the broadcast feature shape, in the compute dtype.
+  Without a mask, one pass over x with shifted sums: for a shift k near the
+  mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does when
+  |mean| >> std). k is the mean of the first slice along the first reduced axis
+  (e.g. the first example), averaged over the devices of axis_name, and is a
+  constant for differentiation since the result does not depend on it. With a
+  mask, the first slice may be all padding, so the plain two-pass computation is
+  used. Returns arrays of the broadcast feature shape, in the compute dtype.
   """
+  if mask is not None:
+    return _reference_stats(x, mask, cfg)
   cd = _compute_dtype(x.dtype)
   ra = cfg.reduce_axes
   x = x.astype(cd)
-  x0 = lax.index_in_dim(x, 0, ra[0], keepdims=True)
-  if mask is None:
-    shift = jnp.mean(x0, axis=ra, keepdims=True)
-    weight = jnp.ones_like(shift)
-  else:
-    m0 = lax.index_in_dim(mask, 0, ra[0], keepdims=True)
-    c0 = jnp.sum(m0, axis=ra, keepdims=True, dtype=cd)
-    shift = jnp.sum(jnp.where(m0, x0, 0), axis=ra, keepdims=True) / jnp.maximum(c0, 1)
-    weight = (c0 > 0).astype(cd)
+  shift = jnp.mean(lax.index_in_dim(x, 0, ra[0], keepdims=True), axis=ra, keepdims=True)
   if cfg.axis_name is not None:
-    # Devices whose first slice is all padding do not pull the shared shift to 0.
-    shift, weight = _psum((shift * weight, weight), cfg)
-    shift = shift / jnp.maximum(weight, 1)
+    total, devices = _psum((shift, 1.0 + 0.0 * shift), cfg)
+    shift = total / devices
   shift = lax.stop_gradient(shift)
   d = x - shift
-  if mask is not None:
-    d = jnp.where(mask, d, 0)
   s1 = jnp.sum(d, axis=ra, keepdims=True)
   s2 = jnp.sum(d * d, axis=ra, keepdims=True)
   n = _count(x, mask, cfg, cd)
   s1, s2, n = _psum((s1, s2, n), cfg)
-  n_safe = jnp.maximum(n, 1)
-  dmean = s1 / n_safe
+  dmean = s1 / n
   mean = shift + dmean
-  var = jnp.maximum(s2 / n_safe - dmean * dmean, 0.0)
+  var = jnp.maximum(s2 / n - dmean * dmean, 0.0)
   return mean, var, n
 
 
@@ -373,14 +363,15 @@ def _bn_train_bwd(cfg: _Config, saved, cotangents):
   cd = rstd.dtype
   ra = cfg.reduce_axes
   dy32 = dy.astype(cd)
-  if mask is not None:
-    dy32 = jnp.where(mask, dy32, 0)
   scale32 = scale.astype(cd)
   if cfg.residual == "output":
-    # x̂ from the output: exact because |scale| >= min_scale (see _effective_scale).
+    # x - μ from the output: exact because |scale| >= min_scale (see _effective_scale).
     centered = (y_or_x.astype(cd) - bias.astype(cd)) / (scale32 * rstd)
   else:
-    centered = y_or_x.astype(cd) - mean  # x - μ; x̂ = centered * rstd
+    centered = y_or_x.astype(cd) - mean  # x̂ = centered * rstd
+  # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
+  # sums run over all entries; only the statistics' own dependence on x (the
+  # correction terms of dx) is restricted to the unmasked entries.
   sum_dy = jnp.sum(dy32, axis=ra, keepdims=True)
   sum_dy_xc = jnp.sum(dy32 * centered, axis=ra, keepdims=True)
   dbias = sum_dy
@@ -391,15 +382,117 @@ def _bn_train_bwd(cfg: _Config, saved, cotangents):
   c1 = scale32 * rstd
   c2 = -c1 * g_sum_dy / n_safe
   c3 = -c1 * rstd * rstd * g_sum_dy_xc / n_safe
-  dx = c1 * dy32 + (c3 * centered + c2)
+  correction = c3 * centered + c2
   if mask is not None:
-    dx = jnp.where(mask, dx, 0)
+    correction = jnp.where(mask, correction, 0)
+  dx = c1 * dy32 + correction
   dscale = _param_cotangent(dscale, scale, dy, cfg).astype(scale.dtype)
   dbias = _param_cotangent(dbias, bias, dy, cfg).astype(bias.dtype)
   return dx.astype(cfg.x_dtype), dscale, dbias, None
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+# --------------------------------------------------------------------------- #
+# Ghost batches and batch renormalization: _bn_train on regrouped inputs.
+# --------------------------------------------------------------------------- #
+
+
+def _check_virtual_batch_size(virtual_batch_size: Any, feature_axes, axis_name) -> int | None:
+  if virtual_batch_size is None:
+    return None
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
+    raise TypeError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+  if virtual_batch_size < 1:
+    raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size}")
+  if 0 in feature_axes:
+    raise ValueError(
+        "virtual_batch_size splits axis 0 (the batch) into ghost batches, but axis 0 is a "
+        f"feature axis here (feature axes {feature_axes})"
+    )
+  if axis_name is not None:
+    raise ValueError(
+        "virtual_batch_size cannot be combined with axis_name: ghost batches are split "
+        "from each device's own batch, so leave axis_name=None"
+    )
+  return int(virtual_batch_size)
+
+
+def _check_renorm(renorm: Any, rmax: Any, dmax: Any) -> bool:
+  if not isinstance(renorm, (bool, np.bool_)):
+    raise TypeError(f"renorm must be a Python bool, got {renorm!r}")
+  for value, name, low in ((rmax, "rmax", 1.0), (dmax, "dmax", 0.0)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+      raise TypeError(f"{name} must be a float (or a scalar array, e.g. from a schedule), got {value!r}")
+    if jnp.shape(value) != ():
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
+      raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(value)}")
+  return bool(renorm)
+
+
+def _bn_train_ghost_renorm(
+    x, scale, bias, mask, state, cfg: _Config, feature_axes, feature_shape, *,
+    virtual_batch_size, renorm, rmax, dmax, momentum, unbiased, autodiff,
+):
+  """Training mode with ghost batches and/or batch renormalization, through _bn_train.
+
+  Ghost batches (Hoffer et al. 2017): x of shape (N, ...) becomes (G, N/G, ...)
+  and the new leading axis is one more feature axis, so _bn_train normalizes
+  each group with its own statistics. γ and β are broadcast over the groups;
+  autodiff of the broadcast sums their cotangents over the groups.
+
+  Renormalization (Ioffe 2017): with r and d constants for differentiation,
+  γ((x - μ_B)/σ_B · r + d) + β is training-mode batch norm with scale γr and
+  bias γd + β, so the gradient is the same analytic one.
+  """
+  cd = _compute_dtype(x.dtype)
+  bshape = _feature_broadcast_shape(x.shape, cfg.reduce_axes)
+  values = math.prod(x.shape[a] for a in cfg.reduce_axes) * _axis_size(cfg.axis_name)
+  if virtual_batch_size is not None:
+    groups, rest = divmod(x.shape[0], virtual_batch_size)
+    if rest:
+      raise ValueError(
+          f"virtual_batch_size={virtual_batch_size} does not divide the batch: x has shape "
+          f"{x.shape}, {x.shape[0]} examples on axis 0"
+      )
+    values //= groups
+    x_shape = x.shape
+    x = x.reshape((groups, virtual_batch_size) + x_shape[1:])
+    mask = None if mask is None else mask.reshape(x.shape)
+    cfg = dataclasses.replace(cfg, reduce_axes=tuple(a + 1 for a in cfg.reduce_axes))
+    scale = jnp.broadcast_to(scale[None], (groups,) + bshape)
+    bias = jnp.broadcast_to(bias[None], (groups,) + bshape)
+  if values <= 1:
+    raise ValueError(
+        f"Expected more than 1 value per feature when training, got x of shape {x.shape} "
+        f"with feature axes {feature_axes} and virtual_batch_size={virtual_batch_size}: "
+        f"each feature has {values} value(s) per batch"
+    )
+  if renorm:
+    batch_mean, batch_var, _ = _batch_stats(lax.stop_gradient(x), mask, cfg)
+    running_mean, running_var = (
+        lax.stop_gradient(state[k]).astype(cd).reshape((1,) * (x.ndim - len(bshape)) + bshape)
+        for k in ("mean", "var")
+    )
+    sigma = jnp.sqrt(running_var + cfg.epsilon)
+    rmax, dmax = jnp.asarray(rmax, cd), jnp.asarray(dmax, cd)
+    r = jnp.clip(jnp.sqrt(batch_var + cfg.epsilon) / sigma, 1.0 / rmax, rmax)
+    d = jnp.clip((batch_mean - running_mean) / sigma, -dmax, dmax)
+    r, d = lax.stop_gradient(r), lax.stop_gradient(d)
+    scale, bias = scale * r, bias + scale * d
+  train_fn = _bn_train_reference if autodiff else _bn_train
+  y, mean, var, n = train_fn(x, scale, bias, mask, cfg)
+  if virtual_batch_size is not None:
+    y = y.reshape(x_shape)
+    # The running statistics follow the groups' own: count-weighted means over the groups.
+    if unbiased:
+      var = var * (n / jnp.maximum(n - 1, 1))
+      unbiased = False
+    total = jnp.sum(n, axis=0)
+    weight = n / jnp.maximum(total, 1)
+    mean, var, n = jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total
+  return y, _update_running(state, mean, var, n, momentum, unbiased, feature_shape)
 
 # --------------------------------------------------------------------------- #
 # Public API.
@@ -540,6 +633,10 @@ def bn_forward(
     min_scale: float = 1e-3,
     dtype: DTypeLike | None = None,
     autodiff: bool = False,
+    virtual_batch_size: int | None = None,
+    renorm: bool = False,
+    rmax: float | ArrayLike = 3.0,
+    dmax: float | ArrayLike = 5.0,
 ) -> tuple[Array, dict[str, Array]]:
   """Batch normalization: y = scale * (x - mean) / sqrt(var + epsilon) + bias.
 
@@ -588,6 +685,19 @@ def bn_forward(
     autodiff: use the plain two-pass reference and JAX's own differentiation
       instead of the custom_vjp: slower, keeps more memory, but allows forward
       mode.
+    virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training mode,
+      split axis 0 of ``x`` into groups of this many examples, each normalized
+      with its own statistics. The running statistics are updated with the
+      count-weighted means over the groups of their means and variances. Axis 0
+      must be reduced and divisible by it; not with ``axis_name``.
+    renorm: batch renormalization (Ioffe 2017): in training mode
+      y = γ((x - μ_B)/σ_B · r + d) + β with r = clip(σ_B/σ, 1/rmax, rmax) and
+      d = clip((μ_B - μ)/σ, -dmax, dmax) held constant for differentiation,
+      where μ, σ = √(var + ε) are the running statistics before this step's
+      update. rmax=1, dmax=0 is plain batch norm.
+    rmax: renorm's bound on r, >= 1 (default 3.0; inf: no bound). A Python float
+      or a scalar array, so it can follow a schedule under jit.
+    dmax: renorm's bound on |d|, >= 0 (default 5.0); like ``rmax``.
 
   Returns:
     ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated running
@@ -607,6 +717,8 @@ def bn_forward(
   mask = _check_mask(mask, x.shape)
   cd = _compute_dtype(x.dtype)
   scale, bias = _affine(scale, bias, bshape, cd)
+  virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, feature_axes, cfg.axis_name)
+  renorm = _check_renorm(renorm, rmax, dmax)
 
   if not train:
     mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)
@@ -615,6 +727,12 @@ def bn_forward(
     y = (x.astype(cd) - mean) * a + bias.astype(cd)
     return y.astype(cfg.out_dtype), dict(state)
 
+  if virtual_batch_size is not None or renorm:
+    return _bn_train_ghost_renorm(
+        x, scale, bias, mask, state, cfg, feature_axes, feature_shape,
+        virtual_batch_size=virtual_batch_size, renorm=renorm, rmax=rmax, dmax=dmax,
+        momentum=momentum, unbiased=unbiased_running_var, autodiff=autodiff,
+    )
   reduction = math.prod(x.shape[a] for a in cfg.reduce_axes) * _axis_size(cfg.axis_name)
   if reduction <= 1:
     raise ValueError(

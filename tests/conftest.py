@@ -1,0 +1,29 @@
+"""Shared test configuration.
+
+Four virtual CPU devices for the multi-device tests: XLA reads this flag once,
+when jax is first imported, so it is set here before anything imports jax.
+"""
+
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Silent broadcasting bugs fail loudly (equinox does the same).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def four_devices():
+  """The four CPU devices the multi-device tests shard over."""
+  devices = jax.devices()
+  if len(devices) < 4:
+    pytest.fail(
+        "multi-device tests need 4 devices: run them with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=4 set before jax is imported"
+    )
+  return devices[:4]
