@@ -336,6 +336,15 @@ def _bn_train_fwd(x, scale, bias, mask, cfg: _Config):
   return (y, mean, var, n), saved
 
 
+def _varying_axes(x: Array) -> frozenset:
+  """The manual mesh axes along which x varies (shard_map's type system)."""
+  aval = jax.typeof(x)
+  if hasattr(aval, "vma"):  # jax <= 0.9
+    return frozenset(aval.vma)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()))
+
+
 def _param_cotangent(local: Array, param: Array, dy: Array, cfg: _Config) -> Array:
   """Sum a parameter's cotangent over devices where autodiff would.
 
@@ -347,8 +356,7 @@ def _param_cotangent(local: Array, param: Array, dy: Array, cfg: _Config) -> Arr
   if cfg.axis_name is None:
     return local
   names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
-  dy_vma = getattr(jax.typeof(dy), "vma", frozenset())
-  param_vma = getattr(jax.typeof(param), "vma", frozenset())
+  dy_vma, param_vma = _varying_axes(dy), _varying_axes(param)
   to_sum = tuple(a for a in names if a in dy_vma and a not in param_vma)
   if not to_sum:
     return local
