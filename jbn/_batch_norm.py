@@ -497,7 +497,7 @@ def _bn_train_ghost_renorm(
     if unbiased:
       var = var * (n / jnp.maximum(n - 1, 1))
       unbiased = False
-    total = jnp.sum(n, axis=0)
+    total = jnp.sum(n, axis=0, keepdims=True)
     weight = n / jnp.maximum(total, 1)
     mean, var, n = jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total
   return y, _update_running(state, mean, var, n, momentum, unbiased, feature_shape)
