@@ -97,6 +97,8 @@ class Config:
       bn_momentum: Momentum of the batch-norm running averages.
       bn_epsilon: Epsilon of batch norm.
       seed: Seed of the initialization and of the data order.
+      augment_shift: Shift each training image by up to this many pixels in
+        each direction (random, zero-filled; 0: no augmentation).
       train_limit: Use only the first this many training images (0: all).
       num_devices: Number of devices to shard the batch over (0: all visible).
       checkpoint_every: Also checkpoint every this many steps (0: only at the
@@ -111,7 +113,7 @@ class Config:
 
     model: str = "cnn"
     norm: str = "jbn"
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 128
     eval_batch_size: int = 1000
     optimizer: str = "adam"
@@ -123,6 +125,7 @@ class Config:
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     seed: int = 0
+    augment_shift: int = 2
     train_limit: int = 0
     num_devices: int = 0
     checkpoint_every: int = 0
@@ -193,6 +196,28 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Shifts each image by a random offset in ``[-max_shift, max_shift]`` pixels per axis.
+
+    Args:
+      images: ``[n, h, w, c]``.
+      max_shift: Largest shift; 0 returns ``images`` unchanged.
+      rng: Source of the offsets.
+
+    Returns:
+      The shifted images; pixels shifted in are the background value (the minimum).
+    """
+    if max_shift == 0:
+        return images
+    n, h, w, _ = images.shape
+    m = max_shift
+    padded = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=images.min())
+    dy, dx = rng.integers(0, 2 * m + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 # --------------------------------------------------------------------------
 # Models.
 # --------------------------------------------------------------------------
@@ -218,7 +243,7 @@ def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
     if kind == "none":
         return None
     if kind == "jbn":
-        cls = getattr(jbn, "BatchNorm", nn.BatchNorm)  # TEMPORARY until jbn.BatchNorm lands
+        cls = jbn.BatchNorm
     elif kind == "flax":
         cls = nn.BatchNorm
     else:
@@ -301,7 +326,7 @@ class Fig1MLP(nn.Module):
 
     norm: NormFactory | None = None
     hidden: Sequence[int] = (100, 100, 100)
-    init_std: float = 0.1
+    init_std: float = 0.01
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -594,7 +619,10 @@ def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: 
                disable=not config.progress, dynamic_ncols=True)
     with bar:
         for idx in _batches(order, config.batch_size, progress.step_in_epoch):
-            images, labels = jax.device_put((train.images[idx], train.labels[idx]), sharding)
+            # The shifts are a function of (seed, epoch, step), like the order.
+            rng = np.random.default_rng([config.seed, progress.epoch, progress.step_in_epoch])
+            images = random_shift(train.images[idx], config.augment_shift, rng)
+            images, labels = jax.device_put((images, train.labels[idx]), sharding)
             state, metrics = step_fn(state, images, labels)
             pending.append(metrics)
             progress.step_in_epoch += 1
@@ -756,7 +784,7 @@ class Fig1Config:
     steps: int = 50_000
     batch_size: int = 60
     learning_rate: float = 0.5
-    init_std: float = 0.1
+    init_std: float = 0.01
     eval_every: int = 500
     unit: int = 0
     sweep_lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -823,7 +851,8 @@ def make_fig1_evaluator(model: nn.Module, unit: int):
 
 
 def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[Split, Split],
-             norm: str = "jbn", log: Callable[[str], None] = print) -> dict[str, Any]:
+             norm: str = "jbn", log: Callable[[str], None] = print,
+             progress: bool = True) -> dict[str, Any]:
     """Trains the baseline and the batch-norm network of Fig. 1 and plots them.
 
     Returns:
@@ -849,7 +878,8 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
         evaluator = make_fig1_evaluator(model, fc.unit)
         accs, pcts = [], []
         t0 = time.time()
-        for start in tqdm(range(0, fc.steps + 1, fc.eval_every), desc=f"fig1 {name}", leave=False):
+        for start in tqdm(range(0, fc.steps + 1, fc.eval_every), desc=f"fig1 {name}", leave=False,
+                          disable=not progress):
             if start:
                 idx = _step_indices(seed, len(train), fc.batch_size, start - fc.eval_every, fc.eval_every)
                 variables, opt_state = trainer(variables, opt_state, fc.learning_rate, images, labels, idx)
@@ -904,7 +934,8 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
 
 
 def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[Split, Split],
-                 norm: str = "jbn", log: Callable[[str], None] = print) -> dict[str, Any]:
+                 norm: str = "jbn", log: Callable[[str], None] = print,
+                 progress: bool = True) -> dict[str, Any]:
     """Trains the Fig. 1 network with and without batch norm at each of ``fc.sweep_lrs``.
 
     All learning rates train at once (``vmap`` over the learning rate), from the
@@ -940,7 +971,8 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
         evaluator = make_fig1_evaluator(model, 0)
         veval = jax.jit(jax.vmap(lambda v: evaluator(v, t_images, t_labels)[0]))
         curves = [np.asarray(veval(variables))]
-        for start in tqdm(checkpoints[1:], desc=f"lr sweep {name}", leave=False):
+        for start in tqdm(checkpoints[1:], desc=f"lr sweep {name}", leave=False,
+                          disable=not progress):
             idx = _step_indices(seed, len(train), fc.batch_size, start - chunk, chunk)
             variables, opt_state = vtrain(variables, opt_state, lrs, images, labels, idx)
             curves.append(np.asarray(veval(variables)))
@@ -1039,6 +1071,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bn-momentum", type=float, default=d.bn_momentum,
                    help="momentum of the batch-norm running averages")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of initialization and data order")
+    g.add_argument("--augment-shift", type=int, default=d.augment_shift,
+                   help="random shifts of up to N pixels of the training images (0: none)")
     g.add_argument("--train-limit", type=int, default=0,
                    help="train on only the first N training images (0: all 60000); for quick tries")
     g.add_argument("--devices", type=int, default=0,
@@ -1059,6 +1093,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="show a tqdm progress bar")
     o.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress-bar updates")
     q = p.add_argument_group("--fig1 and --lr-sweep")
+    q.add_argument("--init-std", type=float, default=f.init_std,
+                   help="standard deviation of the Gaussian initial weights of the Fig. 1 network")
     q.add_argument("--fig1-steps", type=int, default=f.steps, help="training steps of --fig1")
     q.add_argument("--eval-every", type=int, default=f.eval_every,
                    help="steps between test evaluations in --fig1 and --lr-sweep")
@@ -1076,7 +1112,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         eval_batch_size=args.eval_batch_size, optimizer=args.optimizer,
         learning_rate=args.lr if args.lr is not None else d.learning_rate, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, momentum=args.momentum, weight_decay=args.weight_decay,
-        bn_momentum=args.bn_momentum, seed=args.seed, train_limit=args.train_limit,
+        bn_momentum=args.bn_momentum, seed=args.seed, augment_shift=args.augment_shift,
+        train_limit=args.train_limit,
         num_devices=args.devices, checkpoint_every=args.checkpoint_every, data_dir=args.data_dir,
         download=args.download, verify=not args.no_verify, progress=args.progress,
         log_every=args.log_every)
@@ -1094,14 +1131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.fig1 or args.lr_sweep:
         fc = dataclasses.replace(Fig1Config(), steps=args.fig1_steps, eval_every=args.eval_every,
-                                 sweep_lrs=args.sweep_lrs, sweep_steps=args.sweep_steps)
+                                 sweep_lrs=args.sweep_lrs, sweep_steps=args.sweep_steps,
+                                 init_std=args.init_std)
         if args.lr is not None:
             fc = dataclasses.replace(fc, learning_rate=args.lr)
         norm = args.norm if args.norm != "none" else "jbn"
         if args.fig1:
-            run_fig1(fc, args.seed, out, datasets, norm=norm)
+            run_fig1(fc, args.seed, out, datasets, norm=norm, progress=args.progress)
         else:
-            run_lr_sweep(fc, args.seed, out, datasets, norm=norm)
+            run_lr_sweep(fc, args.seed, out, datasets, norm=norm, progress=args.progress)
         return 0
     try:
         train_and_evaluate(config, out, resume=args.resume, datasets=datasets)
