@@ -75,12 +75,12 @@ def fold_batch_norm(
   cd = _batch_norm._compute_dtype(kernel.dtype)
   mean = vector(bn_state["mean"], "bn_state['mean']").astype(cd)
   var = vector(bn_state["var"], "bn_state['var']").astype(cd)
-  scale = vector(bn_params["scale"], "bn_params['scale']").astype(cd) if "scale" in bn_params else 1.0
-  shift = vector(bn_params["bias"], "bn_params['bias']").astype(cd) if "bias" in bn_params else 0.0
+  scale = vector(bn_params["scale"], "bn_params['scale']").astype(cd) if "scale" in bn_params else jnp.ones(features, cd)
+  shift = vector(bn_params["bias"], "bn_params['bias']").astype(cd) if "bias" in bn_params else jnp.zeros(features, cd)
   bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
   bias = jnp.zeros(features, cd) if bias is None else vector(bias, "bias").astype(cd)
   a = scale * lax.rsqrt(var + epsilon)  # the same multiplier as bn_forward's evaluation mode
-  new_kernel = (kernel.astype(cd) * a).astype(kernel.dtype)
+  new_kernel = (kernel.astype(cd) * a.reshape((1,) * (kernel.ndim - 1) + features)).astype(kernel.dtype)
   new_bias = ((bias - mean) * a + shift).astype(bias_dtype)
   return new_kernel, new_bias
 
