@@ -504,3 +504,28 @@ def test_recalibration_on_shifted_data_restores_accuracy():
   )
   after = float(accuracy(recalibrated, shifted))
   assert after > 0.9 and after > before + 0.2, (before, after)
+
+
+def test_remaining_error_paths():
+  p, s = _bn_vars(jax.random.key(0), 3)
+  with pytest.raises(ValueError, match="kernel must be a floating-point array"):
+    jbn.fold_batch_norm(jnp.ones((4, 3), jnp.int32), None, p, s)
+  with pytest.raises(TypeError, match="bn_params must be a dict"):
+    jbn.fold_batch_norm(jnp.ones((4, 3)), None, [p["scale"]], s)
+  v = {"params": {"conv1": {"kernel": jnp.ones((3, 3, 2, 3))}, "bn1": [1.0]}, "batch_stats": {"bn1": s}}
+  with pytest.raises(ValueError, match="'params' collection"):
+    jbn.fold_batch_norm_variables({"batch_stats": {}}, [("conv1", "bn1")])
+  with pytest.raises(ValueError, match="layer_path must be a module path"):
+    jbn.fold_batch_norm_variables(v, [("", "bn1")])
+  with pytest.raises(ValueError, match="is not a batch norm's parameters"):
+    jbn.fold_batch_norm_variables(v, [("conv1", "bn1")])
+  with pytest.raises(ValueError, match="holds no batch-norm layer"):
+    jbn.recalibrate_batch_stats(_train_apply, {"params": {}, "batch_stats": {"Dense_0": {}}}, [jnp.ones((2, 4))])
+  model = NnxMLP(rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="passes must be a positive int"):
+    jbn.nnx.recalibrate_batch_stats(model, [jnp.ones((2, 4))], passes=True)
+  with pytest.raises(ValueError, match="on pass 2"):
+    jbn.nnx.recalibrate_batch_stats(model, iter([jnp.ones((2, 4))]), passes=2)
+  assert model.bn1.recalibration is None  # cleaned up after an error too
+  with pytest.raises(ValueError, match=r"not recalibrated: \['bn2'\]"):
+    jbn.nnx.recalibrate_batch_stats(model, [jnp.ones((2, 4))], forward=lambda m, x: m.bn1(m.dense1(x)))
