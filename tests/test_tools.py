@@ -262,9 +262,14 @@ class FoldCNN(nn.Module):
 PAIRS = [("conv1", "bn1"), ("conv2", "bn2"), ("dense1", "bn3")]
 
 
-def test_folded_cnn_matches_eval_mode():
+@pytest.fixture(scope="module")
+def cnn_input_and_variables():
   x = jax.random.normal(jax.random.key(6), (4, 8, 8, 2)) + 0.5
-  variables = jax.jit(FoldCNN().init)(jax.random.key(7), x)
+  return x, jax.jit(FoldCNN().init)(jax.random.key(7), x)
+
+
+def test_folded_cnn_matches_eval_mode(cnn_input_and_variables):
+  x, variables = cnn_input_and_variables
   for i, (_, bn) in enumerate(PAIRS):
     p, s = _bn_vars(jax.random.key(10 + i), variables["batch_stats"][bn]["mean"].shape[0])
     variables = {"params": {**variables["params"], bn: p}, "batch_stats": {**variables["batch_stats"], bn: s}}
@@ -278,7 +283,7 @@ def test_folded_cnn_matches_eval_mode():
   assert "batch_stats" in variables and variables["params"]["bn1"]  # the input is left alone
 
 
-def test_fold_errors():
+def test_fold_errors(cnn_input_and_variables):
   p, s = _bn_vars(jax.random.key(0), 3)
   with pytest.raises(ValueError, match=r"bn_state\['mean'\] has shape \(3,\), but the kernel of shape \(4, 5\)"):
     jbn.fold_batch_norm(jnp.ones((4, 5)), None, p, s)
@@ -290,7 +295,7 @@ def test_fold_errors():
     jbn.fold_batch_norm(jnp.ones((4, 3)), None, {"gamma": p["scale"]}, s)
   with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
     jbn.fold_batch_norm(jnp.ones((4, 3)), None, p, s, epsilon=0.0)
-  v = jax.jit(FoldCNN().init)(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+  v = cnn_input_and_variables[1]
   with pytest.raises(ValueError, match="no layer with a 'kernel' at 'conv9'"):
     jbn.fold_batch_norm_variables(v, [("conv9", "bn1")])
   with pytest.raises(ValueError, match="no batch norm .* at 'bn9'"):
