@@ -119,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   md = report.markdown(results)
   with open(paths["md"], "w") as f:
     f.write(md)
-  report.plot(results, paths["png"])
+  try:
+    report.plot(results, paths["png"])
+  except ImportError:  # matplotlib is in the demo extra, not a dependency
+    print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    del paths["png"]
   print(md)
   print(f"wrote {', '.join(paths.values())} in {results['elapsed_s']:.0f} s")
   return 0
