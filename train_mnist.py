@@ -98,7 +98,7 @@ class Config:
       bn_epsilon: Epsilon of batch norm.
       seed: Seed of the initialization and of the data order.
       augment_shift: Shift each training image by up to this many pixels in
-        each direction (random, zero-filled; 0: no augmentation).
+        each direction (random, filled with the background; 0: no augmentation).
       train_limit: Use only the first this many training images (0: all).
       num_devices: Number of devices to shard the batch over (0: all visible).
       checkpoint_every: Also checkpoint every this many steps (0: only at the
@@ -872,6 +872,24 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
              progress: bool = True) -> dict[str, Any]:
     """Trains the baseline and the batch-norm network of Fig. 1 and plots them.
 
+    Both networks (:class:`Fig1MLP`, with ``norm`` before each sigmoid or
+    without) train with plain SGD at ``fc.learning_rate`` on the same data order
+    (epochs of shuffled minibatches of ``fc.batch_size``), from initial weights
+    drawn with the same seed. Every ``fc.eval_every`` steps (one jitted
+    ``lax.scan`` each) the test accuracy and the 15th/50th/85th percentiles of
+    the input to sigmoid ``fc.unit`` of the last hidden layer over the test
+    images are recorded, in inference mode (batch norm with its running
+    averages, momentum 0.99; at step 0 these are still the initial 0 and 1).
+
+    Args:
+      fc: Steps, batch size, learning rate, initialization, evaluation period.
+      seed: Seed of the initialization and the data order.
+      workdir: Where ``fig1.png`` and ``fig1.json`` go.
+      datasets: The (train, test) splits.
+      norm: ``'jbn'`` or ``'flax'``: the batch norm of the second network.
+      log: Called with a line per network.
+      progress: Whether to show progress bars.
+
     Returns:
       ``{'steps': [...], 'baseline'/'batchnorm': {'accuracy': [...], 'percentiles': [[p15, p50, p85], ...]}}``;
       also written to ``workdir/fig1.json``, the figure to ``workdir/fig1.png``.
@@ -1047,15 +1065,27 @@ def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None and False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line (see ``--help``)."""
     d = default_config()
     f = Fig1Config()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Trains a CNN with jbn.BatchNorm by default.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="MNIST is looked for in --data-dir, $JBN_DATA_DIR, ~/.cache/jbn/mnist, "
-               "../shared/data/mnist, and downloaded to the first of these if absent.")
+        formatter_class=_HelpFormatter,
+        epilog="MNIST (the four IDX files, .gz or not) is looked for in --data-dir, "
+               "$JBN_DATA_DIR, ~/.cache/jbn/mnist and ../shared/data/mnist (beside this "
+               "repository), in this order; if none has it, it is downloaded (unless "
+               "--no-download) into the first of these, and every file is checked against "
+               "the SHA-256 of the official uncompressed file.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fig1", action="store_true",
                       help="reproduce Fig. 1 of the batch-norm paper (sigmoid MLP, 50k steps of 60, "
@@ -1089,7 +1119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-limit", type=int, default=0,
                    help="train on only the first N training images (0: all 60000); for quick tries")
     g.add_argument("--devices", type=int, default=0,
-                   help="shard each batch over the first N devices (0: all visible devices)")
+                   help="shard each batch over the first N devices (0: all visible devices; "
+                        "e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2 makes 2 CPU devices)")
     o = p.add_argument_group("data and output")
     o.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (.gz or not)")
     o.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
