@@ -673,7 +673,9 @@ def bn_forward(
     momentum: running-average decay as in flax, ``new = momentum * old + (1 -
       momentum) * batch`` (torch's ``momentum`` is ``1 -`` this). None: cumulative
       average, the exact mean of all batch statistics so far (torch's
-      ``momentum=None``); needs ``state["count"]``.
+      ``momentum=None``); needs ``state["count"]``. Like torch, this averages
+      the batch variances, which is not the variance of all the data seen: for
+      exact population statistics use ``jbn.recalibrate_batch_stats``.
     epsilon: added to the variance, > 0.
     mask: boolean array broadcastable to ``x``; False entries (padding) are left
       out of the statistics, the running update, the gradient and the sync.
