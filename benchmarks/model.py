@@ -1,7 +1,8 @@
 """Model-level benchmark: a whole train step with jbn's batch norm against flax's.
 
-Two models, each built twice, once with ``jbn.BatchNorm`` and once with
-``flax.linen.BatchNorm`` (same momentum, epsilon and initialization):
+Two models, each built with ``jbn.BatchNorm`` (``residual="input"``, the
+default, and ``residual="output"``) and with ``flax.linen.BatchNorm`` (same
+momentum, epsilon and initialization):
 
 - ``resnet``: a small CIFAR-style ResNet (3 stages of 2 basic blocks, 15
   batch-norm layers) on 32x32x3 images.
@@ -30,6 +31,7 @@ import optax
 from ._timing import TimingConfig, time_interleaved
 from .layer import _memory
 
+MODEL_IMPLS = ("jbn", "jbn_out", "flax")  # jbn_out: jbn with residual="output"
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
@@ -40,11 +42,14 @@ class LocalJbnBatchNorm(nn.Module):
   use_running_average: bool | None = None
   momentum: float = 0.99
   epsilon: float = 1e-5
+  residual: str = "input"
+  core: Any = None  # a module with bn_forward (default: jbn); --compare-core passes copies
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
     import jbn
 
+    core = jbn if self.core is None else self.core
     use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
     mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
@@ -52,8 +57,8 @@ class LocalJbnBatchNorm(nn.Module):
     params = {"scale": self.param("scale", nn.initializers.ones, (c,)),
               "bias": self.param("bias", nn.initializers.zeros, (c,))}
     train = not use_running_average and not self.is_initializing()
-    y, state = jbn.bn_forward(params, {"mean": mean.value, "var": var.value}, x, train,
-                              momentum=self.momentum, epsilon=self.epsilon)
+    y, state = core.bn_forward(params, {"mean": mean.value, "var": var.value}, x, train,
+                              momentum=self.momentum, epsilon=self.epsilon, residual=self.residual)
     if train:
       mean.value, var.value = state["mean"], state["var"]
     return y
@@ -69,11 +74,17 @@ def jbn_batchnorm_class() -> tuple[type[nn.Module], str]:
   return cls, "jbn.BatchNorm"
 
 
-def norm_factory(kind: str) -> tuple[Callable[..., nn.Module], str]:
+def norm_factory(kind: str, extra_cores: dict[str, Any] | None = None) -> tuple[Callable[..., nn.Module], str]:
+  if extra_cores and kind in extra_cores:
+    return (functools.partial(LocalJbnBatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, core=extra_cores[kind]),
+            f"{kind} (local linen wrapper)")
   if kind == "flax":
     return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON), "flax.linen.BatchNorm"
-  if kind == "jbn":
+  if kind in ("jbn", "jbn_out"):
     cls, label = jbn_batchnorm_class()
+    if kind == "jbn_out":
+      return (functools.partial(cls, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, residual="output"),
+              label + ' residual="output"')
     return functools.partial(cls, momentum=BN_MOMENTUM, epsilon=BN_EPSILON), label
   raise ValueError(f"unknown norm {kind!r}")
 
@@ -189,14 +200,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
   return jax.jit(train_step)
 
 
-def run_model(spec: ModelSpec, timing: TimingConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_model(spec: ModelSpec, timing: TimingConfig, extra_cores: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(0.0, 1.0, (spec.batch, *spec.image)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, spec.batch), jnp.int32)
   tx = optax.sgd(0.05, momentum=0.9)
   fns, info = {}, {}
-  for kind in ("jbn", "flax"):
-    norm, label = norm_factory(kind)
+  for kind in (*MODEL_IMPLS, *(extra_cores or {})):
+    norm, label = norm_factory(kind, extra_cores)
     model = spec.make(norm)
     params, batch_stats = init_variables(model, images)
     opt_state = tx.init(params)
@@ -240,5 +252,6 @@ def run_model(spec: ModelSpec, timing: TimingConfig, log: Callable[[str], None] 
   return records
 
 
-def run(models: Sequence[ModelSpec], timing: TimingConfig, log: Callable[[str], None] = print):
-  return [rec for spec in models for rec in run_model(spec, timing, log)]
+def run(models: Sequence[ModelSpec], timing: TimingConfig, extra_cores: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print):
+  return [rec for spec in models for rec in run_model(spec, timing, extra_cores, log)]

@@ -120,7 +120,8 @@ def model_table(records: Sequence[Mapping[str, Any]]) -> str:
     lines.append(
         f"| {r['model']} | {r['bn_layers']} | {r['batch']} | {r['norm']} | {_ms(r['step']['median_s'])} "
         f"| {r['images_per_s']:.0f} | {r['throughput_x_flax']:.3f} "
-        f"| {_mb(mem['temp_bytes']) if mem else 'n/a'} | {_x(r.get('temp_x_flax'))} |"
+        f"| {_mb(mem['temp_bytes']) if mem else 'n/a'} "
+        f"| {'' if r.get('temp_x_flax') is None else format(r['temp_x_flax'], '.3f')} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -196,10 +197,15 @@ def plot(results: Mapping[str, Any], path: str) -> None:
   if models:
     ax = axes[len(dtypes)]
     names = list(dict.fromkeys(r["model"] for r in models))
-    for i, (key, label) in enumerate((("throughput_x_flax", "throughput ×flax"), ("temp_x_flax", "temp memory ×flax"))):
-      vals = [next((r.get(key, np.nan) for r in models if r["model"] == n and r["impl"] == "jbn"), np.nan)
+    bars = [(impl, key, f"{IMPL_LABELS.get(impl, impl)}: {label}")
+            for impl in ("jbn", "jbn_out")
+            for key, label in (("throughput_x_flax", "throughput ×flax"), ("temp_x_flax", "temp memory ×flax"))
+            if any(r["impl"] == impl for r in models)]
+    width = 0.8 / max(len(bars), 1)
+    for i, (impl, key, label) in enumerate(bars):
+      vals = [next((r.get(key, np.nan) for r in models if r["model"] == n and r["impl"] == impl), np.nan)
               for n in names]
-      ax.bar(np.arange(len(names)) + (i - 0.5) * 0.4, vals, 0.4, label=label)
+      ax.bar(np.arange(len(names)) + (i - (len(bars) - 1) / 2) * width, vals, width, label=label)
     ax.axhline(1.0, color="k", ls="--", lw=1)
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names)

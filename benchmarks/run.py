@@ -39,8 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--models", nargs="+", metavar="MODEL", help="resnet and/or cnn (default both)")
   p.add_argument("--repeats", type=int, help="timed samples per number (default 7; --quick 3; --tiny 1)")
   p.add_argument("--compare-core", nargs="+", metavar="FILE", default=[],
-                 help="also time copies of jbn/_batch_norm.py (e.g. a patched one) as layer implementations "
-                 "named after the file")
+                 help="also time copies of jbn/_batch_norm.py (e.g. a patched one), named jbn@FILE: as layer "
+                 "implementations, and in the models through a thin local linen wrapper")
   p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
   return p.parse_args(argv)
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["layer"] = layer.run(cases, dtypes, impls, timing, extra, log=lambda s: print(s, flush=True))
   if args.only != "layer":
     print(f"model: {[m.name for m in models]}", flush=True)
-    results["model"] = model.run(models, timing, log=lambda s: print(s, flush=True))
+    results["model"] = model.run(models, timing, extra, log=lambda s: print(s, flush=True))
   info["load_average_end"] = load_average()
   results["elapsed_s"] = time.perf_counter() - t0
   if "layer" in results:

@@ -75,7 +75,7 @@ def test_jbn_residuals(results):
 def test_model_records(results):
   _, data = results
   recs = {r["impl"]: r for r in data["model"]}
-  assert set(recs) == {"jbn", "flax"}
+  assert set(recs) == {"jbn", "jbn_out", "flax"}
   for r in recs.values():
     assert r["model"] == "cnn" and r["bn_layers"] == 3
     assert r["step"]["median_s"] > 0 and r["images_per_s"] > 0
