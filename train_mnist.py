@@ -716,8 +716,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resum
             log(f"no checkpoint in {workdir}; starting from scratch")
         else:
             state, progress = restored
-            log(f"resuming from {workdir / CHECKPOINT_NAME}: epoch {progress.epoch + 1}, "
-                f"step {progress.step_in_epoch}/{steps_per_epoch}")
+            if progress.epoch >= config.epochs:
+                log(f"{workdir / CHECKPOINT_NAME}: all {config.epochs} epochs already done")
+            else:
+                log(f"resuming from {workdir / CHECKPOINT_NAME}: epoch {progress.epoch + 1}, "
+                    f"step {progress.step_in_epoch}/{steps_per_epoch}")
     state = jax.device_put(state, NamedSharding(mesh, P()))
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     step_fn = make_train_step(mesh)
