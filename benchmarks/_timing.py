@@ -137,6 +137,7 @@ def machine_info() -> dict[str, Any]:
       "device": devices[0].device_kind,
       "device_count": len(devices),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
       "load_average_start": load_average(),
   }
   try:
@@ -151,7 +152,9 @@ def machine_info() -> dict[str, Any]:
 
 def describe_machine(info: Mapping[str, Any]) -> str:
   """One line for the table header."""
-  torch = f", torch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
+  torch = ""
+  if info.get("torch"):
+    torch = f", torch {info['torch']} ({info.get('torch_threads')} threads, OMP_WAIT_POLICY={info.get('omp_wait_policy')})"
   load = info.get("load_average_start")
   load_end = info.get("load_average_end")
   loads = ""

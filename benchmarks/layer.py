@@ -201,6 +201,19 @@ def _memory(compiled) -> dict[str, int] | None:
   return out
 
 
+def _cost(compiled) -> dict[str, float] | None:
+  """XLA's own estimate of the bytes an executable moves and its flops (exact, not timed)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  return {"bytes_accessed": float(cost.get("bytes accessed", float("nan"))), "flops": float(cost.get("flops", float("nan")))}
+
+
 def _jax_entry(train: Callable, evaluate: Callable, x, scale, bias, mean, var, dy):
   """Jitted callables for the four modes, residual bytes and compiled memory statistics."""
   fwd_train = jax.jit(train)
@@ -228,6 +241,9 @@ def _jax_entry(train: Callable, evaluate: Callable, x, scale, bias, mean, var, d
       "fwd_bwd": (fwd_bwd.lower(*args, dy).compile(), (*args, dy)),
   }
   memory = {mode: _memory(exe) for mode, (exe, _) in compiled.items()}
+  for mode, (exe, _) in compiled.items():
+    if memory[mode] is not None:
+      memory[mode]["cost"] = _cost(exe)
   thunks = {mode: functools.partial(exe, *a) for mode, (exe, a) in compiled.items()}
   residual = {
       "residual_bytes": _nbytes_unique(residual_leaves),
@@ -375,6 +391,9 @@ def run_case(
         "memory": memories[name],
     }
     rec["residual_over_input"] = rec["residual_bytes"] / input_bytes
+    cost = (rec["memory"] or {}).get("fwd_bwd", {}).get("cost") if rec["memory"] else None
+    # Forward + backward has to move at least 8 arrays of x's size (x 3 reads, dy 2, y and dx).
+    rec["fwd_bwd_bytes_accessed_over_input"] = None if not cost else cost["bytes_accessed"] / input_bytes
     rec["residual_minus_output_bytes"] = rec["residual_bytes"] - rec["output_bytes"]
     rec["x_4copies"] = {mode: rec["times"][mode]["median_s"] / (4 * copy_s) for mode in MODES}
     records.append(rec)

@@ -41,8 +41,8 @@ def layer_table(records: Sequence[Mapping[str, Any]], dtype: str) -> str:
     return ""
   head = (
       "| shape | implementation | fwd train ms | fwd eval ms | bwd ms | fwd+bwd ms "
-      "| fwd+bwd ×flax | fwd+bwd ×4 copies | residual MiB (×input) | fwd+bwd temp MiB |\n"
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+      "| fwd+bwd ×flax | fwd+bwd ×4 copies | fwd+bwd XLA bytes ×input | residual MiB (×input) | fwd+bwd temp MiB |\n"
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
   )
   lines, last_case = [], None
   for r in rows:
@@ -58,6 +58,7 @@ def layer_table(records: Sequence[Mapping[str, Any]], dtype: str) -> str:
         f"| {shown} | {IMPL_LABELS.get(r['impl'], r['impl'])} | {_ms(t['fwd_train']['median_s'])} "
         f"| {_ms(t['fwd_eval']['median_s'])} | {_ms(t['bwd']['median_s'])} | {_ms(t['fwd_bwd']['median_s'])} "
         f"| {_x(r.get('x_flax', {}).get('fwd_bwd'))} | {_x(r['x_4copies']['fwd_bwd'])} "
+        f"| {_x(r.get('fwd_bwd_bytes_accessed_over_input')) or 'n/a'} "
         f"| {_mb(r['residual_bytes'])} ({r['residual_over_input']:.2f}) | {temp} |"
     )
   return head + "\n".join(lines) + "\n"
@@ -137,7 +138,9 @@ def markdown(results: Mapping[str, Any]) -> str:
       "Times in ms. ×flax: time / flax.linen.BatchNorm's (default settings). ×4 copies: time / 4 × "
       "the time of `x * c` (one read and one write of x), the memory-bandwidth bound of "
       "forward + backward, which moves about 8 arrays. Residual: bytes `jax.vjp` keeps for the "
-      "backward pass (torch: saved tensors), ×input bytes. Temp: XLA's "
+      "backward pass (torch: saved tensors), ×input bytes. XLA bytes: `compile().cost_analysis()['bytes "
+      "accessed']` of the jitted forward + backward, ×input bytes (at least 8: x read 3 times, dy twice, "
+      "y and dx written; exact, not timed). Temp: XLA's "
       "`compile().memory_analysis().temp_size_in_bytes` of the jitted forward + backward.\n",
   ]
   layer = results.get("layer") or []

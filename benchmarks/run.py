@@ -47,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  # torch's OpenMP threads busy-wait after each call by default, taking the cores
+  # from the XLA calls timed next (and XLA's from torch's): tiny torch calls ran
+  # ~300x slower, and JAX's about 2x. Passive waiting, set before torch loads
+  # OpenMP, keeps the interleaved timings independent.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   # Imported here so that --help is instant.
   import jax
 

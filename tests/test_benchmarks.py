@@ -54,6 +54,8 @@ def test_layer_records_are_complete(results):
       mem = r["memory"][mode]
       assert mem["temp_bytes"] >= 0 and mem["output_bytes"] > 0
     assert r["memory"]["fwd_bwd"]["argument_bytes"] >= 2 * r["input_bytes"]  # x and dy
+    # XLA's traffic estimate: forward + backward reads and writes at least ~8 arrays of x's size.
+    assert r["fwd_bwd_bytes_accessed_over_input"] > 4
     # Every implementation keeps at least one array of x's size for the backward pass.
     assert r["residual_bytes"] >= r["input_bytes"]
 
