@@ -235,6 +235,23 @@ def _feature_broadcast_shape(shape, reduce_axes) -> tuple[int, ...]:
   return tuple(1 if a in reduce_axes else s for a, s in enumerate(shape))
 
 
+def _unshared(*arrays):
+  """The arrays, through an optimization barrier on XLA:CPU (unchanged elsewhere).
+
+  XLA:CPU fuses an elementwise producer into a reduction only when that
+  reduction is its single user. Two sums over x - k, or over bfloat16 x
+  converted to float32 (which y and dx convert too), make it write x - k or the
+  float32 x to memory in full and read it back, and a per-feature vector can
+  become a full-size broadcast the same way. A barrier, which moves no data,
+  gives a sum its own copy of the name, so each sum reads x directly, once.
+  Identical barriers are merged, so each sum passes a different tuple (e.g.
+  ``(x,)`` and ``(x, x)``); the arrays of one call must vary along the same
+  mapped axes. Other backends fuse sibling reductions themselves.
+  """
+  out = lax.platform_dependent(*arrays, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a)
+  return out[0] if len(arrays) == 1 else tuple(out)
+
+
 def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array]:
   """Exact per-feature mean, biased variance and count.
 
@@ -250,14 +267,14 @@ def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Arr
     return _reference_stats(x, mask, cfg)
   cd = _compute_dtype(x.dtype)
   ra = cfg.reduce_axes
-  x = x.astype(cd)
-  shift = jnp.mean(lax.index_in_dim(x, 0, ra[0], keepdims=True), axis=ra, keepdims=True)
+  shift = jnp.mean(lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd), axis=ra, keepdims=True)
   if cfg.axis_name is not None:
     total, devices = _psum((shift, 1.0 + 0.0 * shift), cfg)
     shift = total / devices
   shift = lax.stop_gradient(shift)
-  d = x - shift
-  s1 = jnp.sum(d, axis=ra, keepdims=True)
+  # Each sum reads x through its own barrier (see _unshared): one pass each, no temporaries.
+  s1 = jnp.sum(_unshared(x).astype(cd) - _unshared(shift), axis=ra, keepdims=True)
+  d = _unshared(x, x)[0].astype(cd) - shift
   s2 = jnp.sum(d * d, axis=ra, keepdims=True)
   n = _count(x, mask, cfg, cd)
   s1, s2, n = _psum((s1, s2, n), cfg)
@@ -363,6 +380,12 @@ def _param_cotangent(local: Array, param: Array, dy: Array, cfg: _Config) -> Arr
   return lax.psum(local, to_sum, axis_index_groups=cfg.axis_index_groups)
 
 
+def _centered(saved: Array, shift: Array, divisor: Array | None, cd) -> Array:
+  """x - μ from the saved input (divisor None) or output ((y - β) / (γ rstd))."""
+  centered = saved.astype(cd) - shift
+  return centered if divisor is None else centered / divisor
+
+
 def _bn_train_bwd(cfg: _Config, saved, cotangents):
   # The batch statistics are outputs only for the running-average update, which
   # carries no gradient: their cotangents are ignored.
@@ -374,14 +397,18 @@ def _bn_train_bwd(cfg: _Config, saved, cotangents):
   scale32 = scale.astype(cd)
   if cfg.residual == "output":
     # x - μ from the output: exact because |scale| >= min_scale (see _effective_scale).
-    centered = (y_or_x.astype(cd) - bias.astype(cd)) / (scale32 * rstd)
+    shift, divisor = bias.astype(cd), scale32 * rstd
   else:
-    centered = y_or_x.astype(cd) - mean  # x̂ = centered * rstd
+    shift, divisor = mean, None
+  centered = _centered(y_or_x, shift, divisor, cd)  # x̂ = centered * rstd
   # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
   # sums run over all entries; only the statistics' own dependence on x (the
-  # correction terms of dx) is restricted to the unmasked entries.
-  sum_dy = jnp.sum(dy32, axis=ra, keepdims=True)
-  sum_dy_xc = jnp.sum(dy32 * centered, axis=ra, keepdims=True)
+  # correction terms of dx) is restricted to the unmasked entries. Each sum
+  # reads its inputs through its own barrier (see _unshared).
+  sum_dy = jnp.sum(_unshared(dy).astype(cd), axis=ra, keepdims=True)
+  v_again, dy_again = _unshared(y_or_x, dy)
+  centered_again = _centered(v_again, _unshared(shift), None if divisor is None else _unshared(divisor), cd)
+  sum_dy_xc = jnp.sum(dy_again.astype(cd) * centered_again, axis=ra, keepdims=True)
   dbias = sum_dy
   dscale = sum_dy_xc * rstd
   g_sum_dy, g_sum_dy_xc = _psum((sum_dy, sum_dy_xc), cfg)
