@@ -33,8 +33,9 @@ def np_stats(x, axis=-1, mask=None):
   reduce, _, _ = _axes(x, axis)
   m = _mask(x, mask)
   n = m.sum(axis=reduce, keepdims=True).astype(np.float64)
-  mean = np.where(m, x, 0).sum(axis=reduce, keepdims=True) / n
-  var = np.where(m, (x - mean) ** 2, 0).sum(axis=reduce, keepdims=True) / n
+  with np.errstate(invalid="ignore"):  # a fully masked feature has no statistics: NaN
+    mean = np.where(m, x, 0).sum(axis=reduce, keepdims=True) / n
+    var = np.where(m, (x - mean) ** 2, 0).sum(axis=reduce, keepdims=True) / n
   return mean, var, n
 
 
