@@ -255,8 +255,8 @@ def _unshared(*arrays):
 def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array]:
   """Exact per-feature mean, biased variance and count.
 
-  Without a mask, one pass over x with shifted sums: for a shift k near the
-  mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does when
+  Without a mask, shifted sums, which need no mean first: for a shift k near
+  the mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does when
   |mean| >> std). k is the mean of the first slice along the first reduced axis
   (e.g. the first example), averaged over the devices of axis_name, and is a
   constant for differentiation since the result does not depend on it. With a
