@@ -253,7 +253,13 @@ def _unshared(*arrays):
 
 
 def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array]:
-  """Exact per-feature mean, biased variance and count.
+  """Exact per-feature mean, biased variance and count (see _shifted_stats)."""
+  shift, dmean, var, n = _shifted_stats(x, mask, cfg)
+  return shift + dmean, var, n
+
+
+def _shifted_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array, Array]:
+  """Exact per-feature statistics as (shift, mean - shift, biased variance, count).
 
   Without a mask, shifted sums, which need no mean first: for a shift k near
   the mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does when
@@ -261,10 +267,14 @@ def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Arr
   (e.g. the first example), averaged over the devices of axis_name, and is a
   constant for differentiation since the result does not depend on it. With a
   mask, the first slice may be all padding, so the plain two-pass computation is
-  used. Returns arrays of the broadcast feature shape, in the compute dtype.
+  used (shift = mean, mean - shift = 0). The mean is returned in two parts so
+  that x - mean can be formed as (x - shift) - (mean - shift): exact where x is
+  close to the shift, while the mean itself rounds at |mean|'s scale. Returns
+  arrays of the broadcast feature shape, in the compute dtype.
   """
   if mask is not None:
-    return _reference_stats(x, mask, cfg)
+    mean, var, n = _reference_stats(x, mask, cfg)
+    return mean, jnp.zeros_like(mean), var, n
   cd = _compute_dtype(x.dtype)
   ra = cfg.reduce_axes
   shift = jnp.mean(lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd), axis=ra, keepdims=True)
@@ -274,14 +284,13 @@ def _batch_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Arr
   shift = lax.stop_gradient(shift)
   # Each sum reads x through its own barrier (see _unshared): one pass each, no temporaries.
   s1 = jnp.sum(_unshared(x).astype(cd) - _unshared(shift), axis=ra, keepdims=True)
-  d = _unshared(x, x)[0].astype(cd) - shift
+  d = _unshared(x, x)[0].astype(cd) - _unshared(shift, shift)[0]
   s2 = jnp.sum(d * d, axis=ra, keepdims=True)
   n = _count(x, mask, cfg, cd)
   s1, s2, n = _psum((s1, s2, n), cfg)
   dmean = s1 / n
-  mean = shift + dmean
   var = jnp.maximum(s2 / n - dmean * dmean, 0.0)
-  return mean, var, n
+  return shift, dmean, var, n
 
 
 def _reference_stats(x: Array, mask: Array | None, cfg: _Config) -> tuple[Array, Array, Array]:
@@ -340,17 +349,19 @@ def _bn_train(x, scale, bias, mask, cfg: _Config):
 
 def _bn_train_fwd(x, scale, bias, mask, cfg: _Config):
   cd = _compute_dtype(x.dtype)
-  mean, var, n = _batch_stats(x, mask, cfg)
+  shift, dmean, var, n = _shifted_stats(x, mask, cfg)
   rstd = lax.rsqrt(var + cfg.epsilon)
   scale_eff = _effective_scale(scale, cfg)
-  # (x - mean) first, then the per-feature multiplier: x*a + b would cancel
+  # x - mean first, then the per-feature multiplier: x*a + b would cancel
   # catastrophically when |mean| >> std.
-  y = ((x.astype(cd) - mean) * (scale_eff.astype(cd) * rstd) + bias.astype(cd)).astype(cfg.out_dtype)
+  # The shift gets its own barrier here too, or XLA:CPU broadcasts it to full size.
+  centered = _centered(x, *_unshared(shift, dmean), None, cd)
+  y = (centered * (scale_eff.astype(cd) * rstd) + bias.astype(cd)).astype(cfg.out_dtype)
   if cfg.residual == "output":
     saved = (y, mask, None, rstd, scale_eff, bias, n)
   else:
-    saved = (x, mask, mean, rstd, scale, bias, n)
-  return (y, mean, var, n), saved
+    saved = (x, mask, (shift, dmean), rstd, scale, bias, n)
+  return (y, shift + dmean, var, n), saved
 
 
 def _varying_axes(x: Array) -> frozenset:
@@ -380,9 +391,11 @@ def _param_cotangent(local: Array, param: Array, dy: Array, cfg: _Config) -> Arr
   return lax.psum(local, to_sum, axis_index_groups=cfg.axis_index_groups)
 
 
-def _centered(saved: Array, shift: Array, divisor: Array | None, cd) -> Array:
-  """x - μ from the saved input (divisor None) or output ((y - β) / (γ rstd))."""
+def _centered(saved: Array, shift: Array, offset: Array | None, divisor: Array | None, cd) -> Array:
+  """x - μ from the input, (x - shift) - (μ - shift), or from the output, (y - β) / (γ rstd)."""
   centered = saved.astype(cd) - shift
+  if offset is not None:
+    centered = centered - offset
   return centered if divisor is None else centered / divisor
 
 
@@ -390,24 +403,30 @@ def _bn_train_bwd(cfg: _Config, saved, cotangents):
   # The batch statistics are outputs only for the running-average update, which
   # carries no gradient: their cotangents are ignored.
   dy = cotangents[0]
-  y_or_x, mask, mean, rstd, scale, bias, n = saved
+  y_or_x, mask, shifted_mean, rstd, scale, bias, n = saved
   cd = rstd.dtype
   ra = cfg.reduce_axes
   dy32 = dy.astype(cd)
   scale32 = scale.astype(cd)
   if cfg.residual == "output":
     # x - μ from the output: exact because |scale| >= min_scale (see _effective_scale).
-    shift, divisor = bias.astype(cd), scale32 * rstd
+    shift, offset, divisor = bias.astype(cd), None, scale32 * rstd
   else:
-    shift, divisor = mean, None
-  centered = _centered(y_or_x, shift, divisor, cd)  # x̂ = centered * rstd
+    (shift, offset), divisor = shifted_mean, None
+  centered = _centered(y_or_x, shift, offset, divisor, cd)  # x̂ = centered * rstd
   # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
   # sums run over all entries; only the statistics' own dependence on x (the
   # correction terms of dx) is restricted to the unmasked entries. Each sum
   # reads its inputs through its own barrier (see _unshared).
   sum_dy = jnp.sum(_unshared(dy).astype(cd), axis=ra, keepdims=True)
   v_again, dy_again = _unshared(y_or_x, dy)
-  centered_again = _centered(v_again, _unshared(shift), None if divisor is None else _unshared(divisor), cd)
+  if offset is None:
+    shift_again, offset_again = _unshared(shift), None
+  else:  # a tuple no other barrier has, or XLA:CPU merges them
+    offset_again, shift_again = _unshared(offset, shift)
+  centered_again = _centered(
+      v_again, shift_again, offset_again, None if divisor is None else _unshared(divisor), cd
+  )
   sum_dy_xc = jnp.sum(dy_again.astype(cd) * centered_again, axis=ra, keepdims=True)
   dbias = sum_dy
   dscale = sum_dy_xc * rstd

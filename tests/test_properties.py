@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import jbn
@@ -44,6 +44,10 @@ def _setup(shape, axis, dtype, momentum, masked, seed, offset):
 
 @SETTINGS
 @given(cases())
+# Found by hypothesis: two values per feature near -300 whose std is below √ε.
+# x - mean with the mean rounded at 300's scale was off by 2e-3; it is now
+# formed as (x - shift) - (mean - shift).
+@example(case=((2, 1, 4, 4), (1, 2, 3), jnp.float32, None, False, 1290, -300.0))
 def test_forward_and_running_stats_match_numpy(case):
   shape, axis, dtype, momentum, masked, seed, offset = case
   with jax.enable_x64(dtype == jnp.float64):
