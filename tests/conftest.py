@@ -12,9 +12,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Silent broadcasting bugs fail loudly (equinox does the same).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Profiles: "default" explores 20 new random cases a run; CI (CI=true) runs a
+# fixed derandomized set, so a red CI is never a coin toss; "thorough"
+# (HYPOTHESIS_PROFILE=thorough) explores 300.
+_BASE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=20, **_BASE)
+settings.register_profile("ci", max_examples=20, derandomize=True, **_BASE)
+settings.register_profile("thorough", max_examples=300, **_BASE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 
 @pytest.fixture(scope="session")
