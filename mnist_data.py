@@ -32,8 +32,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -263,21 +263,40 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray, compress: bool | 
     path.write_bytes(payload)
 
 
-def _atomic_download(url: str, dest: pathlib.Path, spec: FileSpec, timeout: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+def atomic_write(path: str | os.PathLike[str], source: bytes | BinaryIO, *,
+                 verify: Callable[[str], object] | None = None) -> None:
+    """Writes bytes, or copies a binary stream, to ``path`` atomically.
+
+    The data go to a temporary file beside ``path``, which ``verify(tmp_path)``
+    may check, and is then renamed over ``path``: on any failure ``path`` is
+    left as it was and the temporary file is removed.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        # Verify before putting it in place, so a bad download never looks valid.
-        read_idx(tmp, spec.magic, spec.sha256)
-        os.replace(tmp, dest)
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(source, (bytes, bytearray)):
+                out.write(source)
+            else:
+                shutil.copyfileobj(source, out)
+            out.flush()
+            os.fsync(out.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def _atomic_download(url: str, dest: pathlib.Path, spec: FileSpec, timeout: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        # Verified before it is put in place, so a bad download never looks valid.
+        atomic_write(dest, resp, verify=lambda tmp: read_idx(tmp, spec.magic, spec.sha256))
 
 
 def download(

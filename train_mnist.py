@@ -38,16 +38,13 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -482,24 +479,6 @@ def make_eval_step(mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
 # --------------------------------------------------------------------------
 
 
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, then renames it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 @dataclasses.dataclass
 class Progress:
     """Where a run is, saved with the state in each checkpoint.
@@ -532,7 +511,7 @@ def save_checkpoint(workdir: pathlib.Path, state: TrainState, progress: Progress
         "config": json.dumps(_config_dict(config)),
     }
     path = workdir / CHECKPOINT_NAME
-    atomic_write(path, serialization.msgpack_serialize(payload))
+    mnist_data.atomic_write(path, serialization.msgpack_serialize(payload))
     return path
 
 
@@ -647,13 +626,13 @@ def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: 
 
 def write_metrics(workdir: pathlib.Path, history: list[dict[str, float]]) -> None:
     """Writes the per-epoch metrics as ``metrics.json`` and ``metrics.csv``."""
-    atomic_write(workdir / "metrics.json", (json.dumps(history, indent=1) + "\n").encode())
+    mnist_data.atomic_write(workdir / "metrics.json", (json.dumps(history, indent=1) + "\n").encode())
     if history:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-        atomic_write(workdir / "metrics.csv", buf.getvalue().encode())
+        mnist_data.atomic_write(workdir / "metrics.csv", buf.getvalue().encode())
 
 
 def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str) -> None:
@@ -927,7 +906,7 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
             f"({time.time() - t0:.0f}s)")
     results["seconds"] = round(time.time() - t_all, 1)
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(workdir / "fig1.json", json.dumps(results, indent=1).encode())
+    mnist_data.atomic_write(workdir / "fig1.json", json.dumps(results, indent=1).encode())
     plot_fig1(workdir / "fig1.png", results)
     log(f"wrote {workdir / 'fig1.png'} and fig1.json")
     return results
@@ -1014,9 +993,9 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
         results[name] = {"accuracy": curves_arr[:, -1].tolist(), "curves": curves_arr.tolist()}
     results["seconds"] = round(time.time() - t_all, 1)
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(workdir / "lr_sweep.json", json.dumps(results, indent=1).encode())
+    mnist_data.atomic_write(workdir / "lr_sweep.json", json.dumps(results, indent=1).encode())
     table = lr_sweep_table(results)
-    atomic_write(workdir / "lr_sweep.md", table.encode())
+    mnist_data.atomic_write(workdir / "lr_sweep.md", table.encode())
     plot_lr_sweep(workdir / "lr_sweep.png", results)
     log(table)
     log(f"lr sweep: {results['seconds']:.0f}s; wrote {workdir / 'lr_sweep.png'}, lr_sweep.md, lr_sweep.json")
@@ -1026,7 +1005,7 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
 def lr_sweep_table(results: dict[str, Any]) -> str:
     """A Markdown table of the final test accuracy per learning rate."""
     steps = results["steps"][-1]
-    lines = [f"| SGD learning rate | test accuracy without BN | with BN |",
+    lines = ["| SGD learning rate | test accuracy without BN | with BN |",
              "|---:|---:|---:|"]
     for i, lr in enumerate(results["learning_rates"]):
         lines.append(f"| {lr:g} | {100 * results['baseline']['accuracy'][i]:.2f} % "

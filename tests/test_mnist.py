@@ -8,7 +8,6 @@ or ``$JBN_DATA_DIR``).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import pathlib
@@ -16,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
