@@ -75,17 +75,29 @@ class FileSpec(NamedTuple):
 #: uncompressed content (see ../shared/data/mnist/README.md).
 FILES: dict[str, FileSpec] = {
     "train_images": FileSpec(
-        "train-images-idx3-ubyte", IMAGES_MAGIC, 60000,
-        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+        "train-images-idx3-ubyte",
+        IMAGES_MAGIC,
+        60000,
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
     "train_labels": FileSpec(
-        "train-labels-idx1-ubyte", LABELS_MAGIC, 60000,
-        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+        "train-labels-idx1-ubyte",
+        LABELS_MAGIC,
+        60000,
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
     "test_images": FileSpec(
-        "t10k-images-idx3-ubyte", IMAGES_MAGIC, 10000,
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        "t10k-images-idx3-ubyte",
+        IMAGES_MAGIC,
+        10000,
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
     "test_labels": FileSpec(
-        "t10k-labels-idx1-ubyte", LABELS_MAGIC, 10000,
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+        "t10k-labels-idx1-ubyte",
+        LABELS_MAGIC,
+        10000,
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
 }
 
 #: Public mirrors of the gzip-compressed files, tried in order.
@@ -183,7 +195,8 @@ def _read_bytes(path: pathlib.Path) -> bytes:
         except (EOFError, OSError, gzip.BadGzipFile) as e:
             raise MNISTError(
                 f"{path}: the gzip stream is truncated or corrupt ({e}); "
-                "delete the file and download it again") from e
+                "delete the file and download it again"
+            ) from e
     return path.read_bytes()
 
 
@@ -217,7 +230,8 @@ def read_idx(
         want = f" (expected {expected_magic})" if expected_magic is not None else ""
         raise MNISTError(
             f"{path}: wrong magic number {magic:#010x} = {magic}{want}; "
-            "this is not an MNIST IDX file of the right kind")
+            "this is not an MNIST IDX file of the right kind"
+        )
     if dtype_code != 0x08:
         raise MNISTError(f"{path}: IDX data type {dtype_code:#04x} is not unsigned byte (0x08)")
     header_len = 4 + 4 * ndim
@@ -228,22 +242,27 @@ def read_idx(
     if len(data) < expected_len:
         raise MNISTError(
             f"{path}: truncated: {len(data)} bytes, but its header announces shape {shape} "
-            f"({expected_len} bytes); delete the file and download it again")
+            f"({expected_len} bytes); delete the file and download it again"
+        )
     if len(data) > expected_len:
         raise MNISTError(
             f"{path}: {len(data) - expected_len} unexpected trailing bytes after the "
-            f"{shape} array its header announces")
+            f"{shape} array its header announces"
+        )
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise MNISTError(
                 f"{path}: wrong SHA-256 of the uncompressed content: {digest}, expected "
                 f"{sha256}; the file is corrupt or not the official one; delete it and "
-                "download it again")
+                "download it again"
+            )
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-def write_idx(path: str | os.PathLike[str], array: np.ndarray, compress: bool | None = None) -> None:
+def write_idx(
+    path: str | os.PathLike[str], array: np.ndarray, compress: bool | None = None
+) -> None:
     """Writes a ``uint8`` array as an IDX file (used to make small test files).
 
     Args:
@@ -263,8 +282,12 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray, compress: bool | 
     path.write_bytes(payload)
 
 
-def atomic_write(path: str | os.PathLike[str], source: bytes | BinaryIO, *,
-                 verify: Callable[[str], object] | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    source: bytes | BinaryIO,
+    *,
+    verify: Callable[[str], object] | None = None,
+) -> None:
     """Writes bytes, or copies a binary stream, to ``path`` atomically.
 
     The data go to a temporary file beside ``path``, which ``verify(tmp_path)``
@@ -338,8 +361,7 @@ def download(
             except (urllib.error.URLError, OSError, MNISTError, ValueError) as e:
                 errors.append(f"  {url}: {e}")
         else:
-            raise MNISTNotFoundError(
-                f"could not download {spec.name}.gz:\n" + "\n".join(errors))
+            raise MNISTNotFoundError(f"could not download {spec.name}.gz:\n" + "\n".join(errors))
     return paths
 
 
@@ -351,7 +373,8 @@ def _missing_message(dirs: Sequence[pathlib.Path], reason: str) -> str:
         f"Put the four standard MNIST files\n{names}\n"
         f"into one of these directories (searched in this order):\n{where}\n"
         "e.g. `--data-dir DIR` or `export JBN_DATA_DIR=DIR`. They are on the public "
-        "MNIST mirrors, e.g.\n  " + "\n  ".join(MIRRORS))
+        "MNIST mirrors, e.g.\n  " + "\n  ".join(MIRRORS)
+    )
 
 
 def load_mnist(
@@ -391,14 +414,16 @@ def load_mnist(
             paths = download(dirs[0], mirrors=mirrors, timeout=timeout, log=log)
         except MNISTNotFoundError as e:
             raise MNISTNotFoundError(
-                _missing_message(dirs, "not on disk and the download failed") +
-                f"\nDownload errors:\n{e}") from e
+                _missing_message(dirs, "not on disk and the download failed")
+                + f"\nDownload errors:\n{e}"
+            ) from e
 
     if not verify:
         warnings.warn(
             "MNIST checksum verification is OFF (verify=False); this is only meant for "
             "small synthetic test files, official-size files are still verified.",
-            stacklevel=2)
+            stacklevel=2,
+        )
     arrays = {}
     for role, spec in FILES.items():
         arrays[role] = read_idx(paths[role], spec.magic, spec.sha256 if verify else None)
@@ -408,14 +433,19 @@ def load_mnist(
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3:
-            raise MNISTError(f"{paths[f'{split}_images']}: images must be 3-D, got shape {images.shape}")
+            raise MNISTError(
+                f"{paths[f'{split}_images']}: images must be 3-D, got shape {images.shape}"
+            )
         if labels.ndim != 1:
-            raise MNISTError(f"{paths[f'{split}_labels']}: labels must be 1-D, got shape {labels.shape}")
+            raise MNISTError(
+                f"{paths[f'{split}_labels']}: labels must be 1-D, got shape {labels.shape}"
+            )
         if images.shape[0] != labels.shape[0]:
             raise MNISTError(
                 f"{split} images and labels differ in count: {images.shape[0]} images in "
                 f"{paths[f'{split}_images']} but {labels.shape[0]} labels in "
-                f"{paths[f'{split}_labels']}")
+                f"{paths[f'{split}_labels']}"
+            )
         if labels.size and labels.max() > 9:
             raise MNISTError(f"{paths[f'{split}_labels']}: label {labels.max()} is not a digit")
     return Dataset(**arrays)

@@ -133,9 +133,18 @@ class Config:
     log_every: int = 20
 
     # Fields that may differ between a run and its resumption.
-    RESUMABLE_CHANGES = frozenset({
-        "eval_batch_size", "num_devices", "checkpoint_every", "data_dir", "download",
-        "verify", "progress", "log_every"})
+    RESUMABLE_CHANGES = frozenset(
+        {
+            "eval_batch_size",
+            "num_devices",
+            "checkpoint_every",
+            "data_dir",
+            "download",
+            "verify",
+            "progress",
+            "log_every",
+        }
+    )
 
 
 def default_config() -> Config:
@@ -180,8 +189,9 @@ def get_datasets(config: Config, log: Callable[[str], None] = print) -> tuple[Sp
     Returns:
       The training and test splits.
     """
-    ds = mnist_data.load_mnist(config.data_dir, download_missing=config.download,
-                               verify=config.verify, log=log)
+    ds = mnist_data.load_mnist(
+        config.data_dir, download_missing=config.download, verify=config.verify, log=log
+    )
     n = config.train_limit or len(ds.train_labels)
     train = Split(preprocess(ds.train_images[:n]), ds.train_labels[:n].astype(np.int32))
     test = Split(preprocess(ds.test_images), ds.test_labels.astype(np.int32))
@@ -222,8 +232,9 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -
 NormFactory = Callable[..., nn.Module]
 
 
-def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
-                 axis_name: str | None = None) -> NormFactory | None:
+def norm_factory(
+    kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5, axis_name: str | None = None
+) -> NormFactory | None:
     """Returns a constructor of batch-norm layers, or None for no normalization.
 
     Args:
@@ -342,8 +353,9 @@ class Fig1MLP(nn.Module):
 
 def create_model(config: Config, axis_name: str | None = AXIS) -> nn.Module:
     """Builds the model named by ``config.model`` with ``config.norm``."""
-    norm = norm_factory(config.norm, momentum=config.bn_momentum, epsilon=config.bn_epsilon,
-                        axis_name=axis_name)
+    norm = norm_factory(
+        config.norm, momentum=config.bn_momentum, epsilon=config.bn_epsilon, axis_name=axis_name
+    )
     if config.model == "cnn":
         return CNN(norm=norm)
     if config.model == "mlp":
@@ -376,7 +388,9 @@ def create_learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
-def create_optimizer(config: Config, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: Config, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
     """The optax optimizer named by ``config.optimizer``."""
     if config.optimizer == "adam":
         return optax.adam(learning_rate, b1=config.momentum)
@@ -389,8 +403,9 @@ def create_optimizer(config: Config, learning_rate: optax.ScalarOrSchedule) -> o
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
-def create_train_state(rng: jax.Array, config: Config, model: nn.Module,
-                       steps_per_epoch: int) -> TrainState:
+def create_train_state(
+    rng: jax.Array, config: Config, model: nn.Module, steps_per_epoch: int
+) -> TrainState:
     """Initializes the parameters, batch statistics and optimizer state."""
     tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch))
 
@@ -400,8 +415,14 @@ def create_train_state(rng: jax.Array, config: Config, model: nn.Module,
         return variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"])
 
     params, batch_stats, opt_state = init(rng)
-    return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state,
-                      batch_stats=batch_stats)
+    return TrainState(
+        step=0,
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -409,8 +430,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, images: jax.Array, labels: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's share of the batch.
 
     Runs under :func:`jax.shard_map` over the ``'data'`` axis (see
@@ -423,30 +445,39 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array
     """
 
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         images, train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss = jax.lax.pmean(cross_entropy(logits, labels).mean(), AXIS)
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads,
-                                  batch_stats=updates.get("batch_stats", state.batch_stats))
+    state = state.apply_gradients(
+        grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
+    )
     correct = jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == labels), AXIS)
     count = jax.lax.psum(labels.shape[0], AXIS)
     return state, {"loss": loss, "correct": correct, "count": count}
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array
-              ) -> dict[str, jax.Array]:
+def eval_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array
+) -> dict[str, jax.Array]:
     """Sums of loss, correct predictions and weights over a (padded) batch.
 
     Uses the running batch-norm statistics. ``weights`` is 0 for padding.
     """
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            images, train=False)
-    sums = {"loss": jnp.sum(cross_entropy(logits, labels) * weights),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
-            "count": jnp.sum(weights)}
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    sums = {
+        "loss": jnp.sum(cross_entropy(logits, labels) * weights),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+        "count": jnp.sum(weights),
+    }
     return jax.lax.psum(sums, AXIS)
 
 
@@ -455,23 +486,30 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
-            raise ValueError(f"--devices {num_devices}, but only {len(devices)} devices are visible")
+            raise ValueError(
+                f"--devices {num_devices}, but only {len(devices)} devices are visible"
+            )
         devices = devices[:num_devices]
     return Mesh(np.array(devices), (AXIS,))
 
 
-def make_train_step(mesh: Mesh) -> Callable[[TrainState, jax.Array, jax.Array],
-                                             tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    mesh: Mesh,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """:func:`train_step`, data-parallel over ``mesh`` and jitted (donating the state)."""
-    step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                         out_specs=(P(), P()))
+    step = jax.shard_map(
+        train_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P())
+    )
     return jax.jit(step, donate_argnums=0)
 
 
 def make_eval_step(mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
     """:func:`eval_step`, data-parallel over ``mesh`` and jitted."""
-    return jax.jit(jax.shard_map(eval_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
-                                 out_specs=P()))
+    return jax.jit(
+        jax.shard_map(
+            eval_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P()
+        )
+    )
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +531,8 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0
     sums: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"loss": 0.0, "correct": 0.0, "count": 0.0})
+        default_factory=lambda: {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    )
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
@@ -501,8 +540,9 @@ def _config_dict(config: Config) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items()}
 
 
-def save_checkpoint(workdir: pathlib.Path, state: TrainState, progress: Progress,
-                    config: Config) -> pathlib.Path:
+def save_checkpoint(
+    workdir: pathlib.Path, state: TrainState, progress: Progress, config: Config
+) -> pathlib.Path:
     """Saves the state and progress to ``workdir/checkpoint.msgpack`` atomically."""
     payload = {
         "version": CHECKPOINT_VERSION,
@@ -515,8 +555,9 @@ def save_checkpoint(workdir: pathlib.Path, state: TrainState, progress: Progress
     return path
 
 
-def restore_checkpoint(workdir: pathlib.Path, state: TrainState, config: Config
-                       ) -> tuple[TrainState, Progress] | None:
+def restore_checkpoint(
+    workdir: pathlib.Path, state: TrainState, config: Config
+) -> tuple[TrainState, Progress] | None:
     """Restores the checkpoint in ``workdir`` into the structure of ``state``.
 
     Returns:
@@ -533,12 +574,17 @@ def restore_checkpoint(workdir: pathlib.Path, state: TrainState, config: Config
         raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')}")
     saved = json.loads(payload["config"])
     now = _config_dict(config)
-    diff = {k: (saved.get(k), v) for k, v in now.items()
-            if k not in Config.RESUMABLE_CHANGES and saved.get(k) != v}
+    diff = {
+        k: (saved.get(k), v)
+        for k, v in now.items()
+        if k not in Config.RESUMABLE_CHANGES and saved.get(k) != v
+    }
     if diff:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was written with different settings ({details}); "
-                         "use the same options to resume, or another --out to start afresh")
+        raise ValueError(
+            f"{path} was written with different settings ({details}); "
+            "use the same options to resume, or another --out to start afresh"
+        )
     state = serialization.from_state_dict(state, payload["state"])
     progress = Progress(**json.loads(payload["progress"]))
     return state, progress
@@ -551,19 +597,24 @@ def restore_checkpoint(workdir: pathlib.Path, state: TrainState, config: Config
 
 def _batches(order: np.ndarray, batch_size: int, start: int) -> Iterator[np.ndarray]:
     for i in range(start, len(order) // batch_size):
-        yield order[i * batch_size:(i + 1) * batch_size]
+        yield order[i * batch_size : (i + 1) * batch_size]
 
 
-def evaluate(state: TrainState, eval_fn: Callable[..., dict[str, jax.Array]], split: Split,
-             batch_size: int, mesh: Mesh) -> dict[str, float]:
+def evaluate(
+    state: TrainState,
+    eval_fn: Callable[..., dict[str, jax.Array]],
+    split: Split,
+    batch_size: int,
+    mesh: Mesh,
+) -> dict[str, float]:
     """Mean loss and accuracy over a split, with the running batch statistics."""
     n_dev = mesh.devices.size
     batch_size = -(-batch_size // n_dev) * n_dev
     sharding = NamedSharding(mesh, P(AXIS))
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for start in range(0, len(split), batch_size):
-        images = split.images[start:start + batch_size]
-        labels = split.labels[start:start + batch_size]
+        images = split.images[start : start + batch_size]
+        labels = split.labels[start : start + batch_size]
         weights = np.ones(len(labels), np.float32)
         pad = batch_size - len(labels)
         if pad:
@@ -573,13 +624,22 @@ def evaluate(state: TrainState, eval_fn: Callable[..., dict[str, jax.Array]], sp
         out = eval_fn(state, *jax.device_put((images, labels, weights), sharding))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+    return {
+        "loss": totals["loss"] / totals["count"],
+        "accuracy": totals["correct"] / totals["count"],
+    }
 
 
-def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: Mesh,
-                progress: Progress, steps_per_epoch: int,
-                checkpoint: Callable[[TrainState, Progress], None] | None = None
-                ) -> TrainState:
+def train_epoch(
+    state: TrainState,
+    step_fn,
+    train: Split,
+    config: Config,
+    mesh: Mesh,
+    progress: Progress,
+    steps_per_epoch: int,
+    checkpoint: Callable[[TrainState, Progress], None] | None = None,
+) -> TrainState:
     """Trains one epoch (from ``progress.step_in_epoch`` on), updating ``progress``.
 
     The data order is :func:`epoch_permutation` of (seed, epoch); the last
@@ -599,9 +659,15 @@ def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: 
             progress.sums["count"] += float(m["count"])
         pending.clear()
 
-    bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, leave=False,
-               desc=f"epoch {progress.epoch + 1}/{config.epochs}", unit="step",
-               disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps_per_epoch,
+        initial=progress.step_in_epoch,
+        leave=False,
+        desc=f"epoch {progress.epoch + 1}/{config.epochs}",
+        unit="step",
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
     with bar:
         for idx in _batches(order, config.batch_size, progress.step_in_epoch):
             # The shifts are a function of (seed, epoch, step), like the order.
@@ -616,8 +682,11 @@ def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: 
                 n_new = len(pending)
                 flush()
                 s = progress.sums
-                bar.set_postfix(loss=f"{s['loss'] / s['count']:.4f}",
-                                acc=f"{100 * s['correct'] / s['count']:.2f}%", refresh=False)
+                bar.set_postfix(
+                    loss=f"{s['loss'] / s['count']:.4f}",
+                    acc=f"{100 * s['correct'] / s['count']:.2f}%",
+                    refresh=False,
+                )
                 bar.update(n_new)
             if due and checkpoint is not None and progress.step_in_epoch < steps_per_epoch:
                 checkpoint(state, progress)
@@ -626,7 +695,9 @@ def train_epoch(state: TrainState, step_fn, train: Split, config: Config, mesh: 
 
 def write_metrics(workdir: pathlib.Path, history: list[dict[str, float]]) -> None:
     """Writes the per-epoch metrics as ``metrics.json`` and ``metrics.csv``."""
-    mnist_data.atomic_write(workdir / "metrics.json", (json.dumps(history, indent=1) + "\n").encode())
+    mnist_data.atomic_write(
+        workdir / "metrics.json", (json.dumps(history, indent=1) + "\n").encode()
+    )
     if history:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -638,6 +709,7 @@ def write_metrics(workdir: pathlib.Path, history: list[dict[str, float]]) -> Non
 def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str) -> None:
     """Saves a PNG of training and test loss and accuracy against epoch."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -658,9 +730,14 @@ def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str)
     plt.close(fig)
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resume: bool = False,
-                       datasets: tuple[Split, Split] | None = None,
-                       log: Callable[[str], None] = print) -> tuple[TrainState, list[dict[str, float]]]:
+def train_and_evaluate(
+    config: Config,
+    workdir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    datasets: tuple[Split, Split] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains and evaluates a model, checkpointing to and writing results in ``workdir``.
 
     Args:
@@ -680,11 +757,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resum
     if config.batch_size % n_dev:
         raise ValueError(
             f"batch size {config.batch_size} is not divisible by the {n_dev} devices in use; "
-            f"use a multiple of {n_dev} (--batch-size) or fewer devices (--devices)")
+            f"use a multiple of {n_dev} (--batch-size) or fewer devices (--devices)"
+        )
     train, test = datasets if datasets is not None else get_datasets(config, log=log)
     steps_per_epoch = len(train) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {config.batch_size} is larger than the {len(train)} training images")
+        raise ValueError(
+            f"batch size {config.batch_size} is larger than the {len(train)} training images"
+        )
 
     model = create_model(config)
     state = create_train_state(jax.random.key(config.seed), config, model, steps_per_epoch)
@@ -698,8 +778,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resum
             if progress.epoch >= config.epochs:
                 log(f"{workdir / CHECKPOINT_NAME}: all {config.epochs} epochs already done")
             else:
-                log(f"resuming from {workdir / CHECKPOINT_NAME}: epoch {progress.epoch + 1}, "
-                    f"step {progress.step_in_epoch}/{steps_per_epoch}")
+                log(
+                    f"resuming from {workdir / CHECKPOINT_NAME}: epoch {progress.epoch + 1}, "
+                    f"step {progress.step_in_epoch}/{steps_per_epoch}"
+                )
     state = jax.device_put(state, NamedSharding(mesh, P()))
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     step_fn = make_train_step(mesh)
@@ -707,14 +789,18 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resum
     checkpoint = functools.partial(_checkpoint, workdir=workdir, config=config)
     if progress.epoch == 0 and progress.step_in_epoch == 0:
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        log(f"{config.model} with norm={config.norm}: {n_params:,} parameters; "
+        log(
+            f"{config.model} with norm={config.norm}: {n_params:,} parameters; "
             f"{len(train)} training / {len(test)} test images; {n_dev} device(s) "
-            f"({jax.devices()[0].platform}); {steps_per_epoch} steps/epoch of {config.batch_size}")
+            f"({jax.devices()[0].platform}); {steps_per_epoch} steps/epoch of {config.batch_size}"
+        )
 
     t_run = time.time()
     while progress.epoch < config.epochs:
         t0 = time.time()
-        state = train_epoch(state, step_fn, train, config, mesh, progress, steps_per_epoch, checkpoint)
+        state = train_epoch(
+            state, step_fn, train, config, mesh, progress, steps_per_epoch, checkpoint
+        )
         metrics = evaluate(state, eval_fn, test, config.eval_batch_size, mesh)
         s = progress.sums
         row = {
@@ -733,19 +819,24 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, resum
         progress.sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         checkpoint(state, progress)
         write_metrics(workdir, progress.history)
-        log(f"epoch {row['epoch']:3d}/{config.epochs}  train loss {row['train_loss']:.4f} "
+        log(
+            f"epoch {row['epoch']:3d}/{config.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f} "
             f"acc {100 * row['test_accuracy']:6.2f}%  lr {row['learning_rate']:.2e}  "
-            f"{row['epoch_seconds']:.1f}s")
+            f"{row['epoch_seconds']:.1f}s"
+        )
     if progress.history:
         write_metrics(workdir, progress.history)
-        plot_curves(workdir / "curves.png", progress.history,
-                    f"MNIST {config.model}, norm={config.norm}")
+        plot_curves(
+            workdir / "curves.png", progress.history, f"MNIST {config.model}, norm={config.norm}"
+        )
     log(f"done in {time.time() - t_run:.1f}s; results in {workdir}")
     return state, progress.history
 
 
-def _checkpoint(state: TrainState, progress: Progress, *, workdir: pathlib.Path, config: Config) -> None:
+def _checkpoint(
+    state: TrainState, progress: Progress, *, workdir: pathlib.Path, config: Config
+) -> None:
     save_checkpoint(workdir, state, progress, config)
 
 
@@ -788,7 +879,7 @@ def _step_indices(seed: int, n: int, batch_size: int, start: int, count: int) ->
         e, i = divmod(step, per_epoch)
         if e != epoch:
             epoch, perm = e, epoch_permutation(seed, e, n)
-        rows.append(perm[i * batch_size:(i + 1) * batch_size])
+        rows.append(perm[i * batch_size : (i + 1) * batch_size])
     return np.stack(rows)
 
 
@@ -815,8 +906,9 @@ def make_scan_trainer(model: nn.Module, tx: optax.GradientTransformation):
         x, y = images[idx], labels[idx]
 
         def loss_fn(params):
-            out, updates = model.apply({**variables, "params": params}, x, train=True,
-                                       mutable=["batch_stats"])
+            out, updates = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return cross_entropy(out[0], y).mean(), updates
 
         grads, updates = jax.grad(loss_fn, has_aux=True)(variables["params"])
@@ -849,9 +941,15 @@ def make_fig1_evaluator(model: nn.Module, unit: int):
     return run
 
 
-def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[Split, Split],
-             norm: str = "jbn", log: Callable[[str], None] = print,
-             progress: bool = True) -> dict[str, Any]:
+def run_fig1(
+    fc: Fig1Config,
+    seed: int,
+    workdir: pathlib.Path,
+    datasets: tuple[Split, Split],
+    norm: str = "jbn",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Trains the baseline and the batch-norm network of Fig. 1 and plots them.
 
     Both networks (:class:`Fig1MLP`, with ``norm`` before each sigmoid or
@@ -882,9 +980,14 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
     images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
     t_images, t_labels = jnp.asarray(test.images), jnp.asarray(test.labels)
     tx = optax.sgd(1.0)
-    results: dict[str, Any] = {"steps": list(range(0, fc.steps + 1, fc.eval_every)),
-                               "learning_rate": fc.learning_rate, "batch_size": fc.batch_size,
-                               "init_std": fc.init_std, "unit": fc.unit, "seed": seed}
+    results: dict[str, Any] = {
+        "steps": list(range(0, fc.steps + 1, fc.eval_every)),
+        "learning_rate": fc.learning_rate,
+        "batch_size": fc.batch_size,
+        "init_std": fc.init_std,
+        "unit": fc.unit,
+        "seed": seed,
+    }
     t_all = time.time()
     for name, kind in (("baseline", "none"), ("batchnorm", norm)):
         model = Fig1MLP(norm=norm_factory(kind, momentum=0.99), init_std=fc.init_std)
@@ -893,17 +996,31 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
         evaluator = make_fig1_evaluator(model, fc.unit)
         accs, pcts = [], []
         t0 = time.time()
-        for start in tqdm(range(0, fc.steps + 1, fc.eval_every), desc=f"fig1 {name}", leave=False,
-                          disable=not progress):
+        for start in tqdm(
+            range(0, fc.steps + 1, fc.eval_every),
+            desc=f"fig1 {name}",
+            leave=False,
+            disable=not progress,
+        ):
             if start:
-                idx = _step_indices(seed, len(train), fc.batch_size, start - fc.eval_every, fc.eval_every)
-                variables, opt_state = trainer(variables, opt_state, fc.learning_rate, images, labels, idx)
+                idx = _step_indices(
+                    seed, len(train), fc.batch_size, start - fc.eval_every, fc.eval_every
+                )
+                variables, opt_state = trainer(
+                    variables, opt_state, fc.learning_rate, images, labels, idx
+                )
             acc, pct = jax.device_get(evaluator(variables, t_images, t_labels))
             accs.append(float(acc))
             pcts.append([float(p) for p in pct])
-        results[name] = {"accuracy": accs, "percentiles": pcts, "seconds": round(time.time() - t0, 1)}
-        log(f"fig1 {name}: test accuracy {100 * accs[-1]:.2f}% after {fc.steps} steps "
-            f"({time.time() - t0:.0f}s)")
+        results[name] = {
+            "accuracy": accs,
+            "percentiles": pcts,
+            "seconds": round(time.time() - t0, 1),
+        }
+        log(
+            f"fig1 {name}: test accuracy {100 * accs[-1]:.2f}% after {fc.steps} steps "
+            f"({time.time() - t0:.0f}s)"
+        )
     results["seconds"] = round(time.time() - t_all, 1)
     workdir.mkdir(parents=True, exist_ok=True)
     mnist_data.atomic_write(workdir / "fig1.json", json.dumps(results, indent=1).encode())
@@ -915,6 +1032,7 @@ def run_fig1(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[S
 def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
     """Draws the three panels of the paper's Fig. 1."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -923,17 +1041,29 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
     ax = axes[0]
     ax.plot(steps, results["baseline"]["accuracy"], "--", label="Without BN")
     ax.plot(steps, results["batchnorm"]["accuracy"], "-", label="With BN")
-    ax.set(xlabel="training step", ylabel="test accuracy", title="(a) test accuracy",
-           ylim=(0.7, 1.0))
+    ax.set(
+        xlabel="training step", ylabel="test accuracy", title="(a) test accuracy", ylim=(0.7, 1.0)
+    )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    for ax, name, title in ((axes[1], "baseline", "(b) without BN"), (axes[2], "batchnorm", "(c) with BN")):
+    for ax, name, title in (
+        (axes[1], "baseline", "(b) without BN"),
+        (axes[2], "batchnorm", "(c) with BN"),
+    ):
         p = np.array(results[name]["percentiles"])
         for j, q in enumerate((15, 50, 85)):
-            ax.plot(steps, p[:, j], color="C0" if name == "baseline" else "C1",
-                    alpha=(0.5 if j != 1 else 1.0), label=f"{q}th percentile")
-        ax.set(xlabel="training step", ylabel=f"input to sigmoid {results['unit']} of hidden layer 3",
-               title=title)
+            ax.plot(
+                steps,
+                p[:, j],
+                color="C0" if name == "baseline" else "C1",
+                alpha=(0.5 if j != 1 else 1.0),
+                label=f"{q}th percentile",
+            )
+        ax.set(
+            xlabel="training step",
+            ylabel=f"input to sigmoid {results['unit']} of hidden layer 3",
+            title=title,
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     lo = min(np.min(results[n]["percentiles"]) for n in ("baseline", "batchnorm"))
@@ -941,16 +1071,24 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
     pad = 0.05 * (hi - lo)
     for ax in axes[1:]:
         ax.set_ylim(lo - pad, hi + pad)
-    fig.suptitle(f"MNIST, 3x100 sigmoid MLP, SGD lr {results['learning_rate']}, "
-                 f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)")
+    fig.suptitle(
+        f"MNIST, 3x100 sigmoid MLP, SGD lr {results['learning_rate']}, "
+        f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tuple[Split, Split],
-                 norm: str = "jbn", log: Callable[[str], None] = print,
-                 progress: bool = True) -> dict[str, Any]:
+def run_lr_sweep(
+    fc: Fig1Config,
+    seed: int,
+    workdir: pathlib.Path,
+    datasets: tuple[Split, Split],
+    norm: str = "jbn",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Trains the Fig. 1 network with and without batch norm at each of ``fc.sweep_lrs``.
 
     All learning rates train at once (``vmap`` over the learning rate), from the
@@ -972,8 +1110,12 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
     tx = optax.sgd(1.0)
     chunk = min(fc.eval_every, fc.sweep_steps)
     checkpoints = list(range(0, fc.sweep_steps + 1, chunk))
-    results: dict[str, Any] = {"learning_rates": list(fc.sweep_lrs), "steps": checkpoints,
-                               "batch_size": fc.batch_size, "seed": seed}
+    results: dict[str, Any] = {
+        "learning_rates": list(fc.sweep_lrs),
+        "steps": checkpoints,
+        "batch_size": fc.batch_size,
+        "seed": seed,
+    }
     t_all = time.time()
     for name, kind in (("baseline", "none"), ("batchnorm", norm)):
         model = Fig1MLP(norm=norm_factory(kind, momentum=0.99), init_std=fc.init_std)
@@ -982,10 +1124,11 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
         trainer = make_scan_trainer(model, tx)
         vtrain = jax.jit(jax.vmap(trainer, in_axes=(0, 0, 0, None, None, None)))
         evaluator = make_fig1_evaluator(model, 0)
-        veval = jax.jit(jax.vmap(lambda v: evaluator(v, t_images, t_labels)[0]))
+        veval = jax.jit(jax.vmap(lambda v, ev=evaluator: ev(v, t_images, t_labels)[0]))
         curves = [np.asarray(veval(variables))]
-        for start in tqdm(checkpoints[1:], desc=f"lr sweep {name}", leave=False,
-                          disable=not progress):
+        for start in tqdm(
+            checkpoints[1:], desc=f"lr sweep {name}", leave=False, disable=not progress
+        ):
             idx = _step_indices(seed, len(train), fc.batch_size, start - chunk, chunk)
             variables, opt_state = vtrain(variables, opt_state, lrs, images, labels, idx)
             curves.append(np.asarray(veval(variables)))
@@ -998,18 +1141,21 @@ def run_lr_sweep(fc: Fig1Config, seed: int, workdir: pathlib.Path, datasets: tup
     mnist_data.atomic_write(workdir / "lr_sweep.md", table.encode())
     plot_lr_sweep(workdir / "lr_sweep.png", results)
     log(table)
-    log(f"lr sweep: {results['seconds']:.0f}s; wrote {workdir / 'lr_sweep.png'}, lr_sweep.md, lr_sweep.json")
+    log(
+        f"lr sweep: {results['seconds']:.0f}s; wrote {workdir / 'lr_sweep.png'}, lr_sweep.md, lr_sweep.json"
+    )
     return results
 
 
 def lr_sweep_table(results: dict[str, Any]) -> str:
     """A Markdown table of the final test accuracy per learning rate."""
     steps = results["steps"][-1]
-    lines = ["| SGD learning rate | test accuracy without BN | with BN |",
-             "|---:|---:|---:|"]
+    lines = ["| SGD learning rate | test accuracy without BN | with BN |", "|---:|---:|---:|"]
     for i, lr in enumerate(results["learning_rates"]):
-        lines.append(f"| {lr:g} | {100 * results['baseline']['accuracy'][i]:.2f} % "
-                     f"| {100 * results['batchnorm']['accuracy'][i]:.2f} % |")
+        lines.append(
+            f"| {lr:g} | {100 * results['baseline']['accuracy'][i]:.2f} % "
+            f"| {100 * results['batchnorm']['accuracy'][i]:.2f} % |"
+        )
     lines.append(f"\n(after {steps} steps of {results['batch_size']} examples)\n")
     return "\n".join(lines)
 
@@ -1017,6 +1163,7 @@ def lr_sweep_table(results: dict[str, Any]) -> str:
 def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
     """Final accuracy against learning rate, and accuracy against step at each rate."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1025,15 +1172,23 @@ def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
     ax = axes[0]
     ax.semilogx(lrs, results["baseline"]["accuracy"], "o--", label="Without BN")
     ax.semilogx(lrs, results["batchnorm"]["accuracy"], "s-", label="With BN")
-    ax.set(xlabel="SGD learning rate", ylabel="test accuracy", ylim=(0, 1),
-           title=f"after {results['steps'][-1]} steps of {results['batch_size']}")
+    ax.set(
+        xlabel="SGD learning rate",
+        ylabel="test accuracy",
+        ylim=(0, 1),
+        title=f"after {results['steps'][-1]} steps of {results['batch_size']}",
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     cmap = plt.get_cmap("viridis")
     for ax, name, title in ((axes[1], "baseline", "without BN"), (axes[2], "batchnorm", "with BN")):
         for i, lr in enumerate(lrs):
-            ax.plot(results["steps"], results[name]["curves"][i], color=cmap(i / max(1, len(lrs) - 1)),
-                    label=f"lr {lr:g}")
+            ax.plot(
+                results["steps"],
+                results[name]["curves"][i],
+                color=cmap(i / max(1, len(lrs) - 1)),
+                label=f"lr {lr:g}",
+            )
         ax.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1), title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -1064,69 +1219,157 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] + " Trains a CNN with jbn.BatchNorm by default.",
         formatter_class=_HelpFormatter,
         epilog="MNIST (the four IDX files, .gz or not) is looked for in --data-dir, "
-               "$JBN_DATA_DIR, ~/.cache/jbn/mnist and ../shared/data/mnist (beside this "
-               "repository), in this order; if none has it, it is downloaded (unless "
-               "--no-download) into the first of these, and every file is checked against "
-               "the SHA-256 of the official uncompressed file.")
+        "$JBN_DATA_DIR, ~/.cache/jbn/mnist and ../shared/data/mnist (beside this "
+        "repository), in this order; if none has it, it is downloaded (unless "
+        "--no-download) into the first of these, and every file is checked against "
+        "the SHA-256 of the official uncompressed file.",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--fig1", action="store_true",
-                      help="reproduce Fig. 1 of the batch-norm paper (sigmoid MLP, 50k steps of 60, "
-                           "with and without BN): writes fig1.png and fig1.json to --out")
-    mode.add_argument("--lr-sweep", action="store_true",
-                      help="sweep the SGD learning rate of the Fig. 1 network with and without BN "
-                           "for a fixed budget: writes lr_sweep.png/.md/.json to --out")
+    mode.add_argument(
+        "--fig1",
+        action="store_true",
+        help="reproduce Fig. 1 of the batch-norm paper (sigmoid MLP, 50k steps of 60, "
+        "with and without BN): writes fig1.png and fig1.json to --out",
+    )
+    mode.add_argument(
+        "--lr-sweep",
+        action="store_true",
+        help="sweep the SGD learning rate of the Fig. 1 network with and without BN "
+        "for a fixed budget: writes lr_sweep.png/.md/.json to --out",
+    )
     g = p.add_argument_group("model and training")
     g.add_argument("--model", choices=("cnn", "mlp"), default=d.model, help="network to train")
-    g.add_argument("--norm", choices=("jbn", "flax", "none"), default=d.norm,
-                   help="batch norm implementation: jbn.BatchNorm, flax.linen.BatchNorm, or none")
+    g.add_argument(
+        "--norm",
+        choices=("jbn", "flax", "none"),
+        default=d.norm,
+        help="batch norm implementation: jbn.BatchNorm, flax.linen.BatchNorm, or none",
+    )
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch size, split over the devices (must be divisible by their number)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for evaluation")
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "momentum"), default=d.optimizer,
-                   help="optax optimizer (momentum = SGD with Nesterov momentum)")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {d.learning_rate} for training, "
-                        f"{f.learning_rate} for --fig1)")
-    g.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default=d.schedule,
-                   help="learning-rate schedule (cosine: linear warmup then cosine decay to 0)")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="warmup of the cosine schedule")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch size, split over the devices (must be divisible by their number)",
+    )
+    g.add_argument(
+        "--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for evaluation"
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=("adam", "adamw", "sgd", "momentum"),
+        default=d.optimizer,
+        help="optax optimizer (momentum = SGD with Nesterov momentum)",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate (default {d.learning_rate} for training, "
+        f"{f.learning_rate} for --fig1)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("cosine", "onecycle", "constant"),
+        default=d.schedule,
+        help="learning-rate schedule (cosine: linear warmup then cosine decay to 0)",
+    )
+    g.add_argument(
+        "--warmup-epochs", type=float, default=d.warmup_epochs, help="warmup of the cosine schedule"
+    )
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum / Adam beta1")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay of adamw")
-    g.add_argument("--bn-momentum", type=float, default=d.bn_momentum,
-                   help="momentum of the batch-norm running averages")
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="weight decay of adamw"
+    )
+    g.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=d.bn_momentum,
+        help="momentum of the batch-norm running averages",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="seed of initialization and data order")
-    g.add_argument("--augment-shift", type=int, default=d.augment_shift,
-                   help="random shifts of up to N pixels of the training images (0: none)")
-    g.add_argument("--train-limit", type=int, default=0,
-                   help="train on only the first N training images (0: all 60000); for quick tries")
-    g.add_argument("--devices", type=int, default=0,
-                   help="shard each batch over the first N devices (0: all visible devices; "
-                        "e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2 makes 2 CPU devices)")
+    g.add_argument(
+        "--augment-shift",
+        type=int,
+        default=d.augment_shift,
+        help="random shifts of up to N pixels of the training images (0: none)",
+    )
+    g.add_argument(
+        "--train-limit",
+        type=int,
+        default=0,
+        help="train on only the first N training images (0: all 60000); for quick tries",
+    )
+    g.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="shard each batch over the first N devices (0: all visible devices; "
+        "e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2 makes 2 CPU devices)",
+    )
     o = p.add_argument_group("data and output")
-    o.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (.gz or not)")
-    o.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download MNIST from the public mirrors if it is not found")
-    o.add_argument("--no-verify", action="store_true",
-                   help="skip the SHA-256 check, only for small synthetic test files "
-                        "(a warning is printed; official-size files are always checked)")
-    o.add_argument("--out", default="runs/mnist",
-                   help="output directory: checkpoint, metrics.json/.csv, curves.png (and fig1/lr-sweep files)")
+    o.add_argument(
+        "--data-dir", default=None, help="directory with the four MNIST IDX files (.gz or not)"
+    )
+    o.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download MNIST from the public mirrors if it is not found",
+    )
+    o.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check, only for small synthetic test files "
+        "(a warning is printed; official-size files are always checked)",
+    )
+    o.add_argument(
+        "--out",
+        default="runs/mnist",
+        help="output directory: checkpoint, metrics.json/.csv, curves.png (and fig1/lr-sweep files)",
+    )
     o.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    o.add_argument("--checkpoint-every", type=int, default=0,
-                   help="also checkpoint every N steps (0: only at the end of each epoch)")
-    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a tqdm progress bar")
-    o.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress-bar updates")
+    o.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also checkpoint every N steps (0: only at the end of each epoch)",
+    )
+    o.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a tqdm progress bar",
+    )
+    o.add_argument(
+        "--log-every", type=int, default=d.log_every, help="steps between progress-bar updates"
+    )
     q = p.add_argument_group("--fig1 and --lr-sweep")
-    q.add_argument("--init-std", type=float, default=f.init_std,
-                   help="standard deviation of the Gaussian initial weights of the Fig. 1 network")
+    q.add_argument(
+        "--init-std",
+        type=float,
+        default=f.init_std,
+        help="standard deviation of the Gaussian initial weights of the Fig. 1 network",
+    )
     q.add_argument("--fig1-steps", type=int, default=f.steps, help="training steps of --fig1")
-    q.add_argument("--eval-every", type=int, default=f.eval_every,
-                   help="steps between test evaluations in --fig1 and --lr-sweep")
-    q.add_argument("--sweep-lrs", type=lambda s: tuple(float(v) for v in s.split(",")),
-                   default=f.sweep_lrs, help="comma-separated learning rates of --lr-sweep")
-    q.add_argument("--sweep-steps", type=int, default=f.sweep_steps, help="steps per learning rate of --lr-sweep")
+    q.add_argument(
+        "--eval-every",
+        type=int,
+        default=f.eval_every,
+        help="steps between test evaluations in --fig1 and --lr-sweep",
+    )
+    q.add_argument(
+        "--sweep-lrs",
+        type=lambda s: tuple(float(v) for v in s.split(",")),
+        default=f.sweep_lrs,
+        help="comma-separated learning rates of --lr-sweep",
+    )
+    q.add_argument(
+        "--sweep-steps",
+        type=int,
+        default=f.sweep_steps,
+        help="steps per learning rate of --lr-sweep",
+    )
     return p.parse_args(argv)
 
 
@@ -1134,15 +1377,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Builds the training :class:`Config` from parsed arguments."""
     d = default_config()
     return dataclasses.replace(
-        d, model=args.model, norm=args.norm, epochs=args.epochs, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, optimizer=args.optimizer,
-        learning_rate=args.lr if args.lr is not None else d.learning_rate, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, momentum=args.momentum, weight_decay=args.weight_decay,
-        bn_momentum=args.bn_momentum, seed=args.seed, augment_shift=args.augment_shift,
+        d,
+        model=args.model,
+        norm=args.norm,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        optimizer=args.optimizer,
+        learning_rate=args.lr if args.lr is not None else d.learning_rate,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        bn_momentum=args.bn_momentum,
+        seed=args.seed,
+        augment_shift=args.augment_shift,
         train_limit=args.train_limit,
-        num_devices=args.devices, checkpoint_every=args.checkpoint_every, data_dir=args.data_dir,
-        download=args.download, verify=not args.no_verify, progress=args.progress,
-        log_every=args.log_every)
+        num_devices=args.devices,
+        checkpoint_every=args.checkpoint_every,
+        data_dir=args.data_dir,
+        download=args.download,
+        verify=not args.no_verify,
+        progress=args.progress,
+        log_every=args.log_every,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1156,9 +1414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.fig1 or args.lr_sweep:
-        fc = dataclasses.replace(Fig1Config(), steps=args.fig1_steps, eval_every=args.eval_every,
-                                 sweep_lrs=args.sweep_lrs, sweep_steps=args.sweep_steps,
-                                 init_std=args.init_std)
+        fc = dataclasses.replace(
+            Fig1Config(),
+            steps=args.fig1_steps,
+            eval_every=args.eval_every,
+            sweep_lrs=args.sweep_lrs,
+            sweep_steps=args.sweep_steps,
+            init_std=args.init_std,
+        )
         if args.lr is not None:
             fc = dataclasses.replace(fc, learning_rate=args.lr)
         norm = args.norm if args.norm != "none" else "jbn"

@@ -16,170 +16,190 @@ from flax import linen as nn
 from flax.linen import dtypes, initializers
 from flax.typing import Dtype, Initializer
 
-from . import _batch_norm
-from . import _recalibrate
+from . import _batch_norm, _recalibrate
 
 
 class BatchNorm(nn.Module):
-  """Batch normalization for Flax linen, with jbn's analytic backward pass.
+    """Batch normalization for Flax linen, with jbn's analytic backward pass.
 
-  A drop-in replacement for :class:`flax.linen.BatchNorm`: the same fields,
-  call signature and variables (``params/scale``, ``params/bias``,
-  ``batch_stats/mean``, ``batch_stats/var``, same shapes and dtypes), so
-  checkpoints move between the two. Train with ``use_running_average=False`` and
-  ``mutable=["batch_stats"]``::
+    A drop-in replacement for :class:`flax.linen.BatchNorm`: the same fields,
+    call signature and variables (``params/scale``, ``params/bias``,
+    ``batch_stats/mean``, ``batch_stats/var``, same shapes and dtypes), so
+    checkpoints move between the two. Train with ``use_running_average=False`` and
+    ``mutable=["batch_stats"]``::
 
-    >>> import jax, jax.numpy as jnp, jbn
-    >>> bn = jbn.BatchNorm(momentum=0.9)
-    >>> x = jax.random.normal(jax.random.key(0), (8, 4))
-    >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
-    >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-    >>> y = bn.apply({**variables, **updates}, x, use_running_average=True)
+      >>> import jax, jax.numpy as jnp, jbn
+      >>> bn = jbn.BatchNorm(momentum=0.9)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4))
+      >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
+      >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+      >>> y = bn.apply({**variables, **updates}, x, use_running_average=True)
 
-  Differences from flax: the statistics are always exact (shifted sums, at
-  least float32), so ``use_fast_variance`` is accepted and ignored;
-  ``force_float32_reductions=False`` only keeps flax's dtype of the running
-  statistics (``param_dtype``), the reductions stay float32. During
-  initialization the running statistics are not updated, and a training-mode
-  init normalizes with the init batch's own statistics (plain batch norm: no
-  ghost batches, no renormalization, no ``axis_name``), or with the initial
-  running statistics when that batch has a single value per feature, so a
-  dummy batch of one example works.
+    Differences from flax: the statistics are always exact (shifted sums, at
+    least float32), so ``use_fast_variance`` is accepted and ignored;
+    ``force_float32_reductions=False`` only keeps flax's dtype of the running
+    statistics (``param_dtype``), the reductions stay float32. During
+    initialization the running statistics are not updated, and a training-mode
+    init normalizes with the init batch's own statistics (plain batch norm: no
+    ghost batches, no renormalization, no ``axis_name``), or with the initial
+    running statistics when that batch has a single value per feature, so a
+    dummy batch of one example works.
 
-  Attributes:
-    use_running_average: True: normalize with the running statistics
-      (evaluation); False: with the batch's (training). Set here or in
-      ``__call__``, not both.
-    axis: the feature axis or axes (default -1).
-    momentum: running-average decay, ``new = momentum * old + (1 - momentum) *
-      batch`` (default 0.99). None: cumulative average of all batches so far,
-      which adds an int32 ``batch_stats/count`` variable.
-    epsilon: added to the variance (default 1e-5).
-    dtype: output dtype (default: ``x`` promoted with the parameters, as flax).
-    param_dtype: dtype of ``scale`` and ``bias`` (default float32).
-    use_bias: learn ``bias`` (β).
-    use_scale: learn ``scale`` (γ).
-    bias_init: initializer of ``bias`` (default zeros).
-    scale_init: initializer of ``scale`` (default ones).
-    axis_name: named axis (pmap, shard_map) whose devices share statistics.
-    axis_index_groups: groups of devices along ``axis_name``.
-    use_fast_variance: accepted for compatibility; jbn is always exact.
-    force_float32_reductions: True (default): float32 running statistics;
-      False: ``param_dtype`` running statistics (reductions stay float32).
-    unbiased_running_var: store the running variance with Bessel's correction.
-    residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
-    min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
-    virtual_batch_size: ghost batch norm: normalize groups of this many
-      examples (axis 0) with their own statistics in training.
-    renorm: batch renormalization (Ioffe 2017) in training.
-    rmax: renorm's bound on r (default 3.0); ``__call__(..., rmax=...)``
-      overrides it, e.g. with a schedule.
-    dmax: renorm's bound on |d| (default 5.0); overridable per call likewise.
-  """
-
-  use_running_average: bool | None = None
-  axis: int | Sequence[int] = -1
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  unbiased_running_var: bool = False
-  residual: str = "input"
-  min_scale: float = 1e-3
-  virtual_batch_size: int | None = None
-  renorm: bool = False
-  rmax: float = 3.0
-  dmax: float = 5.0
-
-  @nn.compact
-  def __call__(
-      self,
-      x: jax.typing.ArrayLike,
-      use_running_average: bool | None = None,
-      *,
-      mask: jax.typing.ArrayLike | None = None,
-      rmax: float | jax.typing.ArrayLike | None = None,
-      dmax: float | jax.typing.ArrayLike | None = None,
-  ) -> jax.Array:
-    """Normalizes ``x``; in training mode also updates ``batch_stats``.
-
-    Args:
-      x: input, e.g. (N, C) or (N, H, W, C).
-      use_running_average: overrides nothing: give it here or as the field.
-      mask: boolean, broadcastable to ``x``; only True entries enter the
-        statistics.
-      rmax: renorm's bound on r for this call (default: the field).
-      dmax: renorm's bound on |d| for this call (default: the field).
-
-    Returns:
-      The normalized ``x``, same shape.
+    Attributes:
+      use_running_average: True: normalize with the running statistics
+        (evaluation); False: with the batch's (training). Set here or in
+        ``__call__``, not both.
+      axis: the feature axis or axes (default -1).
+      momentum: running-average decay, ``new = momentum * old + (1 - momentum) *
+        batch`` (default 0.99). None: cumulative average of all batches so far,
+        which adds an int32 ``batch_stats/count`` variable.
+      epsilon: added to the variance (default 1e-5).
+      dtype: output dtype (default: ``x`` promoted with the parameters, as flax).
+      param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+      use_bias: learn ``bias`` (β).
+      use_scale: learn ``scale`` (γ).
+      bias_init: initializer of ``bias`` (default zeros).
+      scale_init: initializer of ``scale`` (default ones).
+      axis_name: named axis (pmap, shard_map) whose devices share statistics.
+      axis_index_groups: groups of devices along ``axis_name``.
+      use_fast_variance: accepted for compatibility; jbn is always exact.
+      force_float32_reductions: True (default): float32 running statistics;
+        False: ``param_dtype`` running statistics (reductions stay float32).
+      unbiased_running_var: store the running variance with Bessel's correction.
+      residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
+      min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
+      virtual_batch_size: ghost batch norm: normalize groups of this many
+        examples (axis 0) with their own statistics in training.
+      renorm: batch renormalization (Ioffe 2017) in training.
+      rmax: renorm's bound on r (default 3.0); ``__call__(..., rmax=...)``
+        overrides it, e.g. with a schedule.
+      dmax: renorm's bound on |d| (default 5.0); overridable per call likewise.
     """
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    x = _batch_norm._check_x(x)
-    feature_axes = _batch_norm._canonical_axes(self.axis, x.shape)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
-    state = {"mean": ra_mean.value, "var": ra_var.value}
-    if self.momentum is None:
-      ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-      state["count"] = ra_count.value
-    params = {}
-    if self.use_scale:
-      params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-    if self.use_bias:
-      params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-    out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-    train = not use_running_average
-    kwargs = dict(
-        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, mask=mask,
-        residual=self.residual, min_scale=self.min_scale, dtype=out_dtype,
-    )
 
-    if self.is_initializing():
-      values = x.size // math.prod(feature_shape)
-      y, _ = _batch_norm.bn_forward(params, state, x, train and values > 1, **kwargs)
-      return y
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    residual: str = "input"
+    min_scale: float = 1e-3
+    virtual_batch_size: int | None = None
+    renorm: bool = False
+    rmax: float = 3.0
+    dmax: float = 5.0
 
-    if self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
-      # Inside jbn.recalibrate_batch_stats: accumulate this batch's exact
-      # statistics, leave the running statistics as they are.
-      if not self.is_mutable_collection("batch_stats"):
-        raise ValueError(_recalibrate.NOT_MUTABLE)
-      acc = self.variable("batch_stats", _recalibrate.ACCUMULATOR)
-      acc.value = _recalibrate.accumulate(
-          acc.value, x, axis=self.axis, mask=mask,
-          axis_name=_recalibrate.bound_axis_name(self.axis_name),
-          axis_index_groups=self.axis_index_groups, unbiased=self.unbiased_running_var,
-      )
-    elif train and not self.is_mutable_collection("batch_stats"):
-      raise ValueError(
-          "jbn.BatchNorm in training mode (use_running_average=False) updates its running "
-          "statistics: pass mutable=['batch_stats'] to apply, e.g. `y, updates = "
-          "model.apply(variables, x, mutable=['batch_stats'])`, then "
-          "`variables = {**variables, **updates}`; for evaluation use use_running_average=True"
-      )
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.typing.ArrayLike | None = None,
+        rmax: float | jax.typing.ArrayLike | None = None,
+        dmax: float | jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
-    y, new_state = _batch_norm.bn_forward(
-        params, state, x, train, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, unbiased_running_var=self.unbiased_running_var,
-        virtual_batch_size=self.virtual_batch_size, renorm=self.renorm,
-        rmax=self.rmax if rmax is None else rmax, dmax=self.dmax if dmax is None else dmax,
-        **kwargs,
-    )
-    if train and not self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
-      ra_mean.value = new_state["mean"]
-      ra_var.value = new_state["var"]
-      if self.momentum is None:
-        ra_count.value = new_state["count"]
-    return y
+        Args:
+          x: input, e.g. (N, C) or (N, H, W, C).
+          use_running_average: overrides nothing: give it here or as the field.
+          mask: boolean, broadcastable to ``x``; only True entries enter the
+            statistics.
+          rmax: renorm's bound on r for this call (default: the field).
+          dmax: renorm's bound on |d| for this call (default: the field).
 
+        Returns:
+          The normalized ``x``, same shape.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = _batch_norm._check_x(x)
+        feature_axes = _batch_norm._canonical_axes(self.axis, x.shape)
+        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable(
+            "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
+        )
+        ra_var = self.variable(
+            "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
+        )
+        state = {"mean": ra_mean.value, "var": ra_var.value}
+        if self.momentum is None:
+            ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+            state["count"] = ra_count.value
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+        out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+        train = not use_running_average
+        kwargs = dict(
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            residual=self.residual,
+            min_scale=self.min_scale,
+            dtype=out_dtype,
+        )
+
+        if self.is_initializing():
+            values = x.size // math.prod(feature_shape)
+            y, _ = _batch_norm.bn_forward(params, state, x, train and values > 1, **kwargs)
+            return y
+
+        if self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
+            # Inside jbn.recalibrate_batch_stats: accumulate this batch's exact
+            # statistics, leave the running statistics as they are.
+            if not self.is_mutable_collection("batch_stats"):
+                raise ValueError(_recalibrate.NOT_MUTABLE)
+            acc = self.variable("batch_stats", _recalibrate.ACCUMULATOR)
+            acc.value = _recalibrate.accumulate(
+                acc.value,
+                x,
+                axis=self.axis,
+                mask=mask,
+                axis_name=_recalibrate.bound_axis_name(self.axis_name),
+                axis_index_groups=self.axis_index_groups,
+                unbiased=self.unbiased_running_var,
+            )
+        elif train and not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                "jbn.BatchNorm in training mode (use_running_average=False) updates its running "
+                "statistics: pass mutable=['batch_stats'] to apply, e.g. `y, updates = "
+                "model.apply(variables, x, mutable=['batch_stats'])`, then "
+                "`variables = {**variables, **updates}`; for evaluation use use_running_average=True"
+            )
+
+        y, new_state = _batch_norm.bn_forward(
+            params,
+            state,
+            x,
+            train,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            unbiased_running_var=self.unbiased_running_var,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=self.renorm,
+            rmax=self.rmax if rmax is None else rmax,
+            dmax=self.dmax if dmax is None else dmax,
+            **kwargs,
+        )
+        if train and not self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
+            ra_mean.value = new_state["mean"]
+            ra_var.value = new_state["var"]
+            if self.momentum is None:
+                ra_count.value = new_state["count"]
+        return y

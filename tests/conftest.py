@@ -8,7 +8,7 @@ import os
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -24,16 +24,18 @@ _BASE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("default", max_examples=20, **_BASE)
 settings.register_profile("ci", max_examples=20, derandomize=True, **_BASE)
 settings.register_profile("thorough", max_examples=300, **_BASE)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 
 @pytest.fixture(scope="session")
 def four_devices():
-  """The four CPU devices the multi-device tests shard over."""
-  devices = jax.devices()
-  if len(devices) < 4:
-    pytest.fail(
-        "multi-device tests need 4 devices: run them with "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=4 set before jax is imported"
-    )
-  return devices[:4]
+    """The four CPU devices the multi-device tests shard over."""
+    devices = jax.devices()
+    if len(devices) < 4:
+        pytest.fail(
+            "multi-device tests need 4 devices: run them with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4 set before jax is imported"
+        )
+    return devices[:4]

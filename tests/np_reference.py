@@ -13,68 +13,70 @@ import numpy as np
 
 
 def _axes(x, axis):
-  axis = (axis,) if isinstance(axis, int) else tuple(axis)
-  feature = tuple(sorted(a % x.ndim for a in axis))
-  reduce = tuple(a for a in range(x.ndim) if a not in feature)
-  bshape = tuple(1 if a in reduce else s for a, s in enumerate(x.shape))
-  fshape = tuple(x.shape[a] for a in feature)
-  return reduce, bshape, fshape
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    feature = tuple(sorted(a % x.ndim for a in axis))
+    reduce = tuple(a for a in range(x.ndim) if a not in feature)
+    bshape = tuple(1 if a in reduce else s for a, s in enumerate(x.shape))
+    fshape = tuple(x.shape[a] for a in feature)
+    return reduce, bshape, fshape
 
 
 def _mask(x, mask):
-  if mask is None:
-    return np.ones(x.shape, bool)
-  return np.broadcast_to(np.asarray(mask, bool), x.shape)
+    if mask is None:
+        return np.ones(x.shape, bool)
+    return np.broadcast_to(np.asarray(mask, bool), x.shape)
 
 
 def np_stats(x, axis=-1, mask=None):
-  """Per-feature (mean, biased var, count), float64, in the broadcast feature shape."""
-  x = np.asarray(x, np.float64)
-  reduce, _, _ = _axes(x, axis)
-  m = _mask(x, mask)
-  n = m.sum(axis=reduce, keepdims=True).astype(np.float64)
-  with np.errstate(invalid="ignore"):  # a fully masked feature has no statistics: NaN
-    mean = np.where(m, x, 0).sum(axis=reduce, keepdims=True) / n
-    var = np.where(m, (x - mean) ** 2, 0).sum(axis=reduce, keepdims=True) / n
-  return mean, var, n
+    """Per-feature (mean, biased var, count), float64, in the broadcast feature shape."""
+    x = np.asarray(x, np.float64)
+    reduce, _, _ = _axes(x, axis)
+    m = _mask(x, mask)
+    n = m.sum(axis=reduce, keepdims=True).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a fully masked feature has no statistics: NaN
+        mean = np.where(m, x, 0).sum(axis=reduce, keepdims=True) / n
+        var = np.where(m, (x - mean) ** 2, 0).sum(axis=reduce, keepdims=True) / n
+    return mean, var, n
 
 
 def np_forward(x, scale, bias, axis=-1, eps=1e-5, mask=None):
-  """Training-mode y, float64, plus (mean, var, count) in the feature shape."""
-  x = np.asarray(x, np.float64)
-  _, bshape, fshape = _axes(x, axis)
-  mean, var, n = np_stats(x, axis, mask)
-  xhat = (x - mean) / np.sqrt(var + eps)
-  y = np.asarray(scale, np.float64).reshape(bshape) * xhat + np.asarray(bias, np.float64).reshape(bshape)
-  return y, mean.reshape(fshape), var.reshape(fshape), n.reshape(fshape)
+    """Training-mode y, float64, plus (mean, var, count) in the feature shape."""
+    x = np.asarray(x, np.float64)
+    _, bshape, fshape = _axes(x, axis)
+    mean, var, n = np_stats(x, axis, mask)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    y = np.asarray(scale, np.float64).reshape(bshape) * xhat + np.asarray(bias, np.float64).reshape(
+        bshape
+    )
+    return y, mean.reshape(fshape), var.reshape(fshape), n.reshape(fshape)
 
 
 def np_eval(x, scale, bias, mean, var, axis=-1, eps=1e-5):
-  x = np.asarray(x, np.float64)
-  _, bshape, _ = _axes(x, axis)
-  r = lambda v: np.asarray(v, np.float64).reshape(bshape)  # noqa: E731
-  return r(scale) * (x - r(mean)) / np.sqrt(r(var) + eps) + r(bias)
+    x = np.asarray(x, np.float64)
+    _, bshape, _ = _axes(x, axis)
+    r = lambda v: np.asarray(v, np.float64).reshape(bshape)  # noqa: E731
+    return r(scale) * (x - r(mean)) / np.sqrt(r(var) + eps) + r(bias)
 
 
 def np_backward(x, scale, dy, axis=-1, eps=1e-5, mask=None):
-  """(dx, dscale, dbias) of training-mode batch norm, by the closed form."""
-  x = np.asarray(x, np.float64)
-  dy = np.asarray(dy, np.float64)
-  reduce, bshape, fshape = _axes(x, axis)
-  m = _mask(x, mask)
-  mean, var, n = np_stats(x, axis, mask)
-  xhat = (x - mean) / np.sqrt(var + eps)
-  # Padded outputs are γx̂ + β too: they count in every sum over dy, while only
-  # unmasked inputs move the statistics.
-  dxhat = np.asarray(scale, np.float64).reshape(bshape) * dy
-  s = lambda v: v.sum(axis=reduce, keepdims=True)  # noqa: E731
-  dx = (n * dxhat - m * (s(dxhat) + xhat * s(dxhat * xhat))) / (n * np.sqrt(var + eps))
-  return dx, s(dy * xhat).reshape(fshape), s(dy).reshape(fshape)
+    """(dx, dscale, dbias) of training-mode batch norm, by the closed form."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    reduce, bshape, fshape = _axes(x, axis)
+    m = _mask(x, mask)
+    mean, var, n = np_stats(x, axis, mask)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    # Padded outputs are γx̂ + β too: they count in every sum over dy, while only
+    # unmasked inputs move the statistics.
+    dxhat = np.asarray(scale, np.float64).reshape(bshape) * dy
+    s = lambda v: v.sum(axis=reduce, keepdims=True)  # noqa: E731
+    dx = (n * dxhat - m * (s(dxhat) + xhat * s(dxhat * xhat))) / (n * np.sqrt(var + eps))
+    return dx, s(dy * xhat).reshape(fshape), s(dy).reshape(fshape)
 
 
 def np_running(old_mean, old_var, mean, var, momentum):
-  """Flax's running update: new = momentum * old + (1 - momentum) * batch."""
-  return (
-      momentum * np.asarray(old_mean, np.float64) + (1 - momentum) * np.asarray(mean, np.float64),
-      momentum * np.asarray(old_var, np.float64) + (1 - momentum) * np.asarray(var, np.float64),
-  )
+    """Flax's running update: new = momentum * old + (1 - momentum) * batch."""
+    return (
+        momentum * np.asarray(old_mean, np.float64) + (1 - momentum) * np.asarray(mean, np.float64),
+        momentum * np.asarray(old_var, np.float64) + (1 - momentum) * np.asarray(var, np.float64),
+    )

@@ -48,19 +48,24 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
     for i, y in enumerate(labels):
         r, c = 2 + 8 * (y // 4), 2 + 8 * (y % 4)
-        images[i, r:r + 7, c:c + 7] = 255
+        images[i, r : r + 7, c : c + 7] = 255
     return images, labels
 
 
-def write_dataset(directory: pathlib.Path, n_train: int = N_TRAIN, n_test: int = N_TEST,
-                  gz: bool = True) -> pathlib.Path:
+def write_dataset(
+    directory: pathlib.Path, n_train: int = N_TRAIN, n_test: int = N_TEST, gz: bool = True
+) -> pathlib.Path:
     """Writes the four IDX files (gzip-compressed or not) of a small fake MNIST."""
     directory.mkdir(parents=True, exist_ok=True)
     train = synthetic_digits(n_train, 0)
     test = synthetic_digits(n_test, 1)
     suffix = ".gz" if gz else ""
-    for role, array in (("train_images", train[0]), ("train_labels", train[1]),
-                        ("test_images", test[0]), ("test_labels", test[1])):
+    for role, array in (
+        ("train_images", train[0]),
+        ("train_labels", train[1]),
+        ("test_images", test[0]),
+        ("test_labels", test[1]),
+    ):
         mnist_data.write_idx(directory / (mnist_data.FILES[role].name + suffix), array)
     return directory
 
@@ -77,8 +82,9 @@ def tiny_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def tiny_splits(tiny_dir) -> tuple[train_mnist.Split, train_mnist.Split]:
-    config = dataclasses.replace(train_mnist.default_config(), data_dir=str(tiny_dir),
-                                 download=False, verify=False)
+    config = dataclasses.replace(
+        train_mnist.default_config(), data_dir=str(tiny_dir), download=False, verify=False
+    )
     with pytest.warns(UserWarning, match="verification is OFF"):
         return train_mnist.get_datasets(config)
 
@@ -160,7 +166,9 @@ def test_wrong_magic(tmp_path):
 def test_count_mismatch(tmp_path):
     write_dataset(tmp_path, 20, 10, gz=False)
     mnist_data.write_idx(tmp_path / mnist_data.FILES["train_labels"].name, np.zeros(19, np.uint8))
-    with pytest.raises(MNISTError, match="train images and labels differ in count: 20 images.*19 labels"):
+    with pytest.raises(
+        MNISTError, match="train images and labels differ in count: 20 images.*19 labels"
+    ):
         load_unverified(tmp_path)
 
 
@@ -197,8 +205,15 @@ def test_no_download_message(no_mnist_anywhere):
 
 
 def test_cli_offline_error(no_mnist_anywhere, capsys):
-    rc = train_mnist.main(["--no-download", "--data-dir", str(no_mnist_anywhere / "empty"),
-                           "--out", str(no_mnist_anywhere / "out")])
+    rc = train_mnist.main(
+        [
+            "--no-download",
+            "--data-dir",
+            str(no_mnist_anywhere / "empty"),
+            "--out",
+            str(no_mnist_anywhere / "out"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "MNIST data not found" in err and "t10k-labels-idx1-ubyte.gz" in err
@@ -219,8 +234,9 @@ def test_download_from_mirror(tmp_path):
     # A file:// mirror with the real files stands in for the network.
     mirror = real_mnist_dir().as_uri() + "/"
     target = tmp_path / "target"
-    paths = mnist_data.download(target, mirrors=("http://127.0.0.1:9/", mirror), timeout=5,
-                                log=lambda s: None)
+    paths = mnist_data.download(
+        target, mirrors=("http://127.0.0.1:9/", mirror), timeout=5, log=lambda s: None
+    )
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in paths.values())
     ds = mnist_data.load_mnist(target, download_missing=False)
     assert ds.train_images.shape == (60000, 28, 28) and ds.test_labels.shape == (10000,)
@@ -232,8 +248,16 @@ def test_download_from_mirror(tmp_path):
 
 
 def tiny_config(tiny_dir: pathlib.Path, **kwargs) -> train_mnist.Config:
-    base = dict(epochs=1, batch_size=32, eval_batch_size=100, data_dir=str(tiny_dir),
-                download=False, verify=False, progress=False, learning_rate=3e-3)
+    base = dict(
+        epochs=1,
+        batch_size=32,
+        eval_batch_size=100,
+        data_dir=str(tiny_dir),
+        download=False,
+        verify=False,
+        progress=False,
+        learning_rate=3e-3,
+    )
     base.update(kwargs)
     return dataclasses.replace(train_mnist.default_config(), **base)
 
@@ -242,8 +266,9 @@ def tiny_config(tiny_dir: pathlib.Path, **kwargs) -> train_mnist.Config:
 @pytest.mark.parametrize("norm", ["jbn", "flax", "none"])
 def test_smoke_train(tmp_path, tiny_dir, tiny_splits, model, norm):
     config = tiny_config(tiny_dir, model=model, norm=norm, epochs=2)
-    state, history = train_mnist.train_and_evaluate(config, tmp_path, datasets=tiny_splits,
-                                                    log=lambda s: None)
+    state, history = train_mnist.train_and_evaluate(
+        config, tmp_path, datasets=tiny_splits, log=lambda s: None
+    )
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["test_loss"]) for h in history)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -255,8 +280,11 @@ def test_smoke_train(tmp_path, tiny_dir, tiny_splits, model, norm):
     assert (tmp_path / train_mnist.CHECKPOINT_NAME).exists()
     if norm != "none":
         # Running statistics were updated in training...
-        means = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.batch_stats)
-                 if "mean" in jax.tree_util.keystr(p)]
+        means = [
+            np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(state.batch_stats)
+            if "mean" in jax.tree_util.keystr(p)
+        ]
         assert means and all(np.abs(m).max() > 0 for m in means)
         # ...and are what evaluation uses: an example's output does not depend on its batch.
         x = jnp.asarray(tiny_splits[1].images[:8])
@@ -296,11 +324,18 @@ def test_data_parallel_matches_one_device(tiny_dir, tiny_splits, norm="jbn"):
     n = jax.device_count()
     if n < 2:
         pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    config = tiny_config(tiny_dir, model="mlp", norm=norm, batch_size=8 * n,
-                         optimizer="sgd", schedule="constant", learning_rate=0.1)
+    config = tiny_config(
+        tiny_dir,
+        model="mlp",
+        norm=norm,
+        batch_size=8 * n,
+        optimizer="sgd",
+        schedule="constant",
+        learning_rate=0.1,
+    )
     one, m1 = _run_steps(config, tiny_splits, 1)
     many, mn = _run_steps(config, tiny_splits, n)
-    for a, b in zip(m1, mn):
+    for a, b in zip(m1, mn, strict=False):
         assert a["count"] == b["count"] == config.batch_size
         assert a["correct"] == b["correct"]
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
@@ -308,7 +343,9 @@ def test_data_parallel_matches_one_device(tiny_dir, tiny_splits, norm="jbn"):
     jax.tree.map(close, one.params, many.params)
     jax.tree.map(close, one.batch_stats, many.batch_stats)
     # The parameters did move (the comparison is not vacuous).
-    init = train_mnist.create_train_state(jax.random.key(0), config, train_mnist.create_model(config), 10)
+    init = train_mnist.create_train_state(
+        jax.random.key(0), config, train_mnist.create_model(config), 10
+    )
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), init.params, one.params)
     assert max(jax.tree.leaves(moved)) > 1e-3
 
@@ -317,16 +354,22 @@ def test_checkpoint_roundtrip_and_settings_check(tmp_path, tiny_dir):
     config = tiny_config(tiny_dir, model="mlp", norm="jbn")
     model = train_mnist.create_model(config)
     state = train_mnist.create_train_state(jax.random.key(1), config, model, 10)
-    progress = train_mnist.Progress(epoch=1, step_in_epoch=3,
-                                    sums={"loss": 1.5, "correct": 7.0, "count": 9.0},
-                                    history=[{"epoch": 1, "test_accuracy": 0.5}])
+    progress = train_mnist.Progress(
+        epoch=1,
+        step_in_epoch=3,
+        sums={"loss": 1.5, "correct": 7.0, "count": 9.0},
+        history=[{"epoch": 1, "test_accuracy": 0.5}],
+    )
     train_mnist.save_checkpoint(tmp_path, state, progress, config)
     assert [p.name for p in tmp_path.iterdir()] == [train_mnist.CHECKPOINT_NAME]  # no temp files
     template = train_mnist.create_train_state(jax.random.key(2), config, model, 10)
     restored, restored_progress = train_mnist.restore_checkpoint(tmp_path, template, config)
     assert restored_progress == progress
-    jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.batch_stats, restored.opt_state),
-                 (state.params, state.batch_stats, state.opt_state))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        (restored.params, restored.batch_stats, restored.opt_state),
+        (state.params, state.batch_stats, state.opt_state),
+    )
     # Settings that only change how the run is shown or sharded may differ...
     train_mnist.restore_checkpoint(tmp_path, template, dataclasses.replace(config, num_devices=1))
     # ...those that change the result may not.
@@ -340,9 +383,28 @@ EPOCHS = 5
 
 
 def _cli(tiny_dir, out, *extra):
-    return [sys.executable, str(REPO / "train_mnist.py"), "--data-dir", str(tiny_dir), "--no-download",
-            "--no-verify", "--model", "mlp", "--norm", "jbn", "--epochs", str(EPOCHS), "--batch-size", "32",
-            "--checkpoint-every", "5", "--no-progress", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        str(REPO / "train_mnist.py"),
+        "--data-dir",
+        str(tiny_dir),
+        "--no-download",
+        "--no-verify",
+        "--model",
+        "mlp",
+        "--norm",
+        "jbn",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "5",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _final(out):
@@ -354,14 +416,17 @@ def _final(out):
 
 def test_kill_and_resume(tmp_path, tiny_dir):
     # One device keeps the subprocesses' start-up and compilation short.
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ, PYTHONWARNINGS="ignore", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
     full, killed = tmp_path / "full", tmp_path / "killed"
     # The uninterrupted reference run goes on meanwhile.
-    reference = subprocess.Popen(_cli(tiny_dir, full), env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE)
-    proc = subprocess.Popen(_cli(tiny_dir, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    reference = subprocess.Popen(
+        _cli(tiny_dir, full), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    proc = subprocess.Popen(
+        _cli(tiny_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     ckpt = killed / train_mnist.CHECKPOINT_NAME
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -389,8 +454,9 @@ def test_kill_and_resume(tmp_path, tiny_dir):
 
 
 def test_fig1_and_sweep_tiny(tmp_path, tiny_splits):
-    fc = train_mnist.Fig1Config(steps=40, eval_every=20, batch_size=16, sweep_lrs=(0.1, 1.0),
-                                sweep_steps=20)
+    fc = train_mnist.Fig1Config(
+        steps=40, eval_every=20, batch_size=16, sweep_lrs=(0.1, 1.0), sweep_steps=20
+    )
     results = train_mnist.run_fig1(fc, 0, tmp_path, tiny_splits, log=lambda s: None)
     assert results["steps"] == [0, 20, 40]
     for name in ("baseline", "batchnorm"):
@@ -414,7 +480,8 @@ def test_default_cnn_reaches_99_3_percent(tmp_path):
     data = real_mnist_dir()
     if data is None:
         pytest.skip("real MNIST not found in $JBN_DATA_DIR or ../shared/data/mnist")
-    config = dataclasses.replace(train_mnist.default_config(), data_dir=str(data),
-                                 download=False, progress=False)
+    config = dataclasses.replace(
+        train_mnist.default_config(), data_dir=str(data), download=False, progress=False
+    )
     _, history = train_mnist.train_and_evaluate(config, tmp_path)
     assert history[-1]["test_accuracy"] >= 0.993, history
