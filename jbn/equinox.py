@@ -1,0 +1,439 @@
+"""``jbn.equinox``: batch normalization for Equinox on the jbn core.
+
+``jbn.equinox.BatchNorm`` is a drop-in replacement for ``eqx.nn.BatchNorm(...,
+mode="batch")``: the same constructor and call, an ``eqx.nn.StatefulLayer`` whose
+running statistics live in an ``eqx.nn.State``, called on one example under
+``jax.vmap(..., axis_name=...)``, ``jax.pmap`` or ``shard_map``. Its math is
+:func:`jbn.bn_forward`'s (exact statistics, the analytic backward pass, masks,
+renorm, torch's conventions). ``jbn.equinox.convert`` swaps every
+``eqx.nn.BatchNorm`` of a model for this one.
+
+This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` does not.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from . import bn_forward, bn_init
+
+__all__ = ("BatchNorm", "convert")
+
+_EMA_MODES = ("ema", "legacy")
+
+# Step count given to running statistics converted from an Equinox mode="ema" layer,
+# whose state has no step counter: large enough that momentum**count is 0 in float32
+# for any momentum <= 0.9999, so the debiasing (see BatchNorm) is off.
+_WARM_COUNT = 2**20
+
+
+def _default_dtype():
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _names(axis_name: Any) -> tuple[Hashable, ...]:
+    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _no_axis_error(axis_name: Any, missing: Hashable) -> NameError:
+    return NameError(
+        f"jbn.equinox.BatchNorm(axis_name={axis_name!r}) in training mode reduces over the "
+        f"named batch axis {missing!r}, which is not bound here. Call the model on one example "
+        f"under a vmap (or pmap / shard_map) that names it, e.g. "
+        f"jax.vmap(model, axis_name={missing!r}, in_axes=(0, None), out_axes=(0, None))"
+        "(x, state); or run inference with bn(x, state, inference=True) or "
+        "eqx.nn.inference_mode(model), which needs no named axis"
+    )
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    r"""Batch normalization for Equinox, with jbn's exact statistics and analytic backward.
+
+    A drop-in replacement for ``eqx.nn.BatchNorm(..., mode="batch")``: the same
+    arguments and call, on one example ``x`` of shape ``(input_size, *spatial)``
+    under ``jax.vmap(..., axis_name=...)`` (or ``pmap``, ``shard_map``, or nested
+    maps with a tuple ``axis_name``)::
+
+      >>> import equinox as eqx, jax, jbn.equinox
+      >>> bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3, 5))
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)   # batch statistics; updates the running ones
+      >>> y, _ = jax.vmap(eqx.nn.inference_mode(bn), in_axes=(0, None))(x, state)
+
+    Training normalizes with the statistics of the batch (over ``spatial`` and the
+    named axes), exact and synchronized by summing sums and counts; the gradient is
+    the analytic batch-norm backward of :func:`jbn.bn_forward`. Inference normalizes
+    with the running statistics and needs no named axis.
+
+    The running statistics (in ``state``) are the exponentially weighted average
+    of the batch statistics seen, normalized by the total weight: after ``t``
+    steps, ``Σ_i m^(t-i) s_i (1 - m) / (1 - m^t)`` for both the mean and the
+    (biased) variance, so after one step they equal that batch's. This is
+    Equinox's zero-debiasing, which jbn applies to the variance too: Equinox
+    starts its hidden variance at 1 and divides it by ``1 - m^t``, which
+    overstates the variance by ``m^t / (1 - m^t)`` (+9.4 after 10 steps at
+    momentum 0.99, +0.58 after 100); its running mean is the same as jbn's. jbn
+    stores the debiased values and a step ``count``; each step updates them with
+    :func:`jbn.bn_forward` at momentum ``(m - m^t) / (1 - m^t)``.
+
+    Other differences from ``eqx.nn.BatchNorm``:
+
+    - ``mode`` must be ``"batch"`` (the default): ``"ema"`` and ``"legacy"``
+      (Equinox's default, which means ``"ema"``) normalize training batches with
+      a running average of past batches, which jbn does not implement; they raise.
+    - ``axis_name`` is a static field (a list becomes a tuple), so a model is a
+      valid ``jax.jit`` argument and ``eqx.tree_at`` cannot change it.
+    - The output has ``x``'s dtype (Equinox promotes ``x`` with the parameters'
+      dtype); statistics are computed in float32 (float64 for float64 input).
+    - The state is one dict ``{"mean", "var", "count"}`` under one
+      ``eqx.nn.StateIndex`` (``bn.state_index``), not Equinox's two entries.
+    - Real inputs only (Equinox also accepts complex ones).
+    - Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) cannot pass the
+      custom backward; use ``autodiff=True`` for it.
+
+    Args:
+      input_size: the number of channels, ``x.shape[0]``.
+      axis_name: the name of the batch axis (as given to ``jax.vmap``,
+        ``jax.pmap`` or ``shard_map``), or a tuple of names to reduce over several.
+      eps: added to the variance (default 1e-5).
+      channelwise_affine: learn a per-channel ``weight`` (γ) and ``bias`` (β).
+      momentum: decay of the running average, ``new = m * old + (1 - m) * batch``
+        before debiasing (default 0.99). None: the cumulative average, the plain
+        mean of every batch's statistics (torch's ``momentum=None``).
+      inference: use the running statistics (True) or the batch's (False, the
+        default). Toggled by ``eqx.nn.inference_mode``; overridden per call.
+      dtype: dtype of ``weight``, ``bias`` and the running statistics (default
+        float32, float64 with ``jax_enable_x64``).
+      mode: ``"batch"``; see above.
+      unbiased_running_var: store the running variance with Bessel's correction
+        ``n / (n - 1)``, ``n`` the number of values per channel in the batch
+        (torch's convention), while normalizing with the biased batch variance.
+      residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y;
+        see :func:`jbn.bn_forward`).
+      min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
+      renorm: batch renormalization (Ioffe 2017), with bounds ``rmax`` and ``dmax``.
+      rmax: renorm's bound on r, >= 1 (default 3.0).
+      dmax: renorm's bound on |d|, >= 0 (default 5.0).
+      autodiff: differentiate the plain reference with JAX instead of the
+        analytic backward (slower; allows forward mode).
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    axis_name: Hashable | tuple[Hashable, ...] = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    unbiased_running_var: bool = eqx.field(static=True)
+    residual: str = eqx.field(static=True)
+    min_scale: float = eqx.field(static=True)
+    renorm: bool = eqx.field(static=True)
+    rmax: float = eqx.field(static=True)
+    dmax: float = eqx.field(static=True)
+    autodiff: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable],
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float | None = 0.99,
+        inference: bool = False,
+        dtype: Any = None,
+        mode: str = "batch",
+        *,
+        unbiased_running_var: bool = False,
+        residual: str = "input",
+        min_scale: float = 1e-3,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        autodiff: bool = False,
+    ):
+        if mode in _EMA_MODES:
+            raise ValueError(
+                f"jbn.equinox.BatchNorm(mode={mode!r}) is not supported: Equinox's 'ema' mode "
+                "(its 'legacy' default) normalizes training batches with a running average of "
+                "past batches. jbn normalizes with the batch's own statistics, which is "
+                "Equinox's mode='batch': pass mode='batch' (the default). To move an existing "
+                "mode='ema' model, use jbn.equinox.convert(model, state, allow_ema=True)"
+            )
+        if mode != "batch":
+            raise ValueError(f"mode must be 'batch', got {mode!r}")
+        if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
+            raise TypeError(f"input_size must be a positive int, got {input_size!r}")
+        if input_size < 1:
+            raise ValueError(f"input_size must be a positive int, got {input_size}")
+        if isinstance(axis_name, list):
+            axis_name = tuple(axis_name)
+        if axis_name is None or (isinstance(axis_name, tuple) and not axis_name):
+            raise ValueError(
+                "axis_name must name the batch axis of the vmap / pmap / shard_map the layer "
+                f"runs under (e.g. 'batch'), or a tuple of names; got {axis_name!r}"
+            )
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                f"axis_name must be hashable (a name or a tuple of names), got {axis_name!r}"
+            ) from None
+        if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+            raise ValueError(f"eps must be a float > 0, got {eps!r}")
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+                raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(
+                    "momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * "
+                    f"batch) or None, got {momentum}"
+                )
+            momentum = float(momentum)
+        dtype = _default_dtype() if dtype is None else dtype
+        params, state = bn_init(input_size, dtype=dtype, cumulative=True)
+        if channelwise_affine:
+            self.weight, self.bias = params["scale"], params["bias"]
+        else:
+            self.weight = self.bias = None
+        self.state_index = eqx.nn.StateIndex(state)
+        self.inference = inference
+        self.axis_name = axis_name
+        self.input_size = int(input_size)
+        self.eps = float(eps)
+        self.channelwise_affine = bool(channelwise_affine)
+        self.momentum = momentum
+        self.mode = mode
+        self.unbiased_running_var = unbiased_running_var
+        self.residual = residual
+        self.min_scale = min_scale
+        self.renorm = renorm
+        self.rmax = rmax
+        self.dmax = dmax
+        self.autodiff = autodiff
+
+    def __call__(
+        self,
+        x: ArrayLike,
+        state: eqx.nn.State,
+        *,
+        key: Any = None,
+        inference: bool | None = None,
+        mask: ArrayLike | None = None,
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """Normalizes one example.
+
+        Args:
+          x: one example, shape ``(input_size, *spatial)``, floating point.
+          state: the ``eqx.nn.State`` holding the running statistics.
+          key: ignored (Equinox's layer signature).
+          inference: overrides ``self.inference`` when not None.
+          mask: optional boolean array broadcastable to ``x``; False entries (e.g. a
+            padding example: ``mask=False``) are left out of the statistics, the
+            running update and the statistics' gradient.
+
+        Returns:
+          ``(y, state)``: ``y`` of ``x``'s shape and dtype, and the state with the
+          updated running statistics (unchanged in inference).
+
+        Raises:
+          NameError: in training, when a name of ``axis_name`` is not bound by an
+            enclosing vmap, pmap or shard_map.
+        """
+        del key
+        inference = self.inference if inference is None else inference
+        if not isinstance(inference, (bool, jnp.bool_)):
+            raise TypeError(
+                f"inference must be a Python bool or None, got {type(inference).__name__}; "
+                "under jax.jit keep the model's flags static (eqx.filter_jit does)"
+            )
+        x = jnp.asarray(x)
+        if x.ndim < 1 or x.shape[0] != self.input_size:
+            raise ValueError(
+                f"x has shape {x.shape}, but jbn.equinox.BatchNorm(input_size="
+                f"{self.input_size}) takes one example of shape ({self.input_size}, *spatial); "
+                "map it over the batch with jax.vmap(..., axis_name=...)"
+            )
+        if not inference:
+            for name in _names(self.axis_name):
+                try:
+                    lax.axis_size(name)
+                except NameError:
+                    raise _no_axis_error(self.axis_name, name) from None
+        squeeze = x.ndim == 1
+        if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
+            if mask is not None:
+                mask = jnp.asarray(mask)
+                try:
+                    shape = jnp.broadcast_shapes(mask.shape, x.shape)
+                except ValueError:
+                    shape = None
+                if shape != x.shape:
+                    raise ValueError(
+                        f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}"
+                    )
+                mask = jnp.broadcast_to(mask, x.shape)[:, None]
+            x = x[:, None]
+        params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else None
+        running = state.get(self.state_index)
+        count = running["count"]
+        if inference or self.momentum is None or self.momentum == 1.0:
+            momentum = self.momentum
+        else:
+            # Debiased average: momentum (m - m^t) / (1 - m^t) at step t (0 at t = 1).
+            m = jnp.asarray(self.momentum, running["mean"].dtype)
+            m_t = m ** (count + 1).astype(m.dtype)
+            momentum = (m - m_t) / (1.0 - m_t)
+        y, new = bn_forward(
+            params,
+            running,
+            x,
+            not inference,
+            axis=0,
+            momentum=momentum,
+            epsilon=self.eps,
+            mask=mask,
+            axis_name=None if inference else self.axis_name,
+            unbiased_running_var=self.unbiased_running_var,
+            residual=self.residual,
+            min_scale=self.min_scale,
+            autodiff=self.autodiff,
+            renorm=self.renorm,
+            rmax=self.rmax,
+            dmax=self.dmax,
+        )
+        if squeeze:
+            y = y[:, 0]
+        if not inference:
+            if self.momentum is not None:  # bn_forward counts the cumulative steps itself
+                new["count"] = count + 1
+            state = state.set(self.state_index, new)
+        return y, state
+
+
+# --------------------------------------------------------------------------- #
+# Conversion of a model's eqx.nn.BatchNorm layers.
+# --------------------------------------------------------------------------- #
+
+
+def _is_eqx_bn(node: Any) -> bool:
+    return isinstance(node, eqx.nn.BatchNorm)
+
+
+def _is_leaf(node: Any) -> bool:
+    return _is_eqx_bn(node) or isinstance(node, eqx.nn.StateIndex)
+
+
+def _index_with(init: Any, marker: Any) -> eqx.nn.StateIndex:
+    index = eqx.nn.StateIndex(init)
+    object.__setattr__(index, "marker", marker)  # as eqx.nn.make_with_state does
+    return index
+
+
+def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str):
+    if layer.mode == "batch":
+        t = state.get(layer.batch_counter)
+        hidden_mean, hidden_var = state.get(layer.batch_state_index)
+        decay = jnp.asarray(layer.momentum, hidden_mean.dtype) ** jnp.asarray(t, hidden_mean.dtype)
+        weight = jnp.where(t == 0, 1.0, 1.0 - decay)
+        # Equinox's hidden variance starts at 1 (weight m^t): remove it, keep the average.
+        mean = hidden_mean / weight
+        var = jnp.where(t == 0, hidden_var, (hidden_var - decay) / weight)
+        count = jnp.asarray(t, jnp.int32)
+        dtype = hidden_mean.dtype
+    else:
+        if not allow_ema:
+            raise ValueError(
+                f"{where} is an eqx.nn.BatchNorm with mode='ema' (Equinox's default), which "
+                "normalizes training batches with a running average; jbn normalizes them with "
+                "the batch statistics (mode='batch'), so training changes after conversion. "
+                "Pass allow_ema=True to convert anyway (the running statistics are kept)"
+            )
+        first_time = state.get(layer.ema_first_time_index)
+        ema_mean, ema_var = state.get(layer.ema_state_index)
+        mean = jnp.where(first_time, 0.0, ema_mean)
+        var = jnp.where(first_time, 1.0, ema_var)
+        count = jnp.where(first_time, 0, _WARM_COUNT).astype(jnp.int32)
+        dtype = ema_mean.dtype
+    return {
+        "mean": mean.astype(dtype),
+        "var": jnp.maximum(var, 0.0).astype(dtype),
+        "count": count,
+    }
+
+
+def convert(
+    model: Any, state: eqx.nn.State, *, allow_ema: bool = False, **options: Any
+) -> tuple[Any, eqx.nn.State]:
+    """Replaces every ``eqx.nn.BatchNorm`` of a model with :class:`jbn.equinox.BatchNorm`.
+
+    Walks any pytree (nested modules, lists, ``eqx.nn.Sequential``), carrying
+    over each layer's ``weight``, ``bias``, ``inference`` flag, settings and running
+    statistics; every other state entry is kept. The converted model gives the
+    same training outputs, loss and gradients. Equinox ``mode="batch"`` running
+    statistics become jbn's debiased averages: the mean is unchanged and the
+    variance loses Equinox's initialization bias ``m^t / (1 - m^t)`` (see
+    :class:`BatchNorm`), so inference outputs agree once ``m^t`` is negligible and
+    are more accurate before.
+
+    Args:
+      model: any pytree containing ``eqx.nn.BatchNorm`` layers.
+      state: its ``eqx.nn.State``.
+      allow_ema: also convert ``mode="ema"`` layers (Equinox's default), keeping
+        their running statistics as fully warmed-up averages; their training
+        outputs change, since jbn normalizes with the batch statistics.
+      **options: keyword options for every new layer, e.g. ``residual="output"``.
+
+    Returns:
+      ``(new_model, new_state)``; ``state`` is not modified.
+    """
+    if not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            f"state must be the model's eqx.nn.State, got {type(state).__name__}; create it "
+            "with eqx.nn.make_with_state"
+        )
+    bad = sorted(set(options) & {"input_size", "axis_name", "eps", "channelwise_affine"})
+    if bad:
+        raise ValueError(f"options {bad} are taken from each converted layer; leave them out")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_leaf)
+    prefix = type(model).__name__
+    new_leaves = []
+    for path, leaf in leaves:
+        if isinstance(leaf, eqx.nn.StateIndex):
+            new_leaves.append(_index_with(state.get(leaf), leaf.marker))
+        elif _is_eqx_bn(leaf):
+            where = prefix + jax.tree_util.keystr(path)
+            running = _converted_stats(leaf, state, allow_ema, where)
+            settings = dict(
+                eps=leaf.eps,
+                channelwise_affine=leaf.channelwise_affine,
+                momentum=leaf.momentum,
+                inference=leaf.inference,
+                dtype=running["mean"].dtype,
+            )
+            settings.update(options)
+            layer = BatchNorm(leaf.input_size, leaf.axis_name, **settings)
+            layer = eqx.tree_at(
+                lambda b: (b.weight, b.bias, b.state_index),
+                layer,
+                (leaf.weight, leaf.bias, _index_with(running, where + ".state_index")),
+                is_leaf=lambda n: n is None,
+            )
+            new_leaves.append(layer)
+        else:
+            new_leaves.append(leaf)
+    with_inits = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    new_state = eqx.nn.State(with_inits)
+    return eqx.nn.delete_init_state(with_inits), new_state
