@@ -1,12 +1,13 @@
 """Folding an evaluation-mode batch norm into the Dense or Conv before it.
 
-At evaluation a batch norm is a per-feature affine map, y = a z + c with
-a = γ/√(var + ε) and c = β - a μ. After a Dense or Conv, z = x W + b, so
+At evaluation a batch norm is a per-feature affine map, y = (z - μ) a + β with
+a = γ/√(var + ε) (``eval_multiplier`` and ``eval_affine``, the same functions
+``bn_forward`` evaluates with). After a Dense or Conv, z = x W + b, so
 
-    y = x (W a) + (a (b - μ) + β):
+    y = x (W a) + ((b - μ) a + β):
 
 the same layer with kernel W a (each output feature's column scaled) and bias
-a (b - μ) + β, and no batch norm.
+(b - μ) a + β, and no batch norm.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from . import _batch_norm
-
-Path = str | Sequence[str]
+from . import _checks as checks
+from . import _tree as tree
+from ._batch_norm import eval_affine, eval_multiplier
+from ._stats import compute_dtype
 
 
 def fold_batch_norm(
@@ -54,98 +55,29 @@ def fold_batch_norm(
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 1 or not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(
-            f"kernel must be a floating-point array with the output features last, got shape {kernel.shape} dtype {kernel.dtype}"
+            "kernel must be a floating-point array with the output features last, got shape "
+            f"{kernel.shape} dtype {kernel.dtype}"
         )
     features = (kernel.shape[-1],)
-    where = f"the kernel of shape {kernel.shape} (output features last)"
-
-    def vector(value, name):
-        value = jnp.asarray(value)
-        if value.shape != features:
-            raise ValueError(f"{name} has shape {value.shape}, but {where} needs shape {features}")
-        return value
-
-    if not isinstance(bn_state, Mapping) or "mean" not in bn_state or "var" not in bn_state:
-        raise ValueError(
-            "bn_state must be a dict with the running 'mean' and 'var' (a layer's batch_stats)"
-        )
-    if bn_params is not None and not isinstance(bn_params, Mapping):
-        raise TypeError(
-            f"bn_params must be a dict with 'scale' and/or 'bias', or None; got {type(bn_params).__name__}"
-        )
-    bn_params = bn_params or {}
-    unknown = sorted(set(bn_params) - {"scale", "bias"})
-    if unknown:
-        raise ValueError(f"bn_params has unknown keys {unknown}; expected 'scale' and/or 'bias'")
-    epsilon = _batch_norm._static_float(epsilon, "epsilon", positive=True)
-    cd = _batch_norm._compute_dtype(kernel.dtype)
-    mean = vector(bn_state["mean"], "bn_state['mean']").astype(cd)
-    var = vector(bn_state["var"], "bn_state['var']").astype(cd)
-    scale = (
-        vector(bn_params["scale"], "bn_params['scale']").astype(cd)
-        if "scale" in bn_params
-        else jnp.ones(features, cd)
-    )
-    shift = (
-        vector(bn_params["bias"], "bn_params['bias']").astype(cd)
-        if "bias" in bn_params
-        else jnp.zeros(features, cd)
-    )
+    needs = f"the kernel of shape {kernel.shape} (output features last)"
+    bn_state = checks.state(bn_state, features, needs, need_count=False, name="bn_state")
+    scale, shift = checks.params(bn_params, features, needs, name="bn_params")
+    epsilon = checks.static_float(epsilon, "epsilon", positive=True)
+    cd = compute_dtype(kernel.dtype)
+    mean, var = bn_state["mean"].astype(cd), bn_state["var"].astype(cd)
+    scale = jnp.ones(features, cd) if scale is None else scale.astype(cd)
+    shift = jnp.zeros(features, cd) if shift is None else shift.astype(cd)
     bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
-    bias = jnp.zeros(features, cd) if bias is None else vector(bias, "bias").astype(cd)
-    a = scale * lax.rsqrt(var + epsilon)  # the same multiplier as bn_forward's evaluation mode
-    new_kernel = (kernel.astype(cd) * a.reshape((1,) * (kernel.ndim - 1) + features)).astype(
-        kernel.dtype
-    )
-    new_bias = ((bias - mean) * a + shift).astype(bias_dtype)
-    return new_kernel, new_bias
-
-
-def _path(path: Path, what: str) -> tuple[str, ...]:
-    if isinstance(path, str):
-        parts = tuple(p for p in path.split("/") if p)
-    elif isinstance(path, Sequence) and all(isinstance(p, str) for p in path):
-        parts = tuple(path)
-    else:
-        parts = ()
-    if not parts:
-        raise ValueError(
-            f"{what} must be a module path such as 'Conv_0', 'block1/Dense_0' or ('block1', 'Dense_0'), got {path!r}"
-        )
-    return parts
-
-
-def _lookup(tree: Mapping, parts: tuple[str, ...]) -> Any:
-    for key in parts:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _remove(tree: Mapping, parts: tuple[str, ...]) -> dict:
-    """A copy of ``tree`` without the entry at ``parts``; dicts left empty are removed too."""
-    tree = dict(tree)
-    if len(parts) == 1:
-        tree.pop(parts[0], None)
-    elif parts[0] in tree:
-        sub = _remove(tree[parts[0]], parts[1:])
-        if sub:
-            tree[parts[0]] = sub
-        else:
-            del tree[parts[0]]
-    return tree
-
-
-def _replace(tree: Mapping, parts: tuple[str, ...], value: Any) -> dict:
-    tree = dict(tree)
-    tree[parts[0]] = value if len(parts) == 1 else _replace(tree[parts[0]], parts[1:], value)
-    return tree
+    bias = jnp.zeros(features, cd) if bias is None else checks.vector(bias, "bias", features, needs)
+    a = eval_multiplier(scale, var, epsilon)
+    new_kernel = kernel.astype(cd) * a.reshape((1,) * (kernel.ndim - 1) + features)
+    new_bias = eval_affine(bias.astype(cd), mean, a, shift)
+    return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
 
 
 def fold_batch_norm_variables(
     variables: Mapping[str, Any],
-    pairs: Iterable[tuple[Path, Path]],
+    pairs: Iterable[tuple[tree.Path, tree.Path]],
     *,
     epsilon: float = 1e-5,
 ) -> dict[str, Any]:
@@ -184,23 +116,26 @@ def fold_batch_norm_variables(
     for pair in pairs:
         if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ValueError(f"each pair must be (layer_path, bn_path), got {pair!r}")
-        layer_path, bn_path = _path(pair[0], "layer_path"), _path(pair[1], "bn_path")
+        layer_path, bn_path = (
+            tree.parse_path(pair[0], "layer_path"),
+            tree.parse_path(pair[1], "bn_path"),
+        )
         if layer_path in seen or bn_path in seen:
             raise ValueError(
                 f"pair {pair!r} folds a layer or batch norm that another pair already uses"
             )
         seen.update((layer_path, bn_path))
-        layer = _lookup(params, layer_path)
+        layer = tree.lookup(params, layer_path)
         if not isinstance(layer, Mapping) or "kernel" not in layer:
             raise ValueError(
                 f"params has no layer with a 'kernel' at {'/'.join(layer_path)!r} (pair {pair!r})"
             )
-        bn_state = _lookup(stats, bn_path)
+        bn_state = tree.lookup(stats, bn_path)
         if not isinstance(bn_state, Mapping) or "mean" not in bn_state or "var" not in bn_state:
             raise ValueError(
                 f"batch_stats has no batch norm ('mean' and 'var') at {'/'.join(bn_path)!r} (pair {pair!r})"
             )
-        bn_params = _lookup(params, bn_path)
+        bn_params = tree.lookup(params, bn_path)
         if bn_params is not None and not isinstance(bn_params, Mapping):
             raise ValueError(
                 f"params at {'/'.join(bn_path)!r} is not a batch norm's parameters (pair {pair!r})"
@@ -208,10 +143,10 @@ def fold_batch_norm_variables(
         kernel, bias = fold_batch_norm(
             layer["kernel"], layer.get("bias"), bn_params, bn_state, epsilon=epsilon
         )
-        params = _replace(params, layer_path, {**layer, "kernel": kernel, "bias": bias})
+        params = tree.replace(params, layer_path, {**layer, "kernel": kernel, "bias": bias})
         if bn_params is not None:
-            params = _remove(params, bn_path)
-        stats = _remove(stats, bn_path)
+            params = tree.remove(params, bn_path)
+        stats = tree.remove(stats, bn_path)
     out = {**variables, "params": params}
     if stats:
         out["batch_stats"] = stats

@@ -1,7 +1,9 @@
-"""``jbn.BatchNorm``: a drop-in replacement for ``flax.linen.BatchNorm`` on the jbn core.
+"""``jbn.linen``: ``BatchNorm``, a drop-in replacement for ``flax.linen.BatchNorm`` on the jbn core.
+
+``jbn.BatchNorm`` is the same class.
 
 The module only fetches variables, calls :func:`jbn.bn_forward` and stores what
-it returns; all the math is in ``_batch_norm.py``.
+it returns; all the math is in the core.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from flax import linen as nn
 from flax.linen import dtypes, initializers
 from flax.typing import Dtype, Initializer
 
-from . import _batch_norm, _recalibrate
+from . import _checks as checks
+from . import _options as options
+from ._batch_norm import bn_forward
 
 
 class BatchNorm(nn.Module):
@@ -124,82 +128,55 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = _batch_norm._check_x(x)
-        feature_axes = _batch_norm._canonical_axes(self.axis, x.shape)
-        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        x = checks.input_array(x)
+        axes = checks.feature_axes(self.axis, x.shape)
+        feature_shape = tuple(x.shape[a] for a in axes)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        ra_mean = self.variable(
-            "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-        )
-        ra_var = self.variable(
-            "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-        )
-        state = {"mean": ra_mean.value, "var": ra_var.value}
-        if self.momentum is None:
-            ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-            state["count"] = ra_count.value
+        names = ("mean", "var") if self.momentum is not None else ("mean", "var", "count")
+        inits = {
+            "mean": lambda: jnp.zeros(feature_shape, stats_dtype),
+            "var": lambda: jnp.ones(feature_shape, stats_dtype),
+            "count": lambda: jnp.zeros((), jnp.int32),
+        }
+        running = {k: self.variable("batch_stats", k, inits[k]) for k in names}
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
         train = not use_running_average
-        kwargs = dict(
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            residual=self.residual,
-            min_scale=self.min_scale,
-            dtype=out_dtype,
-        )
+        state = {k: v.value for k, v in running.items()}
 
         if self.is_initializing():
+            # Plain batch norm on the init batch, no update; a one-example dummy
+            # batch normalizes with the initial running statistics.
             values = x.size // math.prod(feature_shape)
-            y, _ = _batch_norm.bn_forward(params, state, x, train and values > 1, **kwargs)
+            kwargs = {k: getattr(self, k) for k in ("axis", "momentum", "epsilon")}
+            kwargs.update(residual=self.residual, min_scale=self.min_scale)
+            y, _ = bn_forward(
+                params, state, x, train and values > 1, mask=mask, dtype=dtype, **kwargs
+            )
             return y
 
-        if self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
-            # Inside jbn.recalibrate_batch_stats: accumulate this batch's exact
-            # statistics, leave the running statistics as they are.
-            if not self.is_mutable_collection("batch_stats"):
-                raise ValueError(_recalibrate.NOT_MUTABLE)
-            acc = self.variable("batch_stats", _recalibrate.ACCUMULATOR)
-            acc.value = _recalibrate.accumulate(
-                acc.value,
-                x,
-                axis=self.axis,
-                mask=mask,
-                axis_name=_recalibrate.bound_axis_name(self.axis_name),
-                axis_index_groups=self.axis_index_groups,
-                unbiased=self.unbiased_running_var,
-            )
-        elif train and not self.is_mutable_collection("batch_stats"):
+        if train and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 "jbn.BatchNorm in training mode (use_running_average=False) updates its running "
                 "statistics: pass mutable=['batch_stats'] to apply, e.g. `y, updates = "
                 "model.apply(variables, x, mutable=['batch_stats'])`, then "
-                "`variables = {**variables, **updates}`; for evaluation use use_running_average=True"
+                "`variables = {**variables, **updates}`; for evaluation use "
+                "use_running_average=True"
             )
-
-        y, new_state = _batch_norm.bn_forward(
+        y, new_state = bn_forward(
             params,
             state,
             x,
             train,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            unbiased_running_var=self.unbiased_running_var,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=self.renorm,
-            rmax=self.rmax if rmax is None else rmax,
-            dmax=self.dmax if dmax is None else dmax,
-            **kwargs,
+            mask=mask,
+            dtype=dtype,
+            **options.forward_kwargs(self, rmax=rmax, dmax=dmax),
         )
-        if train and not self.has_variable("batch_stats", _recalibrate.ACCUMULATOR):
-            ra_mean.value = new_state["mean"]
-            ra_var.value = new_state["var"]
-            if self.momentum is None:
-                ra_count.value = new_state["count"]
+        if train:
+            for k, variable in running.items():
+                variable.value = new_state[k]
         return y

@@ -1,15 +1,12 @@
-"""``jbn.nnx``: batch normalization for Flax NNX on the jbn core.
+"""``jbn.nnx.BatchNorm``: a drop-in replacement for ``flax.nnx.BatchNorm`` on the jbn core.
 
-``jbn.nnx.BatchNorm`` is a drop-in replacement for ``flax.nnx.BatchNorm`` (the
-same constructor, call signature and variables), and
-``jbn.nnx.recalibrate_batch_stats`` recomputes the running statistics of a
-model's jbn batch norms from data.
+The same constructor, call signature and variables. The module only fetches
+variables, calls :func:`jbn.bn_forward` and stores what it returns.
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -20,9 +17,9 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from . import _batch_norm, _recalibrate
-
-__all__ = ("BatchNorm", "recalibrate_batch_stats")
+from . import _checks as checks
+from . import _options as options
+from ._batch_norm import bn_forward
 
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
@@ -113,15 +110,7 @@ class BatchNorm(nnx.Module):
         rmax: float = 3.0,
         dmax: float = 5.0,
     ):
-        feature_shape = (
-            (num_features,) if isinstance(num_features, numbers.Integral) else tuple(num_features)
-        )
-        if not feature_shape or not all(
-            isinstance(s, numbers.Integral) and s > 0 for s in feature_shape
-        ):
-            raise ValueError(
-                f"num_features must be a positive int (or tuple of them), got {num_features!r}"
-            )
+        feature_shape = checks.feature_shape(num_features, "num_features")
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
         if momentum is None:
@@ -140,9 +129,6 @@ class BatchNorm(nnx.Module):
             )
         else:
             self.bias = nnx.data(None)
-        # Set by recalibrate_batch_stats while it collects statistics.
-        self.recalibration = nnx.data(None)
-
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -189,6 +175,18 @@ class BatchNorm(nnx.Module):
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
+        x, params, state = self.prepare(x)
+        train = not use_running_average
+        y, new_state = bn_forward(
+            params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
+        )
+        if train:
+            for k, v in new_state.items():
+                getattr(self, k)[...] = v
+        return y
+
+    def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
+        """``(x, params, state)`` as the core takes them, after flax's dtype promotion."""
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         # flax promotes x with every variable first and normalizes the promoted x.
@@ -196,47 +194,14 @@ class BatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+        return x, params, self.running_stats()
+
+    def running_stats(self) -> dict[str, jax.Array]:
+        """The running statistics ``{"mean", "var"}`` (and ``"count"``) as the core takes them."""
         state = {"mean": self.mean[...], "var": self.var[...]}
         if self.count is not None:
             state["count"] = self.count[...]
-        train = not use_running_average
-        if self.recalibration is not None:
-            self.recalibration.set_value(
-                _recalibrate.accumulate(
-                    self.recalibration.get_value(),
-                    x,
-                    axis=self.axis,
-                    mask=mask,
-                    axis_name=_recalibrate.bound_axis_name(self.axis_name),
-                    axis_index_groups=self.axis_index_groups,
-                    unbiased=self.unbiased_running_var,
-                )
-            )
-        y, new_state = _batch_norm.bn_forward(
-            params,
-            state,
-            x,
-            train,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            unbiased_running_var=self.unbiased_running_var,
-            residual=self.residual,
-            min_scale=self.min_scale,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=self.renorm,
-            rmax=self.rmax if rmax is None else rmax,
-            dmax=self.dmax if dmax is None else dmax,
-        )
-        if train and self.recalibration is None:
-            self.mean[...] = new_state["mean"]
-            self.var[...] = new_state["var"]
-            if self.count is not None:
-                self.count[...] = new_state["count"]
-        return y
+        return state
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``.
@@ -246,80 +211,3 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
-
-
-def recalibrate_batch_stats(
-    model: nnx.Module,
-    batches: Iterable[Any],
-    *,
-    forward: Callable[[nnx.Module, Any], Any] | None = None,
-    passes: int = 1,
-) -> None:
-    """Recomputes, in place, the running statistics of every ``jbn.nnx.BatchNorm`` in ``model``.
-
-    The NNX counterpart of :func:`jbn.recalibrate_batch_stats`: each layer's
-    ``mean`` and ``var`` become the exact statistics of all the values its input
-    took over ``batches`` (each batch weighted by its count, variances combined
-    with Chan et al.'s parallel formula). Parameters are untouched. The model's
-    mode decides what the layers pass on while collecting: after
-    ``model.train()`` each normalizes with its batch's statistics (one pass
-    suffices); after ``model.eval()`` with the running statistics of the previous
-    pass, so ``passes`` = the depth in batch-norm layers makes every layer exact
-    for evaluation. A cumulative layer (``momentum=None``) gets ``count`` = the
-    number of batches.
-
-    Args:
-      model: an NNX module containing ``jbn.nnx.BatchNorm`` layers.
-      batches: an iterable of inputs for ``forward``; a list (re-iterable) when
-        ``passes > 1``.
-      forward: ``(model, batch) -> anything``, run under ``nnx.jit`` (default:
-        ``model(batch)``).
-      passes: how many times to go over ``batches`` (default 1).
-    """
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"passes must be a positive int, got {passes!r}")
-    layers = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
-    if not layers:
-        raise ValueError(
-            "model contains no jbn.nnx.BatchNorm layer (flax.nnx.BatchNorm layers do not recalibrate)"
-        )
-    forward = (lambda m, b: m(b)) if forward is None else forward
-    step = nnx.jit(lambda m, b: forward(m, b))
-    try:
-        for p in range(passes):
-            for _, layer in layers:
-                layer.recalibration = nnx.BatchStat(_recalibrate.new_accumulator(layer.mean[...]))
-            n_batches = 0
-            for batch in batches:
-                step(model, batch)
-                n_batches += 1
-            if n_batches == 0:
-                raise ValueError(
-                    "batches yielded no batch"
-                    + (
-                        f" on pass {p + 1}: with passes > 1 give a list or another re-iterable, not a generator"
-                        if p
-                        else ""
-                    )
-                )
-            missing = [
-                "/".join(map(str, path))
-                for path, layer in layers
-                if not bool(jnp.any(layer.recalibration.get_value()["count"] > 0))
-            ]
-            if missing:
-                raise ValueError(
-                    f"these batch-norm layers were not recalibrated: {missing}: forward must call each, "
-                    "and each needs at least one unmasked value"
-                )
-            for _, layer in layers:
-                acc = layer.recalibration.get_value()
-                seen = acc["count"] > 0  # a feature that never had a value keeps its statistics
-                for name in ("mean", "var"):
-                    old = getattr(layer, name)[...]
-                    getattr(layer, name)[...] = jnp.where(seen, acc[name], old).astype(old.dtype)
-                if layer.count is not None:
-                    layer.count[...] = jnp.asarray(n_batches, layer.count[...].dtype)
-    finally:
-        for _, layer in layers:
-            layer.recalibration = None

@@ -1,29 +1,38 @@
 """Recalibrating running statistics: exact population statistics over many batches.
 
-Each jbn batch-norm layer that finds an accumulator next to its running
-statistics adds the exact statistics of its input batch (:func:`jbn.bn_stats`)
-to it with the parallel-variance formula of Chan, Golub & LeVeque (1979):
-
-    n = n_a + n_b,   δ = μ_b - μ_a,   μ = μ_a + δ n_b / n,
-    M2 = M2_a + M2_b + δ² n_a n_b / n,   var = M2 / n,
-
-so the result is the mean and variance of all the batches' values together
-(each batch weighted by its count), not the average of the batch variances.
+The batch-norm modules know nothing about this: recalibration drives them from
+outside. For linen, an interceptor (:func:`flax.linen.intercept_methods`) sees
+each ``jbn.BatchNorm`` call's input and adds its exact statistics to an
+accumulator stored next to the layer's running statistics; for NNX, each
+``jbn.nnx.BatchNorm`` in the model graph is wrapped for the duration by a module
+that does the same. Batches are combined with Chan et al.'s exact formula
+(:func:`jbn._stats.combine`), so the result is the mean and variance of all the
+batches' values together (each batch weighted by its count), not the average of
+the batch variances. The loop over passes and batches is written once, in
+:func:`_run_passes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
 from jax import lax
 
+from . import _checks as checks
+from . import _tree as tree
 from ._batch_norm import bn_stats
+from ._graph import module_paths, replace_modules
+from ._linen import BatchNorm as LinenBatchNorm
+from ._nnx import BatchNorm as NnxBatchNorm
+from ._stats import combine, unbiased
 
-# The accumulator's name inside a layer's batch_stats while recalibrating.
+# The accumulator's name inside a linen layer's batch_stats while recalibrating.
 ACCUMULATOR = "recalibration"
 
 NOT_MUTABLE = (
@@ -35,81 +44,86 @@ NOT_MUTABLE = (
 
 def new_accumulator(mean: jax.Array) -> dict[str, jax.Array]:
     """An empty accumulator for a layer whose running mean is ``mean``."""
-    dtype = jnp.promote_types(mean.dtype, jnp.float32)
-    zeros = jnp.zeros(mean.shape, dtype)
+    zeros = jnp.zeros(mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
     return {"count": zeros, "mean": zeros, "m2": zeros, "var": zeros}
 
 
-def accumulate(
-    acc: Mapping[str, jax.Array],
-    x: jax.Array,
-    *,
-    axis: Any,
-    mask: Any,
-    axis_name: Any,
-    axis_index_groups: Any,
-    unbiased: bool,
-) -> dict[str, jax.Array]:
-    """Adds the batch ``x`` to the accumulator (Chan et al.'s parallel formula).
+def accumulate(acc: Mapping[str, jax.Array], x: jax.Array, layer: Any, mask: Any) -> dict:
+    """Adds the batch ``x`` that ``layer`` (a jbn batch norm) sees to the accumulator.
 
-    ``acc["var"]`` is the variance the layer stores: M2/n, or M2/(n-1) with
-    ``unbiased`` (``unbiased_running_var``).
+    ``acc["var"]`` is the variance the layer stores: M2/n, with Bessel's
+    correction if the layer has ``unbiased_running_var``.
     """
-    mean_b, var_b, n_b = (
-        lax.stop_gradient(v).astype(acc["mean"].dtype)
-        for v in bn_stats(
-            x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-        )
+    batch = bn_stats(
+        x,
+        axis=layer.axis,
+        mask=mask,
+        axis_name=checks.bound_axis_name(layer.axis_name),
+        axis_index_groups=layer.axis_index_groups,
     )
-    n_a, mean_a, m2_a = acc["count"], acc["mean"], acc["m2"]
-    n = n_a + n_b
-    n_safe = jnp.maximum(n, 1)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n_safe)
-    m2 = m2_a + var_b * n_b + delta * delta * (n_a * (n_b / n_safe))
-    var = m2 / (jnp.maximum(n - 1, 1) if unbiased else n_safe)
+    mean_b, var_b, n_b = (lax.stop_gradient(v).astype(acc["mean"].dtype) for v in batch)
+    n, mean, m2 = combine((acc["count"], acc["mean"], acc["m2"]), (n_b, mean_b, var_b * n_b))
+    var = m2 / jnp.maximum(n, 1)
+    if layer.unbiased_running_var:
+        var = unbiased(var, n)
     return {"count": n, "mean": mean, "m2": m2, "var": var}
 
 
-def bound_axis_name(axis_name: Any) -> Any:
-    """``axis_name`` if it is bound here (pmap, shard_map, vmap), else None.
+def recalibrated(old: Mapping[str, Any], acc: Mapping[str, jax.Array], n_batches: int) -> dict:
+    """A layer's new running statistics from its accumulator.
 
-    An evaluation-mode apply often runs outside the mapped function it trains in.
+    A feature that never had a value keeps its statistics; a cumulative layer
+    (with ``count``) gets ``count`` = the number of batches.
     """
-    if axis_name is None:
-        return None
-    try:
-        lax.axis_size(axis_name)
-    except NameError:
-        return None
-    return axis_name
+    new = dict(old)
+    seen = acc["count"] > 0
+    for key in ("mean", "var"):
+        new[key] = jnp.where(seen, acc[key], old[key]).astype(jnp.asarray(old[key]).dtype)
+    if "count" in old and old["count"] is not None:
+        new["count"] = jnp.asarray(n_batches, jnp.asarray(old["count"]).dtype)
+    return new
 
 
-def _find_layers(tree: Mapping, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Paths of the dicts in a batch_stats tree that hold a layer's 'mean' and 'var'."""
-    if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
-        return [path]
-    return [
-        p
-        for key, sub in tree.items()
-        if isinstance(sub, Mapping) and key != ACCUMULATOR
-        for p in _find_layers(sub, path + (key,))
-    ]
+def _run_passes(
+    batches: Iterable[Any],
+    passes: int,
+    begin: Callable[[], None],
+    step: Callable[[Any], None],
+    finish: Callable[[int], list[str]],
+    not_recalibrated: str,
+) -> None:
+    """The loop both frontends share: per pass, fresh accumulators, every batch, write back.
 
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Mapping:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of ``tree`` with the dict at ``path`` replaced (copies along the path only)."""
-    if not path:
-        return value
-    tree = dict(tree)
-    tree[path[0]] = _set(tree[path[0]], path[1:], value)
-    return tree
+    ``finish(n_batches)`` writes the pass's statistics and returns the names of
+    the layers that saw no value (nothing is written then).
+    """
+    checks.passes(passes)
+    if passes > 1 and isinstance(batches, Iterator):
+        raise ValueError(
+            "batches is an iterator, which yields no batch on pass 2: with passes > 1 give a "
+            "list or another re-iterable, not a generator"
+        )
+    for p in range(passes):
+        begin()
+        n_batches = 0
+        for batch in batches:
+            step(batch)
+            n_batches += 1
+        if n_batches == 0:
+            raise ValueError(
+                "batches yielded no batch"
+                + (
+                    f" on pass {p + 1}: with passes > 1 give a list or another re-iterable, "
+                    "not a generator"
+                    if p
+                    else ""
+                )
+            )
+        missing = finish(n_batches)
+        if missing:
+            raise ValueError(
+                f"these batch-norm layers were not recalibrated: {missing}. {not_recalibrated}"
+            )
 
 
 def _updated_stats(out: Any) -> dict:
@@ -121,9 +135,28 @@ def _updated_stats(out: Any) -> dict:
     ):
         raise TypeError(
             "apply_fn must return (output, updates) with updates['batch_stats'], as "
-            f"model.apply(..., mutable=['batch_stats']) does; got {type(out).__name__}. {NOT_MUTABLE}"
+            f"model.apply(..., mutable=['batch_stats']) does; got {type(out).__name__}. "
+            f"{NOT_MUTABLE}"
         )
     return flax.core.unfreeze(out[1]["batch_stats"])
+
+
+def _linen_interceptor(layer_type: type):
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            isinstance(module, layer_type)
+            and context.method_name == "__call__"
+            and module.has_variable("batch_stats", ACCUMULATOR)
+        ):
+            if not module.is_mutable_collection("batch_stats"):
+                raise ValueError(NOT_MUTABLE)
+            acc = module.get_variable("batch_stats", ACCUMULATOR)
+            mask = kwargs.get("mask")
+            module.put_variable("batch_stats", ACCUMULATOR, accumulate(acc, args[0], module, mask))
+        return next_fun(*args, **kwargs)
+
+    return interceptor
 
 
 def recalibrate_batch_stats(
@@ -155,24 +188,23 @@ def recalibrate_batch_stats(
       of their inputs at evaluation; ``passes`` = the depth in batch-norm layers
       makes all of them exact.
 
-    Layers normalize as usual but leave their running statistics alone while
-    collecting; a cumulative layer (``momentum=None``) gets ``count`` = the number
-    of batches. ``apply_fn`` is traced under :func:`jax.jit` (once per batch shape).
+    The running statistics stay as they were until a pass ends; a cumulative
+    layer (``momentum=None``) gets ``count`` = the number of batches.
+    ``apply_fn`` is traced under :func:`jax.jit` (once per batch shape).
 
     Args:
       apply_fn: ``(variables, batch) -> (output, updates)``, see above.
       variables: the model's variables with a ``"batch_stats"`` collection.
-      batches: an iterable of whatever ``apply_fn`` takes as its second argument;
-        with ``passes > 1`` it is iterated once per pass (a list, not a
+      batches: an iterable of whatever ``apply_fn`` takes as its second
+        argument; with ``passes > 1`` it is iterated once per pass (a list, not a
         generator).
       passes: how many times to go over ``batches`` (default 1).
 
     Returns:
-      ``variables`` with new ``"batch_stats"``; every other collection is the same
-      object as before.
+      ``variables`` with new ``"batch_stats"``; every other collection is the
+      same object as before.
     """
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"passes must be a positive int, got {passes!r}")
+    checks.passes(passes)
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError(
             "variables must be a model's variables with a 'batch_stats' collection, got "
@@ -184,54 +216,157 @@ def recalibrate_batch_stats(
         )
     others = {k: v for k, v in variables.items() if k != "batch_stats"}
     stats = flax.core.unfreeze(variables["batch_stats"])
-    layers = _find_layers(stats)
+    layers = tree.batch_norm_layers(stats)
     if not layers:
         raise ValueError(
             "variables['batch_stats'] holds no batch-norm layer (a dict with 'mean' and 'var')"
         )
+    interceptor = _linen_interceptor(LinenBatchNorm)
 
     @jax.jit
-    def step(others, stats, batch):
-        return _updated_stats(apply_fn({**others, "batch_stats": stats}, batch))
+    def run(others, stats, batch):
+        with nn.intercept_methods(interceptor):
+            updated = _updated_stats(apply_fn({**others, "batch_stats": stats}, batch))
+        # Only the accumulators move on; the running statistics stay the pass's own.
+        for path in layers:
+            acc = tree.lookup(updated, path + (ACCUMULATOR,))
+            if acc is not None:
+                stats = tree.replace(stats, path + (ACCUMULATOR,), acc)
+        return stats
 
-    for p in range(passes):
-        current = stats
+    holder = {"stats": stats, "current": stats}
+
+    def begin():
+        current = holder["stats"]
         for path in layers:
-            layer = {k: v for k, v in _get(stats, path).items() if k != ACCUMULATOR}
-            current = _set(
-                current, path, {**layer, ACCUMULATOR: new_accumulator(jnp.asarray(layer["mean"]))}
-            )
-        n_batches = 0
-        for batch in batches:
-            current = step(others, current, batch)
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError(
-                "batches yielded no batch"
-                + (
-                    f" on pass {p + 1}: with passes > 1 give a list or another re-iterable, not a generator"
-                    if p
-                    else ""
-                )
-            )
-        missing = []
+            layer = tree.lookup(current, path)
+            accumulator = new_accumulator(jnp.asarray(layer["mean"]))
+            current = tree.replace(current, path, {**layer, ACCUMULATOR: accumulator})
+        holder["current"] = current
+
+    def step(batch):
+        holder["current"] = run(others, holder["current"], batch)
+
+    def finish(n_batches):
+        stats, missing = holder["stats"], []
         for path in layers:
-            old = _get(stats, path)
-            acc = _get(current, path).get(ACCUMULATOR)
-            if acc is None or not bool(jnp.any(acc["count"] > 0)):
+            acc = tree.lookup(holder["current"], path + (ACCUMULATOR,))
+            if not bool(jnp.any(acc["count"] > 0)):
                 missing.append("/".join(path))
-                continue
-            new = {k: v for k, v in old.items() if k != ACCUMULATOR}
-            seen = acc["count"] > 0  # a feature that never had a value keeps its statistics
-            for key in ("mean", "var"):
-                new[key] = jnp.where(seen, acc[key], old[key]).astype(jnp.asarray(old[key]).dtype)
-            if "count" in new:
-                new["count"] = jnp.asarray(n_batches, jnp.asarray(old["count"]).dtype)
-            stats = _set(stats, path, new)
+            else:
+                stats = tree.replace(
+                    stats, path, recalibrated(tree.lookup(stats, path), acc, n_batches)
+                )
+        holder["stats"] = stats
+        return missing
+
+    _run_passes(
+        batches,
+        passes,
+        begin,
+        step,
+        finish,
+        "Only jbn.BatchNorm layers recalibrate (replace flax.linen.BatchNorm with "
+        "jbn.BatchNorm), apply_fn must call each, and each needs at least one unmasked value",
+    )
+    return {**others, "batch_stats": holder["stats"]}
+
+
+class _Collecting(nnx.Module):
+    """Wraps a ``jbn.nnx.BatchNorm`` while recalibrating: same outputs, statistics collected."""
+
+    def __init__(self, layer: NnxBatchNorm):
+        self.layer = layer
+        self.acc = nnx.BatchStat(new_accumulator(layer.mean[...]))
+
+    def __call__(self, x, *args, mask=None, **kwargs):
+        x_in, _, running = self.layer.prepare(x)
+        self.acc.set_value(accumulate(self.acc.get_value(), x_in, self.layer, mask))
+        y = self.layer(x, *args, mask=mask, **kwargs)
+        for k, v in running.items():  # the running statistics stay the pass's own
+            getattr(self.layer, k)[...] = v
+        return y
+
+
+def recalibrate_nnx_batch_stats(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+    passes: int = 1,
+) -> None:
+    """Recomputes, in place, the running statistics of every ``jbn.nnx.BatchNorm`` in ``model``.
+
+    The NNX counterpart of :func:`jbn.recalibrate_batch_stats`: each layer's
+    ``mean`` and ``var`` become the exact statistics of all the values its input
+    took over ``batches`` (each batch weighted by its count, variances combined
+    with Chan et al.'s parallel formula). Parameters are untouched. The model's
+    mode decides what the layers pass on while collecting: after
+    ``model.train()`` each normalizes with its batch's statistics (one pass
+    suffices); after ``model.eval()`` with the running statistics of the
+    previous pass, so ``passes`` = the depth in batch-norm layers makes every
+    layer exact for evaluation. A cumulative layer (``momentum=None``) gets
+    ``count`` = the number of batches. If anything fails, the model's running
+    statistics are left exactly as they were.
+
+    Args:
+      model: an NNX module containing ``jbn.nnx.BatchNorm`` layers.
+      batches: an iterable of inputs for ``forward``; a list (re-iterable) when
+        ``passes > 1``.
+      forward: ``(model, batch) -> anything``, run under ``nnx.jit`` (default:
+        ``model(batch)``).
+      passes: how many times to go over ``batches`` (default 1).
+    """
+    checks.passes(passes)
+    is_layer = lambda m: isinstance(m, NnxBatchNorm)  # noqa: E731
+    if is_layer(model):
+        raise ValueError(
+            "model is a single jbn.nnx.BatchNorm: recalibrate the model that contains it"
+        )
+    names = module_paths(model, is_layer)
+    if not names:
+        raise ValueError(
+            "model contains no jbn.nnx.BatchNorm layer (flax.nnx.BatchNorm layers do not "
+            "recalibrate: convert them first)"
+        )
+    forward = (lambda m, b: m(b)) if forward is None else forward
+    step = nnx.jit(lambda m, b: forward(m, b))
+    wrapped = replace_modules(model, is_layer, _Collecting)
+    layers = [layer for layer, _ in wrapped]
+    saved = [layer.running_stats() for layer in layers]
+
+    def begin():
+        for layer, wrapper in wrapped:
+            wrapper.acc.set_value(new_accumulator(layer.mean[...]))
+
+    def finish(n_batches):
+        accs = [wrapper.acc.get_value() for _, wrapper in wrapped]
+        missing = [
+            names[id(layer)]
+            for layer, a in zip(layers, accs, strict=True)
+            if not jnp.any(a["count"] > 0)
+        ]
         if missing:
-            raise ValueError(
-                f"these batch-norm layers were not recalibrated: {missing}. Only jbn.BatchNorm layers "
-                "recalibrate (replace flax.linen.BatchNorm with jbn.BatchNorm), apply_fn must call each, "
-                "and each needs at least one unmasked value"
-            )
-    return {**others, "batch_stats": stats}
+            return missing
+        for layer, acc in zip(layers, accs, strict=True):
+            old = layer.running_stats()
+            for k, v in recalibrated(old, acc, n_batches).items():
+                getattr(layer, k)[...] = v
+        return []
+
+    try:
+        _run_passes(
+            batches,
+            passes,
+            begin,
+            lambda batch: step(model, batch),
+            finish,
+            "forward must call each, and each needs at least one unmasked value",
+        )
+    except BaseException:
+        for layer, running in zip(layers, saved, strict=True):
+            for k, v in running.items():
+                getattr(layer, k)[...] = v
+        raise
+    finally:
+        replace_modules(model, lambda m: isinstance(m, _Collecting), lambda w: w.layer)

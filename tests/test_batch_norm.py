@@ -11,7 +11,6 @@ from jax.test_util import check_grads
 from np_reference import np_backward, np_eval, np_forward, np_running, np_stats
 
 import jbn
-from jbn import _batch_norm
 
 # (shape, axis): (N, C), NHWC, NCHW, per-activation NHWC, (N, T, C).
 LAYOUTS = {
@@ -595,21 +594,11 @@ def test_bn_init_rejects_bad_arguments():
 
 def test_internal_config_is_hashable():
     # Static settings are nondiff_argnums of the custom_vjp: they must hash.
-    x = jnp.ones((4, 3))
-    cfg, _ = _batch_norm._make_config(
-        x,
-        -1,
-        epsilon=1e-5,
-        axis_name=None,
-        axis_index_groups=None,
-        residual="input",
-        min_scale=1e-3,
-        dtype=None,
-    )
-    assert hash(cfg) == hash(dataclasses_replace(cfg))
-
-
-def dataclasses_replace(cfg):
     import dataclasses
 
-    return dataclasses.replace(cfg)
+    from jbn._batch_norm import _stats_config, _train_config
+
+    x = jnp.ones((4, 3))
+    stats, _ = _stats_config(x, -1, None, None)
+    cfg = _train_config(x, stats, epsilon=1e-5, residual="input", min_scale=1e-3, dtype=None)
+    assert hash(cfg) == hash(dataclasses.replace(cfg))

@@ -1,0 +1,324 @@
+"""Argument checks: one clear error per bad input, raised before any work is spent.
+
+Every check here is static (shapes, dtypes, Python values), so it costs nothing
+under :func:`jax.jit`. The public functions and the frontends call these and
+nothing else to validate what a user passed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+Array = jax.Array
+
+RESIDUALS = ("input", "output")
+PARAM_KEYS = ("scale", "bias")
+STATE_KEYS = ("mean", "var", "count")
+
+
+def feature_shape(value: Any, name: str = "feature_shape") -> tuple[int, ...]:
+    """``value`` (an int or a sequence of ints, each > 0) as a tuple of sizes."""
+    shape = (value,) if isinstance(value, numbers.Integral) else value
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = ()
+    if not shape or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape
+    ):
+        raise ValueError(f"{name} must be a positive int or tuple of positive ints, got {value!r}")
+    return tuple(int(s) for s in shape)
+
+
+def feature_axes(axis: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The feature axes ``axis`` names in an array of ``shape``: sorted, non-negative."""
+    ndim = len(shape)
+    axes = (axis,) if isinstance(axis, numbers.Integral) else axis
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
+    if not axes:
+        raise ValueError("axis must name at least one feature axis, got ()")
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for x of shape {shape} ({ndim} dimensions); "
+                f"expected -{ndim} <= axis < {ndim}"
+            )
+    canonical = tuple(int(a) % ndim for a in axes)
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(
+            f"axis {axis!r} repeats an axis of x (shape {shape}); each axis may appear once"
+        )
+    if len(canonical) == ndim:
+        raise ValueError(
+            f"axis {axis!r} names every axis of x (shape {shape}): batch norm needs at least "
+            "one axis to reduce over"
+        )
+    return tuple(sorted(canonical))
+
+
+def input_array(x: ArrayLike) -> Array:
+    """``x`` as a floating-point array."""
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number, list, tuple)):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"x must have a floating-point dtype, got {x.dtype} (shape {x.shape}); "
+            "cast it first, e.g. x.astype(jnp.float32)"
+        )
+    return x
+
+
+def floating_dtype(dtype: Any, name: str = "dtype", *, allow_none: bool = False) -> Any:
+    """``dtype`` as a numpy floating dtype (or None where allowed)."""
+    if dtype is None and allow_none:
+        return None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point dtype{' or None' if allow_none else ''}, got {dtype}"
+        )
+    return jnp.dtype(dtype)
+
+
+def vector(value: ArrayLike, name: str, shape: tuple[int, ...], needs: str) -> Array:
+    """A per-feature array: floating point, of exactly ``shape``."""
+    value = jnp.asarray(value)
+    if value.shape != shape:
+        raise ValueError(f"{name} has shape {value.shape}, but {needs} needs shape {shape}")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def params(
+    value: Any, shape: tuple[int, ...], needs: str, name: str = "params"
+) -> tuple[Array | None, Array | None]:
+    """``(scale, bias)`` from ``{"scale", "bias"}`` (either may be missing) or None."""
+    if value is None:
+        return None, None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a dict with 'scale' and/or 'bias', or None; got {type(value).__name__}"
+        )
+    unknown = sorted(set(value) - set(PARAM_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{name} has unknown keys {unknown}; expected 'scale' and/or 'bias' (flax's names)"
+        )
+    return tuple(
+        None if value.get(k) is None else vector(value[k], f"{name}[{k!r}]", shape, needs)
+        for k in PARAM_KEYS
+    )
+
+
+def state(
+    value: Any, shape: tuple[int, ...], needs: str, *, need_count: bool, name: str = "state"
+) -> dict[str, Array]:
+    """The running statistics ``{"mean", "var"}`` (and ``"count"``), checked."""
+    what = f"{name} must be a dict with the running 'mean' and 'var' (from jbn.bn_init)"
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what}, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(STATE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{name} has unknown keys {unknown}; expected 'mean', 'var' and optionally 'count'"
+        )
+    out = {}
+    for key in ("mean", "var"):
+        if key not in value:
+            raise ValueError(f"{name} is missing {key!r}: {what}")
+        out[key] = vector(value[key], f"{name}[{key!r}]", shape, needs)
+    if "count" in value:
+        count = jnp.asarray(value["count"])
+        if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+            raise ValueError(
+                f"{name}['count'] must be an integer scalar, got shape {count.shape} "
+                f"dtype {count.dtype}"
+            )
+        out["count"] = count
+    elif need_count:
+        raise ValueError(
+            "momentum=None (cumulative moving average) needs state['count']; "
+            "create the state with jbn.bn_init(feature_shape, cumulative=True)"
+        )
+    return out
+
+
+def mask(value: ArrayLike | None, x_shape: tuple[int, ...]) -> Array | None:
+    """A boolean mask broadcast to ``x_shape`` (True counts), or None."""
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    if value.dtype != jnp.bool_:
+        if not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(f"mask must be boolean (True counts), got dtype {value.dtype}")
+        value = value != 0
+    ok = value.ndim <= len(x_shape) and all(
+        m in (1, s) for m, s in zip(value.shape[::-1], x_shape[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(f"mask of shape {value.shape} does not broadcast to x of shape {x_shape}")
+    return jnp.broadcast_to(value, x_shape)
+
+
+def momentum(value: Any) -> None:
+    """A running-average decay in [0, 1], None (cumulative) or a traced value."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            "momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * batch), "
+            f"got {value}"
+        )
+
+
+def static_float(value: Any, name: str, *, positive: bool) -> float:
+    """A finite Python float, > 0 (``positive``) or >= 0: a static setting."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic)):
+        raise TypeError(f"{name} must be a Python float, got {value!r}")
+    value = float(value)
+    if not (value > 0.0 if positive else value >= 0.0) or not math.isfinite(value):
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
+        )
+    return value
+
+
+def python_bool(value: Any, name: str, hint: str = "") -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a Python bool, got {value!r}{hint}")
+    return bool(value)
+
+
+def train(value: Any) -> bool:
+    """The train flag: a Python bool (it selects a different computation)."""
+    return python_bool(
+        value,
+        "train",
+        "; under jax.jit make it static, e.g. jax.jit(step, static_argnames='train')",
+    )
+
+
+def residual(value: Any) -> str:
+    if value not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {value!r}")
+    return value
+
+
+def axis_name(value: Any) -> Any:
+    """A hashable axis name: a name, a tuple of names, or None."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def axis_index_groups(value: Any, name: Any) -> tuple[tuple[int, ...], ...] | None:
+    if value is None:
+        return None
+    if name is None:
+        raise ValueError(
+            "axis_index_groups needs axis_name: it groups the devices of that named axis"
+        )
+    try:
+        return tuple(tuple(int(i) for i in group) for group in value)
+    except TypeError:
+        raise TypeError(
+            f"axis_index_groups must be a sequence of sequences of ints, got {value!r}"
+        ) from None
+
+
+def axis_size(name: Any) -> int:
+    """The number of devices along ``name`` (1 for None); a clear error if it is not bound."""
+    if name is None:
+        return 1
+    try:
+        return int(lax.axis_size(name))
+    except NameError:
+        raise ValueError(
+            f"axis_name={name!r} is not bound here: call bn_forward inside pmap, shard_map "
+            "or vmap with that axis_name, or leave axis_name=None"
+        ) from None
+
+
+def bound_axis_name(name: Any) -> Any:
+    """``name`` if it is bound here (pmap, shard_map, vmap), else None."""
+    if name is None:
+        return None
+    try:
+        lax.axis_size(name)
+    except NameError:
+        return None
+    return name
+
+
+def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> None:
+    """Training needs more than one value per feature (per ghost batch)."""
+    if values > 1:
+        return
+    if virtual_batch_size is None:
+        where = f"feature axes {axes}: each feature has {values} value(s)"
+    else:
+        where = (
+            f"feature axes {axes} and virtual_batch_size={virtual_batch_size}: "
+            f"each feature has {values} value(s) per batch"
+        )
+    raise ValueError(
+        f"Expected more than 1 value per feature when training, got x of shape {x_shape} "
+        f"with {where}"
+    )
+
+
+def virtual_batch_size(value: Any, axes, name: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"virtual_batch_size must be a positive int or None, got {value}")
+    if 0 in axes:
+        raise ValueError(
+            "virtual_batch_size splits axis 0 (the batch) into ghost batches, but axis 0 is a "
+            f"feature axis here (feature axes {axes})"
+        )
+    if name is not None:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with axis_name: ghost batches are split "
+            "from each device's own batch, so leave axis_name=None"
+        )
+    return int(value)
+
+
+def renorm(value: Any, rmax: Any, dmax: Any) -> bool:
+    flag = python_bool(value, "renorm")
+    for bound, name, low in ((rmax, "rmax", 1.0), (dmax, "dmax", 0.0)):
+        if isinstance(bound, bool) or not isinstance(
+            bound, (numbers.Real, np.ndarray, np.generic, jax.Array)
+        ):
+            raise TypeError(
+                f"{name} must be a float (or a scalar array, e.g. from a schedule), got {bound!r}"
+            )
+        if jnp.shape(bound) != ():
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(bound)}")
+        if not isinstance(bound, jax.core.Tracer) and not float(bound) >= low:
+            raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(bound)}")
+    return flag
+
+
+def passes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"passes must be a positive int, got {value!r}")
+    return value

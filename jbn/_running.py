@@ -1,0 +1,52 @@
+"""The running statistics: their update from a training batch's statistics.
+
+flax's exponential moving average, ``new = momentum * old + (1 - momentum) *
+batch``, or torch's cumulative average (``momentum=None``), with torch's
+unbiased running variance as an option. Statistics of several groups (ghost
+batches) are pooled by count first. A feature that had no unmasked value keeps
+its running statistics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._stats import pool_groups, unbiased
+
+Array = jax.Array
+
+
+def update_running(
+    state, mean, var, n, *, momentum, unbiased_var: bool, feature_shape
+) -> dict[str, Array]:
+    """New running statistics from a batch's ``(mean, biased var, count)``.
+
+    The batch statistics may carry a leading axis of groups (ghost batches):
+    each group's variance is corrected on its own count, then the groups are
+    pooled by count (:func:`jbn._stats.pool_groups`).
+    """
+    mean, var, n = (lax.stop_gradient(v).reshape((-1,) + feature_shape) for v in (mean, var, n))
+    if unbiased_var:
+        var = unbiased(var, n)
+    if mean.shape[0] == 1:
+        mean, var, n = mean[0], var[0], n[0]
+    else:
+        mean, var, n = pool_groups(mean, var, n)
+    old_mean, old_var = (lax.stop_gradient(state[k]) for k in ("mean", "var"))
+    new = dict(state)
+    if momentum is None:
+        count = state["count"] + 1
+        w = 1.0 / count.astype(mean.dtype)
+        new_mean = (1.0 - w) * old_mean + w * mean
+        new_var = (1.0 - w) * old_var + w * var
+        new["count"] = count
+    else:
+        new_mean = momentum * old_mean + (1.0 - momentum) * mean
+        new_var = momentum * old_var + (1.0 - momentum) * var
+    # A feature with no unmasked entry anywhere keeps its running statistics.
+    seen = n > 0
+    new["mean"] = jnp.where(seen, new_mean, old_mean).astype(old_mean.dtype)
+    new["var"] = jnp.where(seen, new_var, old_var).astype(old_var.dtype)
+    return new

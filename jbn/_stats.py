@@ -1,0 +1,146 @@
+"""Batch statistics: exact per-feature means, variances and counts, and how they combine.
+
+Everything jbn knows about statistics is written here once: the shifted sums of
+the fast path, the plain two-pass reference, counts and their synchronization
+over a named axis, Bessel's correction, the count-weighted pooling of several
+groups' statistics, and the exact combination of two sets of statistics (Chan,
+Golub & LeVeque 1979):
+
+    n = n_a + n_b,   δ = μ_b - μ_a,   μ = μ_a + δ n_b / n,
+    M2 = M2_a + M2_b + δ² n_a n_b / n,   var = M2 / n.
+
+All statistics are computed in float32 (float64 for float64 input) and have the
+broadcast feature shape of ``x`` (size 1 on every reduced axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._xla_cpu import unshared
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    """Hashable static settings of a statistics computation."""
+
+    reduce_axes: tuple[int, ...]
+    axis_name: Any = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype statistics and arithmetic use: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def broadcast_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with every reduced axis of size 1: the shape of per-feature statistics."""
+    return tuple(1 if a in reduce_axes else s for a, s in enumerate(shape))
+
+
+def psum(values, cfg: StatsConfig):
+    """Sums over the devices of ``cfg.axis_name`` (identity without one)."""
+    if cfg.axis_name is None:
+        return values
+    return lax.psum(values, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+
+
+def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype) -> Array:
+    """Per-feature number of entries that enter the statistics on this device."""
+    if mask is None:
+        local = math.prod(x.shape[a] for a in cfg.reduce_axes)
+        return jnp.full(broadcast_shape(x.shape, cfg.reduce_axes), local, dtype)
+    return jnp.sum(mask, axis=cfg.reduce_axes, keepdims=True, dtype=dtype)
+
+
+def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+    """Exact per-feature statistics as ``(shift, mean - shift, biased variance, count)``.
+
+    Without a mask, shifted sums, which need no mean first: for a shift k near
+    the mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does
+    when |mean| >> std). k is the mean of the first slice along the first
+    reduced axis (e.g. the first example), averaged over the devices of
+    axis_name, and is a constant for differentiation since the result does not
+    depend on it. With a mask, the first slice may be all padding, so the plain
+    two-pass computation is used (shift = mean, mean - shift = 0). The mean is
+    returned in two parts so that x - mean can be formed as (x - shift) - (mean -
+    shift): exact where x is close to the shift, while the mean itself rounds at
+    |mean|'s scale.
+    """
+    if mask is not None:
+        mean, var, n = reference_stats(x, mask, cfg)
+        return mean, jnp.zeros_like(mean), var, n
+    cd = compute_dtype(x.dtype)
+    ra = cfg.reduce_axes
+    first = lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd)
+    shift = jnp.mean(first, axis=ra, keepdims=True)
+    if cfg.axis_name is not None:
+        total, devices = psum((shift, 1.0 + 0.0 * shift), cfg)
+        shift = total / devices
+    shift = lax.stop_gradient(shift)
+    # Each sum reads x through its own barrier: one pass each, no temporaries.
+    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True)
+    d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
+    s2 = jnp.sum(d * d, axis=ra, keepdims=True)
+    n = local_count(x, mask, cfg, cd)
+    s1, s2, n = psum((s1, s2, n), cfg)
+    dmean = s1 / n
+    var = jnp.maximum(s2 / n - dmean * dmean, 0.0)
+    return shift, dmean, var, n
+
+
+def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+    """Plain two-pass ``(mean, biased variance, count)``, synchronized by summing sums and counts."""
+    cd = compute_dtype(x.dtype)
+    ra = cfg.reduce_axes
+    x = x.astype(cd)
+    where = True if mask is None else mask
+    n = psum(local_count(x, mask, cfg, cd), cfg)
+    n_safe = jnp.maximum(n, 1)
+    mean = psum(jnp.sum(x, axis=ra, keepdims=True, where=where), cfg) / n_safe
+    var = psum(jnp.sum(jnp.square(x - mean), axis=ra, keepdims=True, where=where), cfg) / n_safe
+    return mean, var, n
+
+
+def batch_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+    """Exact per-feature ``(mean, biased variance, count)`` (see :func:`shifted_stats`)."""
+    shift, dmean, var, n = shifted_stats(x, mask, cfg)
+    return shift + dmean, var, n
+
+
+def unbiased(var: Array, n: Array) -> Array:
+    """Bessel's correction: the biased variance of ``n`` values times n / (n - 1)."""
+    return var * (n / jnp.maximum(n - 1, 1))
+
+
+def pool_groups(mean: Array, var: Array, n: Array):
+    """Count-weighted means over axis 0 of groups' statistics; the total count.
+
+    The variance is the weighted mean of the groups' variances (what each
+    group normalized with), not the variance of all their values together: for
+    that, use :func:`combine`.
+    """
+    total = jnp.sum(n, axis=0, keepdims=True)
+    weight = n / jnp.maximum(total, 1)
+    return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total[0]
+
+
+def combine(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
+    """Chan et al.'s exact combination of two ``(count, mean, M2)`` triples (M2 = var · count)."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    n_safe = jnp.maximum(n, 1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n_safe)
+    m2 = m2_a + m2_b + delta * delta * (n_a * (n_b / n_safe))
+    return n, mean, m2

@@ -1,0 +1,173 @@
+"""Training-mode normalization: the analytic custom_vjp and its plain reference.
+
+``bn_train`` is a :func:`jax.custom_vjp` whose backward is the closed-form
+batch-norm gradient (Ioffe & Szegedy 2015, section 3):
+
+    dx = (N dx̂ - Σ dx̂ - x̂ Σ(dx̂ x̂)) / (N √(σ² + ε)),   dγ = Σ dy x̂,   dβ = Σ dy,
+
+with dx̂ = γ dy. It keeps only the input (or, with ``residual="output"``, only
+the output) plus per-feature vectors for the backward pass.
+``bn_train_reference`` is the same function in plain jnp for JAX to
+differentiate; the tests compare the two, and ``autodiff=True`` selects it.
+
+Both take ``scale`` and ``bias`` already in the broadcast feature shape and
+return ``(y, batch mean, batch variance, count)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._stats import StatsConfig, compute_dtype, psum, reference_stats, shifted_stats
+from ._xla_cpu import unshared
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hashable static settings of one training-mode call (the custom_vjp's nondiff arg)."""
+
+    stats: StatsConfig
+    epsilon: float
+    residual: str
+    min_scale: float
+    x_dtype: Any  # numpy dtypes
+    out_dtype: Any
+
+
+def effective_scale(scale: Array, cfg: TrainConfig) -> Array:
+    """The scale the forward pass uses: with residual="output", |γ| >= min_scale.
+
+    Rebuilding x̂ = (y - β)/γ from the output needs γ away from 0. Entries with
+    |γ| < min_scale use ±min_scale (sign kept, +min_scale for exactly 0); the
+    gradient passes straight through to γ, so such a γ can still grow.
+    """
+    if cfg.residual != "output":
+        return scale
+    sign = jnp.where(scale < 0, -1.0, 1.0).astype(scale.dtype)
+    clamped = jnp.where(jnp.abs(scale) < cfg.min_scale, sign * cfg.min_scale, scale)
+    return scale + lax.stop_gradient(clamped - scale)
+
+
+def bn_train_reference(x, scale, bias, mask, cfg: TrainConfig):
+    """Training-mode batch norm in plain jnp, for JAX to differentiate. Same outputs as bn_train."""
+    cd = compute_dtype(x.dtype)
+    mean, var, n = reference_stats(x, mask, cfg.stats)
+    scale = effective_scale(scale, cfg).astype(cd)
+    xhat = (x.astype(cd) - mean) / jnp.sqrt(var + cfg.epsilon)
+    y = xhat * scale + bias.astype(cd)
+    return y.astype(cfg.out_dtype), mean, var, n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def bn_train(x, scale, bias, mask, cfg: TrainConfig):
+    """Training-mode batch norm: (y, batch mean, batch var, count); gradient via _bn_train_bwd."""
+    return _bn_train_fwd(x, scale, bias, mask, cfg)[0]
+
+
+def _centered(saved: Array, shift: Array, offset, divisor, cd) -> Array:
+    """x - μ from the input, (x - shift) - (μ - shift), or from the output, (y - β) / (γ rstd)."""
+    centered = saved.astype(cd) - shift
+    if offset is not None:
+        centered = centered - offset
+    return centered if divisor is None else centered / divisor
+
+
+def _bn_train_fwd(x, scale, bias, mask, cfg: TrainConfig):
+    cd = compute_dtype(x.dtype)
+    shift, dmean, var, n = shifted_stats(x, mask, cfg.stats)
+    rstd = lax.rsqrt(var + cfg.epsilon)
+    scale_eff = effective_scale(scale, cfg)
+    # x - mean first, then the per-feature multiplier: x*a + b would cancel
+    # catastrophically when |mean| >> std. The shift gets its own barrier here
+    # too, or XLA:CPU broadcasts it to full size.
+    centered = _centered(x, *unshared(shift, dmean), None, cd)
+    y = (centered * (scale_eff.astype(cd) * rstd) + bias.astype(cd)).astype(cfg.out_dtype)
+    if cfg.residual == "output":
+        saved = (y, mask, None, rstd, scale_eff, bias, n)
+    else:
+        saved = (x, mask, (shift, dmean), rstd, scale, bias, n)
+    return (y, shift + dmean, var, n), saved
+
+
+def _varying_axes(x: Array) -> frozenset:
+    """The manual mesh axes along which x varies (shard_map's type system)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):  # jax <= 0.9
+        return frozenset(aval.vma)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def _param_cotangent(local: Array, param: Array, dy: Array, cfg: StatsConfig) -> Array:
+    """Sum a parameter's cotangent over devices where autodiff would.
+
+    Under shard_map with replicated (invariant) parameters and a batch that
+    varies along axis_name, JAX's own autodiff psums the parameter cotangent;
+    under pmap and vmap (parameters per device) it stays per device. Read that
+    from the varying-manual-axes types so the custom rule matches autodiff in
+    every case.
+    """
+    if cfg.axis_name is None:
+        return local
+    names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
+    dy_vma, param_vma = _varying_axes(dy), _varying_axes(param)
+    to_sum = tuple(a for a in names if a in dy_vma and a not in param_vma)
+    if not to_sum:
+        return local
+    return lax.psum(local, to_sum, axis_index_groups=cfg.axis_index_groups)
+
+
+def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
+    # The batch statistics are outputs only for the running-average update,
+    # which carries no gradient: their cotangents are ignored.
+    dy = cotangents[0]
+    y_or_x, mask, shifted_mean, rstd, scale, bias, n = saved
+    cd = rstd.dtype
+    ra = cfg.stats.reduce_axes
+    dy32 = dy.astype(cd)
+    scale32 = scale.astype(cd)
+    if cfg.residual == "output":
+        # x - μ from the output: exact because |scale| >= min_scale (see effective_scale).
+        shift, offset, divisor = bias.astype(cd), None, scale32 * rstd
+    else:
+        (shift, offset), divisor = shifted_mean, None
+    centered = _centered(y_or_x, shift, offset, divisor, cd)  # x̂ = centered * rstd
+    # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
+    # sums run over all entries; only the statistics' own dependence on x (the
+    # correction terms of dx) is restricted to the unmasked entries. Each sum
+    # reads its inputs through its own barrier (see _xla_cpu).
+    sum_dy = jnp.sum(unshared(dy).astype(cd), axis=ra, keepdims=True)
+    v_again, dy_again = unshared(y_or_x, dy)
+    if offset is None:
+        shift_again, offset_again = unshared(shift), None
+    else:  # a tuple no other barrier has, or XLA:CPU merges them
+        offset_again, shift_again = unshared(offset, shift)
+    divisor_again = None if divisor is None else unshared(divisor)
+    centered_again = _centered(v_again, shift_again, offset_again, divisor_again, cd)
+    sum_dy_xc = jnp.sum(dy_again.astype(cd) * centered_again, axis=ra, keepdims=True)
+    dbias = sum_dy
+    dscale = sum_dy_xc * rstd
+    g_sum_dy, g_sum_dy_xc = psum((sum_dy, sum_dy_xc), cfg.stats)
+    n_safe = jnp.maximum(n, 1)
+    # dx = γ rstd (dy - Σdy/N - x̂ Σ(dy x̂)/N): per-feature coefficients, one elementwise pass.
+    c1 = scale32 * rstd
+    c2 = -c1 * g_sum_dy / n_safe
+    c3 = -c1 * rstd * rstd * g_sum_dy_xc / n_safe
+    correction = c3 * centered + c2
+    if mask is not None:
+        correction = jnp.where(mask, correction, 0)
+    dx = c1 * dy32 + correction
+    dscale = _param_cotangent(dscale, scale, dy, cfg.stats).astype(scale.dtype)
+    dbias = _param_cotangent(dbias, bias, dy, cfg.stats).astype(bias.dtype)
+    return dx.astype(cfg.x_dtype), dscale, dbias, None
+
+
+bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)

@@ -1,0 +1,68 @@
+"""Paths in nested dicts of variables (linen's ``params`` and ``batch_stats`` trees)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Path = str | Sequence[str]
+
+
+def parse_path(path: Path, what: str) -> tuple[str, ...]:
+    """``"a/b"`` or ``("a", "b")`` as a tuple of names; a clear error otherwise."""
+    if isinstance(path, str):
+        parts = tuple(p for p in path.split("/") if p)
+    elif isinstance(path, Sequence) and all(isinstance(p, str) for p in path):
+        parts = tuple(path)
+    else:
+        parts = ()
+    if not parts:
+        raise ValueError(
+            f"{what} must be a module path such as 'Conv_0', 'block1/Dense_0' or "
+            f"('block1', 'Dense_0'), got {path!r}"
+        )
+    return parts
+
+
+def lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    """The entry at ``path``, or None where there is none."""
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def replace(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of ``tree`` with the entry at ``path`` replaced (copies along the path only)."""
+    if not path:
+        return value
+    tree = dict(tree)
+    tree[path[0]] = replace(tree[path[0]], path[1:], value)
+    return tree
+
+
+def remove(tree: Mapping, path: tuple[str, ...]) -> dict:
+    """A copy of ``tree`` without the entry at ``path``; dicts left empty are removed too."""
+    tree = dict(tree)
+    if len(path) == 1:
+        tree.pop(path[0], None)
+    elif path[0] in tree:
+        sub = remove(tree[path[0]], path[1:])
+        if sub:
+            tree[path[0]] = sub
+        else:
+            del tree[path[0]]
+    return tree
+
+
+def batch_norm_layers(tree: Mapping, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of the dicts in a ``batch_stats`` tree that hold a layer's 'mean' and 'var'."""
+    if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
+        return [path]
+    return [
+        p
+        for key, sub in tree.items()
+        if isinstance(sub, Mapping)
+        for p in batch_norm_layers(sub, path + (key,))
+    ]
