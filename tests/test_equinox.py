@@ -457,7 +457,10 @@ class Nested(eqx.Module):
     def __init__(self, bn_cls, key, **kwargs):
         k1, k2, k3 = jax.random.split(key, 3)
         self.cnn = CNN(bn_cls, k1, **kwargs)
-        self.blocks = [eqx.nn.Linear(2, C, key=k2), _affine(bn_cls(C, "batch", **kwargs), k2)]
+        self.blocks = [
+            eqx.nn.Linear(2, C, key=k2),
+            _affine(bn_cls(C, "batch", momentum=0.8, **kwargs), k2),
+        ]
         self.head = eqx.nn.Sequential(
             [
                 eqx.nn.Lambda(jnp.tanh),
@@ -494,24 +497,29 @@ def test_convert_nested_model():
         m = old.momentum
         assert int(run["count"]) == t == 2
         np.testing.assert_allclose(run["mean"], hm / (1 - m**t), rtol=1e-5, atol=1e-6)
-        # Equinox's small variance sits under its initial 1 (m^t): float32 keeps it
-        # to about ulp(1) / (1 - m^t) = 3e-6 at m = 0.99, t = 2.
+        # Equinox's variance sits under its initial 1 (m^t): float32 keeps it to about
+        # ulp(1) / (1 - m^t), e.g. 3e-6 at m = 0.99, t = 2.
         np.testing.assert_allclose(run["var"], (hv - m**t) / (1 - m**t), rtol=1e-5, atol=1e-5)
 
     # Same loss, outputs, gradients and running-statistics update afterwards.
-    (l_ref, (y_ref, ref_state2)), g_ref = _loss_and_grad(ref, ref_state, x)
-    (l_jbn, (y_jbn, state2)), g_jbn = _loss_and_grad(model, state, x)
+    ref_train = eqx.nn.inference_mode(ref, value=False)
+    (l_ref, (y_ref, ref_state2)), g_ref = _loss_and_grad(ref_train, ref_state, x)
+    train = eqx.nn.inference_mode(model, value=False)
+    (l_jbn, (y_jbn, state2)), g_jbn = _loss_and_grad(train, state, x)
     np.testing.assert_allclose(l_jbn, l_ref, rtol=1e-5)
     np.testing.assert_allclose(y_jbn, y_ref, rtol=1e-5, atol=1e-5)
-    _assert_trees_close(g_jbn, g_ref, rtol=1e-4, atol=1e-6)
+    # atol: the gradient of a bias before a batch norm is 0 up to rounding (~1e-5 here).
+    _assert_trees_close(g_jbn, g_ref, rtol=1e-4, atol=2e-5)
     # Inference too, once Equinox's variance bias m^t is taken out of its state.
     ref_inf, inf = eqx.nn.inference_mode(ref), eqx.nn.inference_mode(model)
-    fixed = ref_state
+    fixed = ref_state2
     for old in (ref.cnn.bn, ref.blocks[1], ref.head.layers[2]):
         hm, hv = fixed.get(old.batch_state_index)
-        fixed = fixed.set(old.batch_state_index, (hm, hv - old.momentum**2))
+        fixed = fixed.set(old.batch_state_index, (hm, hv - old.momentum**3))
+    # Loose: the small variances here (~1e-3) sit under m^t in Equinox's float32
+    # hidden variance, which holds them only to ~1e-4 relative.
     np.testing.assert_allclose(
-        _infer_jit(inf, state2, x)[0], _infer_jit(ref_inf, fixed, x)[0], rtol=1e-5, atol=1e-5
+        _infer_jit(inf, state2, x)[0], _infer_jit(ref_inf, fixed, x)[0], rtol=1e-3, atol=1e-4
     )
 
 
