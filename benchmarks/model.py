@@ -6,8 +6,9 @@ momentum, epsilon and initialization):
 
 - ``resnet``: a small CIFAR-style ResNet (3 stages of 2 basic blocks, 15
   batch-norm layers) on 32x32x3 images.
-- ``cnn``: the demo CNN of ``train_mnist.py``: Conv(32)-BN-ReLU-pool,
-  Conv(64)-BN-ReLU-pool, Dense(128)-BN-ReLU, Dense(10), on 28x28x1 images.
+- ``cnn``: the demo's CNN (``mnist_demo.models.CNN``, imported):
+  Conv(32)-BN-ReLU-pool, Conv(64)-BN-ReLU-pool, Dense(128)-BN-ReLU, Dense(10),
+  on 28x28x1 images.
 
 A step is the loss (softmax cross-entropy), its gradient, the SGD-with-momentum
 update (optax) and the running-statistics update, in one jit. Reported: step
@@ -28,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mnist_demo.models import CNN
+from mnist_demo.models import norm_factory as demo_norm_factory
+
 from ._timing import TimingConfig, time_interleaved
 from .layer import _memory
 
@@ -37,7 +41,7 @@ BN_EPSILON = 1e-5
 
 
 class LocalJbnBatchNorm(nn.Module):
-    """Stand-in for jbn.BatchNorm while it does not exist: flax's variables around jbn.bn_forward."""
+    """A minimal linen layer around ``core.bn_forward``, for ``--compare-core`` (copies of the core)."""
 
     use_running_average: bool | None = None
     momentum: float = 0.99
@@ -75,19 +79,10 @@ class LocalJbnBatchNorm(nn.Module):
         return y
 
 
-def jbn_batchnorm_class() -> tuple[type[nn.Module], str]:
-    """jbn.BatchNorm when the package has it, else the local stand-in; and a label saying which."""
-    import jbn
-
-    cls = getattr(jbn, "BatchNorm", None)
-    if cls is None:
-        return LocalJbnBatchNorm, "benchmarks.model.LocalJbnBatchNorm (jbn.BatchNorm not found)"
-    return cls, "jbn.BatchNorm"
-
-
 def norm_factory(
     kind: str, extra_cores: dict[str, Any] | None = None
 ) -> tuple[Callable[..., nn.Module], str]:
+    """The batch-norm constructor of an implementation, and a label saying which it is."""
     if extra_cores and kind in extra_cores:
         return (
             functools.partial(
@@ -96,43 +91,15 @@ def norm_factory(
             f"{kind} (local linen wrapper)",
         )
     if kind == "flax":
-        return functools.partial(
-            nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        ), "flax.linen.BatchNorm"
-    if kind in ("jbn", "jbn_out"):
-        cls, label = jbn_batchnorm_class()
-        if kind == "jbn_out":
-            return (
-                functools.partial(cls, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, residual="output"),
-                label + ' residual="output"',
-            )
-        return functools.partial(cls, momentum=BN_MOMENTUM, epsilon=BN_EPSILON), label
-    raise ValueError(f"unknown norm {kind!r}")
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling, stride 2 (NHWC), as a reshape and a max (as train_mnist.py)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-class CNN(nn.Module):
-    """Conv(32)-BN-ReLU-pool, Conv(64)-BN-ReLU-pool, Dense(128)-BN-ReLU, Dense(10)."""
-
-    norm: Callable[..., nn.Module]
-    features: Sequence[int] = (32, 64)
-    hidden: int = 128
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        for f in self.features:
-            x = nn.Conv(f, (3, 3), use_bias=False)(x)
-            x = max_pool_2x2(nn.relu(self.norm(use_running_average=not train)(x)))
-        x = x.reshape((x.shape[0], -1))
-        x = nn.relu(
-            self.norm(use_running_average=not train)(nn.Dense(self.hidden, use_bias=False)(x))
+        return demo_norm_factory("flax", momentum=BN_MOMENTUM, epsilon=BN_EPSILON), (
+            "flax.linen.BatchNorm"
         )
-        return nn.Dense(10)(x)
+    if kind == "jbn":
+        return demo_norm_factory("jbn", momentum=BN_MOMENTUM, epsilon=BN_EPSILON), "jbn.BatchNorm"
+    if kind == "jbn_out":
+        jbn_norm = demo_norm_factory("jbn", momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+        return functools.partial(jbn_norm, residual="output"), 'jbn.BatchNorm residual="output"'
+    raise ValueError(f"unknown norm {kind!r}")
 
 
 class BasicBlock(nn.Module):

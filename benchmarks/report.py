@@ -8,7 +8,7 @@ from typing import Any
 from ._timing import describe_machine
 from .layer import expected_slack_bytes
 
-# Targets of issue 5.
+# Performance targets of the core.
 TARGET_X_FLAX = 1.0  # layer fwd+bwd time / flax's
 TARGET_X_4COPIES = 2.0  # layer fwd+bwd time / (4 copies of x)
 TARGET_RESIDUAL = 1.0  # residual bytes / input bytes

@@ -1,18 +1,14 @@
 """Finding, downloading, verifying and reading the MNIST IDX files.
 
 The four standard files of the MNIST database (LeCun, Cortes, Burges) are looked
-for, gzip-compressed or not, in this order:
-
-1. the directory given explicitly (``--data-dir`` of ``train_mnist.py``),
-2. ``$JBN_DATA_DIR``,
-3. ``~/.cache/jbn/mnist`` (or ``$XDG_CACHE_HOME/jbn/mnist``),
-4. ``../shared/data/mnist`` next to this repository (the copy the project's tests
-   and CI use).
+for, gzip-compressed or not: in the directory given explicitly (``--data-dir`` of
+``train_mnist.py``) and nowhere else when one is given; otherwise in
+``$JBN_DATA_DIR``, then in ``~/.cache/jbn/mnist`` (or ``$XDG_CACHE_HOME/jbn/mnist``).
 
 If no directory holds all four, they are downloaded (with a timeout) from the
 public mirrors in :data:`MIRRORS` into the first directory of that list (the
-cache unless one was given). Every file is checked against the SHA-256 of its
-*uncompressed* content, so gzip wrappers from any mirror are accepted. Broken
+given one, else ``$JBN_DATA_DIR``, else the cache). Every file is checked against
+the SHA-256 of its *uncompressed* content, so gzip wrappers from any mirror are accepted. Broken
 files (truncated, wrong magic number, wrong checksum, images and labels of
 different counts) raise :class:`MNISTError` with a message saying what is wrong;
 a short dataset is never returned silently.
@@ -26,16 +22,16 @@ import gzip
 import hashlib
 import os
 import pathlib
-import shutil
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import BinaryIO, NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
+
+from .files import atomic_write, remove_stale_tmp
 
 __all__ = [
     "FILES",
@@ -72,7 +68,7 @@ class FileSpec(NamedTuple):
 
 
 #: The four official files, keyed by role. Checksums are those of the
-#: uncompressed content (see ../shared/data/mnist/README.md).
+#: uncompressed content.
 FILES: dict[str, FileSpec] = {
     "train_images": FileSpec(
         "train-images-idx3-ubyte",
@@ -107,8 +103,6 @@ MIRRORS: tuple[str, ...] = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
-_REPO_SHARED_DIR = pathlib.Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
-
 
 class MNISTError(RuntimeError):
     """An MNIST file is missing, broken, or does not match the official one."""
@@ -138,21 +132,20 @@ def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[pathl
     """Returns the directories searched for the files, in order of preference.
 
     Args:
-      data_dir: A directory given by the user; searched first when given.
+      data_dir: A directory given by the user: when given, the only one.
 
     Returns:
-      ``data_dir``, ``$JBN_DATA_DIR``, the cache directory and the repository's
-      ``../shared/data/mnist``, leaving out those not given and duplicates.
+      ``[data_dir]`` when it is given; otherwise ``$JBN_DATA_DIR`` (if set) and
+      the cache directory, without duplicates.
     """
-    dirs: list[pathlib.Path] = []
     if data_dir:
-        dirs.append(pathlib.Path(data_dir).expanduser())
+        return [pathlib.Path(data_dir).expanduser()]
+    dirs: list[pathlib.Path] = []
     env = os.environ.get("JBN_DATA_DIR")
     if env:
         dirs.append(pathlib.Path(env).expanduser())
     cache_root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     dirs.append(pathlib.Path(cache_root) / "jbn" / "mnist")
-    dirs.append(_REPO_SHARED_DIR)
     unique: list[pathlib.Path] = []
     for d in dirs:
         if d not in unique:
@@ -282,40 +275,6 @@ def write_idx(
     path.write_bytes(payload)
 
 
-def atomic_write(
-    path: str | os.PathLike[str],
-    source: bytes | BinaryIO,
-    *,
-    verify: Callable[[str], object] | None = None,
-) -> None:
-    """Writes bytes, or copies a binary stream, to ``path`` atomically.
-
-    The data go to a temporary file beside ``path``, which ``verify(tmp_path)``
-    may check, and is then renamed over ``path``: on any failure ``path`` is
-    left as it was and the temporary file is removed.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if isinstance(source, (bytes, bytearray)):
-                out.write(source)
-            else:
-                shutil.copyfileobj(source, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if verify is not None:
-            verify(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _atomic_download(url: str, dest: pathlib.Path, spec: FileSpec, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         # Verified before it is put in place, so a bad download never looks valid.
@@ -343,6 +302,7 @@ def download(
       MNISTNotFoundError: If a file could not be had from any mirror.
     """
     directory = pathlib.Path(directory).expanduser()
+    remove_stale_tmp(directory, [spec.name + ".gz" for spec in FILES.values()])
     paths: dict[str, pathlib.Path] = {}
     for role, spec in FILES.items():
         existing = _file_in(directory, spec.name)
@@ -365,9 +325,17 @@ def download(
     return paths
 
 
+def _missing_in(directory: pathlib.Path) -> str:
+    """What ``directory`` lacks of the four files, in words."""
+    if not directory.is_dir():
+        return "no such directory"
+    missing = [s.name + "(.gz)" for s in FILES.values() if _file_in(directory, s.name) is None]
+    return "missing " + ", ".join(missing)
+
+
 def _missing_message(dirs: Sequence[pathlib.Path], reason: str) -> str:
     names = "\n".join(f"  {s.name}.gz  (or uncompressed {s.name})" for s in FILES.values())
-    where = "\n".join(f"  {d}" for d in dirs)
+    where = "\n".join(f"  {d}: {_missing_in(d)}" for d in dirs)
     return (
         f"MNIST data not found ({reason}).\n"
         f"Put the four standard MNIST files\n{names}\n"
@@ -389,7 +357,8 @@ def load_mnist(
     """Finds (downloading if needed), verifies and reads MNIST.
 
     Args:
-      data_dir: Directory searched first (see :func:`candidate_dirs`).
+      data_dir: The directory to use; when None, the search order of
+        :func:`candidate_dirs`.
       download_missing: Whether to download the files when no directory has them.
       verify: Whether to check the SHA-256 of each file. Turning it off is only
         meant for small synthetic test files: it warns, and files of the official
@@ -399,7 +368,7 @@ def load_mnist(
       log: Called with progress messages.
 
     Returns:
-      The dataset.
+      The dataset (``log`` is told which directory it came from).
 
     Raises:
       MNISTNotFoundError: If the files are neither on disk nor downloadable.
@@ -448,4 +417,5 @@ def load_mnist(
             )
         if labels.size and labels.max() > 9:
             raise MNISTError(f"{paths[f'{split}_labels']}: label {labels.max()} is not a digit")
+    log(f"MNIST from {paths['train_images'].parent}")
     return Dataset(**arrays)

@@ -1,0 +1,140 @@
+"""Checkpoints: one msgpack file per run, verified by its SHA-256, replaced atomically.
+
+The file is a one-line header, ``jbn-mnist-checkpoint 2 sha256=<hex>\\n``, then
+the msgpack payload (:mod:`flax.serialization`) whose SHA-256 the header gives.
+A truncated or modified file is refused with its name and what to do, never
+resumed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import jax
+from flax import serialization
+
+from .config import Config
+from .files import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.msgpack"
+CHECKPOINT_VERSION = 2
+_MAGIC = b"jbn-mnist-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: damaged, of another version, or of other settings."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run is, saved with the state in each checkpoint.
+
+    Attributes:
+      epoch: The epoch being trained (0-based).
+      step_in_epoch: Steps of that epoch already done.
+      sums: Running sums of the epoch's training metrics so far.
+      history: One dict of metrics per completed epoch.
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    sums: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    )
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file: the header with the SHA-256, then the msgpack payload."""
+    body = serialization.msgpack_serialize(payload)
+    digest = hashlib.sha256(body).hexdigest()
+    return _MAGIC + f" {CHECKPOINT_VERSION} sha256={digest}\n".encode() + body
+
+
+def read_payload(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads and verifies a checkpoint file.
+
+    Args:
+      path: The checkpoint file.
+
+    Returns:
+      The payload: ``version``, ``state`` (a state dict), ``progress`` and
+      ``config`` (JSON strings).
+
+    Raises:
+      CheckpointError: If the file is not a checkpoint of this version, or its
+        content does not match its SHA-256 (truncated or modified).
+    """
+    path = pathlib.Path(path)
+    data = path.read_bytes()
+    remedy = (
+        "move it away (or delete it) to start afresh, or use another --out; "
+        "it cannot be resumed from"
+    )
+    header, sep, body = data.partition(b"\n")
+    parts = header.split(b" ")
+    if not sep or len(parts) != 3 or parts[0] != _MAGIC or not parts[2].startswith(b"sha256="):
+        raise CheckpointError(f"{path}: not a checkpoint of this demo (bad header); {remedy}")
+    if parts[1] != str(CHECKPOINT_VERSION).encode():
+        raise CheckpointError(
+            f"{path}: checkpoint version {parts[1].decode(errors='replace')}, this demo reads "
+            f"version {CHECKPOINT_VERSION}; {remedy}"
+        )
+    if hashlib.sha256(body).hexdigest().encode() != parts[2][len(b"sha256=") :]:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint (its content does not match its SHA-256: truncated "
+            f"or modified); {remedy}"
+        )
+    return serialization.msgpack_restore(body)
+
+
+def save_checkpoint(
+    workdir: pathlib.Path, state: Any, progress: Progress, config: Config
+) -> pathlib.Path:
+    """Saves the state and progress to ``workdir/checkpoint.msgpack`` atomically."""
+    payload = {
+        "version": CHECKPOINT_VERSION,
+        "state": serialization.to_state_dict(jax.device_get(state)),
+        "progress": json.dumps(dataclasses.asdict(progress)),
+        "config": json.dumps(dataclasses.asdict(config)),
+    }
+    path = pathlib.Path(workdir) / CHECKPOINT_NAME
+    atomic_write(path, encode(payload))
+    return path
+
+
+def restore_checkpoint(
+    workdir: pathlib.Path, state: Any, config: Config
+) -> tuple[Any, Progress] | None:
+    """Restores the checkpoint in ``workdir`` into the structure of ``state``.
+
+    Returns:
+      The restored state and progress, or None if there is no checkpoint.
+
+    Raises:
+      CheckpointError: If the checkpoint is damaged or was made with settings
+        that change the result.
+    """
+    path = pathlib.Path(workdir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    payload = read_payload(path)
+    saved = json.loads(payload["config"])
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    resumable = Config.resumable_fields()
+    diff = {
+        k: (saved.get(k), v) for k, v in now.items() if k not in resumable and saved.get(k) != v
+    }
+    if diff:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{path} was written with different settings ({details}); "
+            "use the same options to resume, or another --out to start afresh"
+        )
+    state = serialization.from_state_dict(state, payload["state"])
+    progress = Progress(**json.loads(payload["progress"]))
+    return state, progress

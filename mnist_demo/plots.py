@@ -1,0 +1,117 @@
+"""The demo's figures (matplotlib, drawn off-screen)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str) -> None:
+    """Saves a PNG of training and test loss and accuracy against epoch."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
+    ax2.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
+    ax2.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", label="test")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
+    """Draws the three panels of the paper's Fig. 1."""
+    plt = _pyplot()
+    steps = np.array(results["steps"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    ax.plot(steps, results["baseline"]["accuracy"], "--", label="Without BN")
+    ax.plot(steps, results["batchnorm"]["accuracy"], "-", label="With BN")
+    ax.set(
+        xlabel="training step", ylabel="test accuracy", title="(a) test accuracy", ylim=(0.7, 1.0)
+    )
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    for ax, name, title in (
+        (axes[1], "baseline", "(b) without BN"),
+        (axes[2], "batchnorm", "(c) with BN"),
+    ):
+        p = np.array(results[name]["percentiles"])
+        for j, q in enumerate((15, 50, 85)):
+            ax.plot(
+                steps,
+                p[:, j],
+                color="C0" if name == "baseline" else "C1",
+                alpha=(0.5 if j != 1 else 1.0),
+                label=f"{q}th percentile",
+            )
+        ax.set(
+            xlabel="training step",
+            ylabel=f"input to sigmoid {results['unit']} of hidden layer 3",
+            title=title,
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    lo = min(np.min(results[n]["percentiles"]) for n in ("baseline", "batchnorm"))
+    hi = max(np.max(results[n]["percentiles"]) for n in ("baseline", "batchnorm"))
+    pad = 0.05 * (hi - lo)
+    for ax in axes[1:]:
+        ax.set_ylim(lo - pad, hi + pad)
+    fig.suptitle(
+        f"MNIST, 3x100 sigmoid MLP, SGD lr {results['learning_rate']}, "
+        f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
+    """Final accuracy against learning rate, and accuracy against step at each rate."""
+    plt = _pyplot()
+    lrs = results["learning_rates"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    ax.semilogx(lrs, results["baseline"]["accuracy"], "o--", label="Without BN")
+    ax.semilogx(lrs, results["batchnorm"]["accuracy"], "s-", label="With BN")
+    ax.set(
+        xlabel="SGD learning rate",
+        ylabel="test accuracy",
+        ylim=(0, 1),
+        title=f"after {results['steps'][-1]} steps of {results['batch_size']}",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    cmap = plt.get_cmap("viridis")
+    for ax, name, title in ((axes[1], "baseline", "without BN"), (axes[2], "batchnorm", "with BN")):
+        for i, lr in enumerate(lrs):
+            ax.plot(
+                results["steps"],
+                results[name]["curves"][i],
+                color=cmap(i / max(1, len(lrs) - 1)),
+                label=f"lr {lr:g}",
+            )
+        ax.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1), title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
