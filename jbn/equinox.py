@@ -13,6 +13,7 @@ This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` doe
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -52,6 +53,22 @@ def _no_axis_error(axis_name: Any, missing: Hashable) -> NameError:
         "(x, state); or run inference with bn(x, state, inference=True) or "
         "eqx.nn.inference_mode(model), which needs no named axis"
     )
+
+
+def _mask_like(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+    """The mask as a boolean array of x's shape, or a clear error."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.integer):
+        raise TypeError(f"mask must be boolean (True counts), got dtype {mask.dtype}")
+    try:
+        ok = jnp.broadcast_shapes(mask.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to x of shape {shape} (one example)"
+        )
+    return jnp.broadcast_to(mask != 0, shape)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -120,6 +137,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
       residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y;
         see :func:`jbn.bn_forward`).
       min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
+      virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training,
+        normalize each group of this many consecutive examples along the named
+        axes (``lax.axis_index(axis_name) // virtual_batch_size``) with its own
+        statistics; the running statistics follow the groups' count-weighted
+        means. Must divide the mapped batch. The layer then works on a ``(G, C,
+        *spatial)`` copy of each example, one slice per group (G = batch /
+        virtual_batch_size), so its cost grows G-fold.
       renorm: batch renormalization (Ioffe 2017), with bounds ``rmax`` and ``dmax``.
       rmax: renorm's bound on r, >= 1 (default 3.0).
       dmax: renorm's bound on |d|, >= 0 (default 5.0).
@@ -140,6 +164,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     unbiased_running_var: bool = eqx.field(static=True)
     residual: str = eqx.field(static=True)
     min_scale: float = eqx.field(static=True)
+    virtual_batch_size: int | None = eqx.field(static=True)
     renorm: bool = eqx.field(static=True)
     rmax: float = eqx.field(static=True)
     dmax: float = eqx.field(static=True)
@@ -159,6 +184,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         unbiased_running_var: bool = False,
         residual: str = "input",
         min_scale: float = 1e-3,
+        virtual_batch_size: int | None = None,
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
@@ -219,6 +245,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.unbiased_running_var = unbiased_running_var
         self.residual = residual
         self.min_scale = min_scale
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, numbers.Integral)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = virtual_batch_size
         self.renorm = renorm
         self.rmax = rmax
         self.dmax = dmax
@@ -272,20 +307,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     lax.axis_size(name)
                 except NameError:
                     raise _no_axis_error(self.axis_name, name) from None
+        if mask is not None:
+            mask = _mask_like(mask, x.shape)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
-            if mask is not None:
-                mask = jnp.asarray(mask)
-                try:
-                    shape = jnp.broadcast_shapes(mask.shape, x.shape)
-                except ValueError:
-                    shape = None
-                if shape != x.shape:
-                    raise ValueError(
-                        f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}"
-                    )
-                mask = jnp.broadcast_to(mask, x.shape)[:, None]
             x = x[:, None]
+            mask = None if mask is None else mask[:, None]
         params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else None
         running = state.get(self.state_index)
         count = running["count"]
@@ -296,16 +323,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             m = jnp.asarray(self.momentum, running["mean"].dtype)
             m_t = m ** (count + 1).astype(m.dtype)
             momentum = (m - m_t) / (1.0 - m_t)
-        y, new = bn_forward(
-            params,
-            running,
-            x,
-            not inference,
-            axis=0,
-            momentum=momentum,
+        options = dict(
             epsilon=self.eps,
-            mask=mask,
-            axis_name=None if inference else self.axis_name,
             unbiased_running_var=self.unbiased_running_var,
             residual=self.residual,
             min_scale=self.min_scale,
@@ -314,6 +333,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
             rmax=self.rmax,
             dmax=self.dmax,
         )
+        if inference or self.virtual_batch_size is None:
+            y, new = bn_forward(
+                params,
+                running,
+                x,
+                not inference,
+                axis=0,
+                momentum=momentum,
+                mask=mask,
+                axis_name=None if inference else self.axis_name,
+                **options,
+            )
+        else:
+            y, new = self._ghost(params, running, x, momentum, mask, options)
         if squeeze:
             y = y[:, 0]
         if not inference:
@@ -321,6 +354,61 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 new["count"] = count + 1
             state = state.set(self.state_index, new)
         return y, state
+
+    def _ghost(self, params, running, x, momentum, mask, options):
+        """Training with ghost batches: one bn_forward over G masked copies of the example.
+
+        The group becomes a leading feature axis: copy g of the example counts
+        (mask) only in group g's statistics, so bn_forward normalizes each group
+        with its own, and this example keeps the slice of its own group.
+        """
+        vbs = self.virtual_batch_size
+        size = math.prod(lax.axis_size(name) for name in _names(self.axis_name))
+        groups, rest = divmod(size, vbs)
+        if rest:
+            raise ValueError(
+                f"virtual_batch_size={vbs} does not divide the batch: the named axes "
+                f"{self.axis_name!r} map {size} examples"
+            )
+        per_example = math.prod(x.shape[1:])
+        if vbs * per_example <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per feature when training: ghost batches of "
+                f"virtual_batch_size={vbs} examples of shape {x.shape} have {vbs * per_example}"
+            )
+        group = lax.axis_index(self.axis_name) // vbs
+        mine = jnp.arange(groups) == group
+        copies = jnp.broadcast_to(x, (groups, *x.shape))
+        in_group = jnp.broadcast_to(mine.reshape((groups,) + (1,) * x.ndim), copies.shape)
+        if mask is not None:
+            in_group = in_group & jnp.broadcast_to(mask, copies.shape)
+        if params is not None:
+            params = {k: jnp.broadcast_to(v, (groups, *v.shape)) for k, v in params.items()}
+        stats = {k: v for k, v in running.items() if k != "count" or momentum is None}
+        stats.update(
+            {k: jnp.broadcast_to(running[k], (groups, *running[k].shape)) for k in ("mean", "var")}
+        )
+        ys, new = bn_forward(
+            params,
+            stats,
+            copies,
+            True,
+            axis=(0, 1),
+            momentum=momentum,
+            mask=in_group,
+            axis_name=self.axis_name,
+            **options,
+        )
+        # Running statistics: the groups' updates, weighted by their counts.
+        counts = lax.psum(jnp.sum(in_group, axis=tuple(range(2, copies.ndim))), self.axis_name)
+        total = jnp.sum(counts, axis=0, keepdims=True)
+        weight = counts / jnp.maximum(total, 1)
+        seen = total[0] > 0
+        for k in ("mean", "var"):
+            average = jnp.sum(weight * new[k], axis=0).astype(running[k].dtype)
+            new[k] = jnp.where(seen, average, running[k])
+        new["count"] = new.get("count", running["count"])
+        return lax.dynamic_index_in_dim(ys, group, 0, keepdims=False), new
 
 
 # --------------------------------------------------------------------------- #

@@ -591,6 +591,48 @@ def test_mask_leaves_padding_out():
     np.testing.assert_allclose(s_pad.get(bn.state_index)["var"], var64, rtol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_ghost_batches_equal_separate_groups(padded):
+    """virtual_batch_size=4 on 8 examples equals the plain layer on each half on its own."""
+    ghost, state = eqx.nn.make_with_state(je.BatchNorm)(
+        C, "batch", momentum=MOMENTUM, virtual_batch_size=4
+    )
+    ghost = _affine(ghost, jax.random.key(4))
+    plain = _affine(je.BatchNorm(C, "batch", momentum=MOMENTUM), jax.random.key(4))
+    plain = eqx.tree_at(lambda b: b.state_index, plain, ghost.state_index)
+    x = _data((C, 2), offset=0.0) + jnp.repeat(jnp.array([0.0, 3.0]), 4)[:, None, None]
+    mask = jnp.arange(8) != (7 if padded else 8)  # padded: the last example is padding
+
+    @eqx.filter_jit
+    def run(bn, x, mask):
+        def loss(bn):
+            y, s = jax.vmap(lambda x, m, s: bn(x, s, mask=m), axis_name="batch",
+                            in_axes=(0, 0, None), out_axes=(0, None))(x, mask, state)  # fmt: skip
+            return jnp.sum(jnp.sin(y) * mask[:, None, None]), (y, s.get(bn.state_index))
+
+        return eqx.filter_value_and_grad(loss, has_aux=True)(bn)
+
+    (loss, (y, run_g)), grads = run(ghost, x, mask)
+    halves = [run(plain, x[:4], mask[:4]), run(plain, x[4:], mask[4:])]
+    np.testing.assert_allclose(loss, sum(h[0][0] for h in halves), rtol=1e-5)
+    y_ref = jnp.concatenate([h[0][1][0] for h in halves])
+    np.testing.assert_allclose(y[mask], y_ref[mask], rtol=1e-5, atol=1e-6)
+    grads_ref = jax.tree.map(lambda a, b: a + b, halves[0][1], halves[1][1])
+    _assert_trees_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
+    # Running statistics: the count-weighted mean of the groups' (4 and 3 or 4 examples).
+    counts = np.array([4.0, 3.0 if padded else 4.0])
+    for k in ("mean", "var"):
+        expected = sum(c * h[0][1][1][k] for c, h in zip(counts, halves, strict=True))
+        np.testing.assert_allclose(run_g[k], expected / counts.sum(), rtol=1e-5, atol=1e-6)
+    # And the outputs in float64 NumPy: each half normalized with its own statistics.
+    x64 = np.asarray(x, np.float64)
+    for rows in (slice(0, 4), slice(4, 7 if padded else 8)):
+        mean, var = _batch_stats64(x64[rows])
+        xhat = (x64[rows] - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+        expected = xhat * np.asarray(ghost.weight)[:, None] + np.asarray(ghost.bias)[:, None]
+        np.testing.assert_allclose(y[rows], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cumulative_and_unbiased_running_statistics():
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(
         C, "batch", momentum=None, unbiased_running_var=True
@@ -646,6 +688,7 @@ def test_ema_modes_raise(mode):
         (dict(eps=0.0), ValueError, "eps must be a float > 0"),
         (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
         (dict(momentum="0.9"), TypeError, "momentum must be a float"),
+        (dict(virtual_batch_size=0), ValueError, "virtual_batch_size must be a positive int"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -666,10 +709,18 @@ def test_call_errors():
     with pytest.raises(TypeError, match="inference must be a Python bool"):
         bn(x[0], state, inference=jnp.array(True))
     flat, flat_state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch")
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        jax.vmap(lambda x, s: flat(x, s, mask=1.0), **VMAP)(x[:, :, 0], flat_state)
     with pytest.raises(ValueError, match=r"mask of shape \(2,\) does not broadcast"):
         jax.vmap(lambda x, s: flat(x, s, mask=jnp.ones(2, bool)), **VMAP)(x[:, :, 0], flat_state)
     with pytest.raises(ValueError, match="more than 1 value per feature"):
         jax.vmap(flat, **VMAP)(x[:1, :, 0], flat_state)
+    ghost, ghost_state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", virtual_batch_size=3)
+    with pytest.raises(ValueError, match="virtual_batch_size=3 does not divide the batch"):
+        jax.vmap(ghost, **VMAP)(x, ghost_state)
+    ghost, ghost_state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", virtual_batch_size=1)
+    with pytest.raises(ValueError, match="virtual_batch_size=1 examples of shape"):
+        jax.vmap(ghost, **VMAP)(x[:, :, 0], ghost_state)
     with pytest.raises(TypeError, match="state must be the model's eqx.nn.State"):
         je.convert(flat, {"mean": 0})
     with pytest.raises(ValueError, match=r"options \['axis_name'\] are taken from each"):
