@@ -1,0 +1,404 @@
+"""Merging running statistics that replicas kept separately, exactly.
+
+Replicas that normalize without ``axis_name`` (data-parallel training without
+synchronized batch norm, an ensemble, several processes each on its own shard)
+each keep their own running mean and variance. One set of statistics for all of
+them is the statistics of all their values together: the count-weighted mean of
+the means, and for the variance the count-weighted mean of the variances *plus*
+the count-weighted variance of the means (the law of total variance). Averaging
+the variances, as flax's ImageNet example does (``lax.pmean`` of the batch
+stats), drops the second term. The replicas are combined pairwise with Chan et
+al.'s formula (:func:`jbn._stats.combine`), so when each replica's statistics
+are exact for its data, the merged ones are exact for the concatenated data.
+
+:func:`sync_batch_stats` works on linen ``batch_stats`` trees (stacked with a
+leading replica axis, a list of trees, or one tree per device inside a mapped
+axis); :func:`sync_nnx_batch_stats` on NNX models (a list of replica models, a
+model with stacked ``BatchStat`` leaves such as an ``nnx.vmap`` ensemble, or one
+model per device inside a mapped axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._stats import combine, compute_dtype, unbiased
+
+Array = jax.Array
+Path = tuple[Any, ...]
+
+# The entries a batch-norm layer's running statistics may hold.
+_LAYER_KEYS = frozenset({"mean", "var", "count"})
+
+
+def _name(path: Path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _is_layer(node: Any) -> bool:
+    return (
+        isinstance(node, Mapping)
+        and "mean" in node
+        and "var" in node
+        and not isinstance(node["mean"], Mapping)
+    )
+
+
+def _layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
+    """Paths of the layers (dicts with 'mean' and 'var') of a batch_stats tree.
+
+    Anything else in the tree is an error: it is not clear how to merge it.
+    """
+    if _is_layer(tree):
+        extra = sorted(str(k) for k in tree if k not in _LAYER_KEYS)
+        if extra:
+            raise ValueError(
+                f"{what}: the batch-norm layer at {_name(path)!r} holds {extra} besides "
+                "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
+            )
+        return [path]
+    if isinstance(tree, Mapping):
+        return [p for k, sub in tree.items() for p in _layer_paths(sub, what, path + (k,))]
+    hint = (
+        " (pass variables['batch_stats'], not the whole variables)"
+        if path and path[0] == "params"
+        else ""
+    )
+    raise ValueError(
+        f"{what}: {_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
+        f"(a dict with 'mean' and 'var'); only batch-norm running statistics can be "
+        f"merged{hint}"
+    )
+
+
+def _lookup(tree: Any, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _rebuild(tree: Any, merged: dict[Path, dict], path: Path = ()) -> Any:
+    """``tree`` as plain dicts, with each layer replaced by its merged statistics."""
+    if path in merged:
+        return merged[path]
+    return {k: _rebuild(sub, merged, path + (k,)) for k, sub in tree.items()}
+
+
+def _is_concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _counts(counts: Any, replicas: int | None, unbiased_var: bool) -> Array:
+    """Per-replica counts as a float array: shape (replicas,), or () inside a mapped axis."""
+    if counts is None:
+        if unbiased_var:
+            raise ValueError(
+                "unbiased=True needs counts: Bessel's correction n/(n-1) of each replica's "
+                "variance is undone and redone with its count"
+            )
+        return jnp.ones(() if replicas is None else (replicas,), jnp.float32)
+    if _is_concrete(counts):
+        values = np.asarray(counts)
+        if not (
+            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+        ):
+            raise TypeError(f"counts must be numbers, got dtype {values.dtype}")
+        expected = () if replicas is None else (replicas,)
+        if values.shape != expected:
+            raise ValueError(
+                f"counts must have shape {expected} (one count per replica"
+                + (", this device's own inside the mapped axis" if replicas is None else "")
+                + f"), got shape {values.shape}"
+            )
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError(f"counts must be finite and >= 0, got {values.tolist()}")
+        if replicas is not None and not np.sum(values) > 0:
+            raise ValueError(f"counts must not all be 0, got {values.tolist()}")
+    counts = jnp.asarray(counts)
+    expected = () if replicas is None else (replicas,)
+    if counts.shape != expected:
+        raise ValueError(f"counts must have shape {expected}, got shape {counts.shape}")
+    return counts
+
+
+def _reduce(n: Array, mean: Array, m2: Array) -> tuple[Array, Array, Array]:
+    """Combines the (count, mean, M2) of axis 0 pairwise, in log2(replicas) vectorized steps."""
+    while n.shape[0] > 1:
+        half = n.shape[0] // 2
+        a = tuple(v[:half] for v in (n, mean, m2))
+        b = tuple(v[half : 2 * half] for v in (n, mean, m2))
+        rest = tuple(v[2 * half :] for v in (n, mean, m2))
+        n, mean, m2 = (jnp.concatenate([c, r]) for c, r in zip(combine(a, b), rest, strict=True))
+    return n[0], mean[0], m2[0]
+
+
+def _merge_layer(layer: Mapping, n: Array, unbiased_var: bool, path: Path) -> dict[str, Array]:
+    """One layer's merged statistics from its stacked ones (leading replica axis)."""
+    mean, var = jnp.asarray(layer["mean"]), jnp.asarray(layer["var"])
+    replicas = n.shape[0]
+    if mean.shape != var.shape:
+        raise ValueError(
+            f"the layer at {_name(path)!r} has mean of shape {mean.shape} but var of shape "
+            f"{var.shape}: they must match"
+        )
+    if mean.ndim == 0 or mean.shape[0] != replicas:
+        raise ValueError(
+            f"the layer at {_name(path)!r} has statistics of shape {mean.shape}, expected a "
+            f"leading replica axis of size {replicas} (the stacked replicas' statistics)"
+        )
+    cd = compute_dtype(jnp.promote_types(mean.dtype, var.dtype))
+    n = n.astype(cd).reshape((replicas,) + (1,) * (mean.ndim - 1))
+    v = var.astype(cd)
+    if unbiased_var:  # back to the biased variance M2/n of each replica
+        v = v * (jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
+    total, merged_mean, m2 = _reduce(n, mean.astype(cd), v * n)
+    merged_var = jnp.maximum(0.0, m2 / jnp.maximum(total, 1))
+    if unbiased_var:
+        merged_var = unbiased(merged_var, total)
+    out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
+    if "count" in layer and layer["count"] is not None:
+        count = jnp.asarray(layer["count"])
+        if count.shape[:1] != (replicas,):
+            raise ValueError(
+                f"the layer at {_name(path)!r} has count of shape {count.shape}, expected a "
+                f"leading replica axis of size {replicas}"
+            )
+        # The merged statistics average all the replicas' batches.
+        out["count"] = jnp.sum(count, axis=0).astype(count.dtype)
+    return out
+
+
+def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
+    paths = _layer_paths(tree, what)
+    if not paths:
+        raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
+    replicas = {
+        p: np.shape(_lookup(tree, p)["mean"])[0] for p in paths if np.ndim(_lookup(tree, p)["mean"])
+    }
+    sizes = sorted(set(replicas.values()))
+    if len(sizes) > 1:
+        detail = ", ".join(f"{_name(p)}: {r}" for p, r in replicas.items())
+        raise ValueError(
+            f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
+            "has one leading axis of the number of replicas on every leaf"
+        )
+    r = sizes[0] if sizes else 0
+    n = _counts(counts, r, unbiased_var)
+    return _rebuild(tree, {p: _merge_layer(_lookup(tree, p), n, unbiased_var, p) for p in paths})
+
+
+def _stack(trees: Sequence[Any], what: str) -> Any:
+    """A list of replicas' trees as one tree with a leading replica axis."""
+    if not trees:
+        raise ValueError(f"{what} is an empty list: give at least one replica's statistics")
+    structures = [jax.tree.structure(t) for t in trees]
+    for i, s in enumerate(structures[1:], 1):
+        if s != structures[0]:
+            raise ValueError(
+                f"{what}: replica {i}'s tree differs from replica 0's; every replica must have "
+                f"the same layers.\nreplica 0: {structures[0]}\nreplica {i}: {s}"
+            )
+    leaves = [jax.tree.leaves(t) for t in trees]
+    for j, first in enumerate(leaves[0]):
+        for i, other in enumerate(leaves[1:], 1):
+            if np.shape(other[j]) != np.shape(first):
+                raise ValueError(
+                    f"{what}: replica {i} has a leaf of shape {np.shape(other[j])} where "
+                    f"replica 0 has {np.shape(first)}; every replica's statistics must have "
+                    "the same shapes"
+                )
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _check_axis(axis_name: Any, fn: str) -> None:
+    try:
+        lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound here: call {fn} inside pmap, shard_map or "
+            "vmap with that axis_name, or leave axis_name=None and give the stacked replicas"
+        ) from None
+
+
+def _merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
+    """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
+    paths = _layer_paths(tree, what)
+    if not paths:
+        raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
+    n = _counts(counts, None, unbiased_var)
+    # One gather of everything: every device then merges the same stacked statistics.
+    layers = {p: dict(_lookup(tree, p)) for p in paths}
+    layers, n = lax.all_gather((layers, n), axis_name)
+    return _rebuild(tree, {p: _merge_layer(layers[p], n, unbiased_var, p) for p in paths})
+
+
+def sync_batch_stats(
+    batch_stats: Any,
+    counts: ArrayLike | Sequence[float] | None = None,
+    *,
+    axis_name: Any = None,
+    unbiased: bool = False,
+) -> dict[str, Any]:
+    """Merges running statistics that replicas kept separately into the exact joint ones.
+
+    Each batch-norm layer's running ``mean`` and ``var`` of the replicas become
+    those of all their data together, each replica weighted by its count:
+
+      mean = Σ nᵢ meanᵢ / Σ nᵢ,
+      var  = Σ nᵢ varᵢ / Σ nᵢ + Σ nᵢ (meanᵢ - mean)² / Σ nᵢ,
+
+    computed with Chan et al.'s pairwise combination. Where each replica's
+    statistics are exact for its data (e.g. from :func:`jbn.recalibrate_batch_stats`),
+    the result equals the statistics of the concatenated data. Averaging the
+    variances alone (``lax.pmean`` of the batch stats, flax's ImageNet example)
+    drops the second term, the spread of the replicas' means. Running averages
+    (momentum) merge the same way; the result is then as good as the averages.
+
+    Three ways to call it:
+
+    * a stacked tree, every leaf with a leading replica axis (e.g. the
+      ``batch_stats`` a ``jax.pmap``'d train step returns): returns one tree
+      without that axis;
+    * a list of trees, one per replica: the same;
+    * inside ``pmap``, ``shard_map`` or ``vmap`` with ``axis_name``: each device's
+      own tree and count; every device gets the merged tree (one ``all_gather``).
+
+    Every layer (a dict with ``"mean"`` and ``"var"``, as ``jbn.BatchNorm`` and
+    ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32
+    (float64 for float64 statistics). A cumulative layer's ``"count"`` (batches
+    seen, ``momentum=None``) becomes the total over the replicas, as the merged
+    statistics average all their batches. Anything else in the tree is an error.
+
+    Args:
+      batch_stats: the replicas' ``batch_stats`` collection(s), as above (not the
+        whole variables).
+      counts: how many values each replica's statistics summarize (e.g. its
+        number of examples): shape ``(replicas,)``, or this device's scalar with
+        ``axis_name``. None (default): all equal.
+      axis_name: the named mapped axis whose devices hold the replicas, or None
+        (default) for stacked statistics or a list.
+      unbiased: the variances are Bessel-corrected, ``M2 / (n - 1)`` with n the
+        replica's count (a layer with ``unbiased_running_var=True``). Each is
+        turned back into ``M2 / n`` with its count, merged, and corrected again
+        with the total count, so ``counts`` is required. Exact for statistics
+        whose correction used that count (recalibrated ones); for running
+        averages of per-batch corrected variances the n/(n - 1) factors differ by
+        O(1/batch size).
+
+    Returns:
+      The merged ``batch_stats`` as nested dicts, with the replica axis removed
+      (stacked or list input) or on every device (``axis_name``).
+    """
+    what = "batch_stats"
+    if axis_name is not None:
+        if isinstance(batch_stats, (list, tuple)):
+            raise ValueError(
+                "with axis_name, batch_stats is this device's own tree, not a list of replicas"
+            )
+        _check_axis(axis_name, "jbn.sync_batch_stats")
+        return _merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
+    if isinstance(batch_stats, (list, tuple)):
+        for i, t in enumerate(batch_stats):
+            _layer_paths(t, f"batch_stats[{i}]")
+        batch_stats = _stack(list(batch_stats), what)
+    return _merge_stacked(batch_stats, counts, unbiased, what)
+
+
+def _feature_ndim(module: Any) -> int | None:
+    features = getattr(module, "num_features", None)
+    if isinstance(features, int):
+        return 1
+    if isinstance(features, tuple):
+        return len(features)
+    return None
+
+
+def _check_stacked_model(model: nnx.Module, paths: list[Path]) -> None:
+    """A single model given without axis_name must carry a leading replica axis."""
+    modules = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    for path in paths:
+        module = modules.get(path)
+        ndim = _feature_ndim(module)
+        mean = getattr(module, "mean", None)
+        if ndim is not None and mean is not None and jnp.ndim(mean[...]) != ndim + 1:
+            raise ValueError(
+                f"models is one model whose batch norm {_name(path)!r} has statistics of shape "
+                f"{jnp.shape(mean[...])}, i.e. no leading replica axis: give a list of replica "
+                "models, a model with stacked statistics (e.g. built under nnx.vmap), or "
+                "axis_name inside a mapped axis"
+            )
+
+
+def sync_nnx_batch_stats(
+    models: nnx.Module | Sequence[nnx.Module],
+    counts: ArrayLike | Sequence[float] | None = None,
+    *,
+    axis_name: Any = None,
+    unbiased: bool = False,
+) -> None:
+    """Merges, in place, the running statistics that NNX replica models kept separately.
+
+    The NNX counterpart of :func:`sync_batch_stats` (same formula and options):
+    afterwards every replica's batch norms hold the mean and variance of all the
+    replicas' data together. Works on the ``nnx.BatchStat`` ``mean`` / ``var`` (and
+    ``count``) of ``jbn.nnx.BatchNorm`` and ``flax.nnx.BatchNorm`` alike; a model
+    with any other ``nnx.BatchStat`` is an error. Three ways to call it:
+
+    * a list of replica models (the same architecture), e.g. copies trained on
+      different shards: each gets the merged statistics;
+    * one model whose statistics have a leading replica axis, as an ensemble
+      built with ``nnx.split_rngs`` and ``nnx.vmap`` has: every replica's slice
+      gets the merged statistics (the shape stays);
+    * inside ``nnx.vmap``, ``nnx.pmap`` or ``shard_map`` with ``axis_name``: the
+      device's own model and count.
+
+    Args:
+      models: the replica models, as above.
+      counts: how many values each replica's statistics summarize: shape
+        ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
+      axis_name: the named mapped axis whose devices hold the replicas, or None.
+      unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
+        needs ``counts``, see :func:`sync_batch_stats`.
+    """
+    fn = "jbn.nnx.sync_batch_stats"
+    if isinstance(models, nnx.Module):
+        replicas = [models]
+    elif isinstance(models, Sequence) and all(isinstance(m, nnx.Module) for m in models):
+        replicas = list(models)
+        if not replicas:
+            raise ValueError("models is an empty list: give at least one replica model")
+    else:
+        raise TypeError(
+            f"models must be an nnx.Module or a list of them, got {type(models).__name__}"
+        )
+    states = [nnx.state(m, nnx.BatchStat) for m in replicas]
+    trees = [s.to_pure_dict() for s in states]
+    for i, tree in enumerate(trees):
+        what = "models" if isinstance(models, nnx.Module) else f"models[{i}]"
+        if not _layer_paths(tree, f"{what}' batch stats"):
+            raise ValueError(f"{what} holds no batch norm (nnx.BatchStat 'mean' and 'var')")
+    if axis_name is not None:
+        if len(replicas) > 1 or not isinstance(models, nnx.Module):
+            raise ValueError("with axis_name, models is this device's own model, not a list")
+        _check_axis(axis_name, fn)
+        merged = _merge_over_axis(trees[0], counts, axis_name, unbiased, "models' batch stats")
+        new = [merged]
+    elif isinstance(models, nnx.Module):
+        _check_stacked_model(models, _layer_paths(trees[0], "models' batch stats"))
+        merged = _merge_stacked(trees[0], counts, unbiased, "models' batch stats")
+        stacked = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), merged, trees[0])
+        new = [stacked]
+    else:
+        merged = _merge_stacked(_stack(trees, "models' batch stats"), counts, unbiased, "models")
+        new = [merged] * len(replicas)
+    for model, state, tree in zip(replicas, states, new, strict=True):
+        nnx.replace_by_pure_dict(state, tree)
+        nnx.update(model, state)
