@@ -3,7 +3,9 @@
 Ported from flax's source distribution (``pip download --no-binary :all:
 --no-deps flax==0.12.8``): ``tests/linen/linen_test.py`` (``test_batch_norm``,
 ``test_batch_norm_complex``, ``test_batch_norm_multi_init``) and
-``tests/nnx/nn/normalization_test.py`` (``test_nnx_linen_batchnorm_equivalence``).
+``tests/nnx/nn/normalization_test.py`` (``test_nnx_linen_batchnorm_equivalence`` and
+``test_nnx_linen_spectralnorm_equivalence``, whose model holds a BatchNorm; its
+float16 cases are marked slow).
 Each runs unchanged in substance, parametrised over the implementation: flax's
 module, ``jbn.BatchNorm`` / ``jbn.nnx.BatchNorm``, and flax's linen module under
 ``jbn.linen.intercept()``. On top of flax's own assertions, jbn's results are
@@ -252,3 +254,104 @@ def test_nnx_linen_batchnorm_equivalence(impl, dtype, param_dtype, use_fast_vari
         if a.shape == (5,):
             a, b = a[seen], b[seen]
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("update_stats", [True, False])
+@pytest.mark.parametrize("n_steps", [1, 10])
+@pytest.mark.parametrize(
+    "param_dtype",
+    [jnp.float32, pytest.param(jnp.float16, marks=pytest.mark.slow)],
+    ids=["p32", "p16"],
+)
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.float16, marks=pytest.mark.slow)], ids=["f32", "f16"]
+)
+def test_nnx_linen_spectralnorm_equivalence(impl, dtype, param_dtype, n_steps, update_stats):
+    """flax's spectral-norm test, whose wrapped Sequential holds a BatchNorm."""
+    linen_batch_norm, nnx_batch_norm, context = IMPLS[impl]
+
+    class NNXModel(nnx.Module):
+        def __init__(self, dtype, param_dtype, rngs):
+            self.seq = nnx.Sequential(
+                nnx.Linear(5, 4, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                nnx.relu,
+                nnx_batch_norm(
+                    4,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                    use_running_average=not update_stats,
+                ),
+            )
+            self.norm_layer = nnx.SpectralNorm(
+                self.seq,
+                n_steps=n_steps,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                update_stats=update_stats,
+                rngs=rngs,
+            )
+
+        def __call__(self, x):
+            return self.norm_layer(x)
+
+    class LinenModel(linen.Module):
+        dtype: Dtype | None = None
+        param_dtype: Dtype = jnp.float32
+
+        def setup(self):
+            self.seq = linen.Sequential(
+                [
+                    linen.Dense(4, dtype=self.dtype, param_dtype=self.param_dtype),
+                    linen.relu,
+                    linen_batch_norm(
+                        dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        use_running_average=not update_stats,
+                    ),
+                ]
+            )
+            self.norm_layer = linen.SpectralNorm(self.seq, n_steps=n_steps)
+
+        def __call__(self, x):
+            return self.norm_layer(x, update_stats=update_stats)
+
+    rngs = nnx.Rngs(42)
+    x = jax.random.normal(jax.random.key(0), (10, 5))
+
+    linen_model = LinenModel(dtype=dtype, param_dtype=param_dtype)
+    with context():
+        variables = linen_model.init(jax.random.key(1), x)
+
+    nnx_model = NNXModel(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # Setup the same weights and batch stats
+    var_params_seq_0 = variables["params"]["seq"]["layers_0"]
+    nnx_model.seq.layers[0].kernel.set_value(var_params_seq_0["kernel"])
+    nnx_model.seq.layers[0].bias.set_value(var_params_seq_0["bias"])
+
+    var_params_seq_2 = variables["params"]["seq"]["layers_2"]
+    nnx_model.seq.layers[2].scale.set_value(var_params_seq_2["scale"])
+    nnx_model.seq.layers[2].bias.set_value(var_params_seq_0["bias"])
+
+    var_norm_layer = variables["batch_stats"]["norm_layer"]
+    nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", "u")].set_value(
+        var_norm_layer["seq/layers_0/kernel/u"]
+    )
+    nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", "sigma")].set_value(
+        var_norm_layer["seq/layers_0/kernel/sigma"]
+    )
+
+    with context():
+        linen_out = linen_model.apply(variables, x, mutable=["batch_stats"])
+    nnx_out = nnx_model(x)
+    np.testing.assert_array_equal(linen_out[0], nnx_out)
+
+    np.testing.assert_array_equal(
+        nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", "u")],
+        linen_out[1]["batch_stats"]["norm_layer"]["seq/layers_0/kernel/u"],
+    )
+    np.testing.assert_array_equal(
+        nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", "sigma")],
+        linen_out[1]["batch_stats"]["norm_layer"]["seq/layers_0/kernel/sigma"],
+    )
