@@ -192,47 +192,47 @@ def test_inference_matches_equinox(model_cls):
     _assert_trees_close(g_jbn, g_ref, rtol=1e-4, atol=1e-6)
 
 
-def _scan_steps(bn, state, xs):
-    """Trains bn alone on each batch of xs (T, B, C) in a lax.scan; returns the last state."""
+def _running_after_each_step(bn, state, xs):
+    """Trains bn alone on each batch of xs (T, B, C) in a lax.scan.
+
+    Returns the running (mean, var) used at inference after each step, (T, C) each:
+    jbn's stored statistics, or Equinox's hidden ones divided by 1 - m^t.
+    """
 
     def step(state, x):
         _, state = jax.vmap(bn, **VMAP)(x, state)
-        return state, None
+        if isinstance(bn, je.BatchNorm):
+            run = state.get(bn.state_index)
+            return state, (run["mean"], run["var"])
+        hm, hv = state.get(bn.batch_state_index)
+        debias = 1 - bn.momentum ** state.get(bn.batch_counter)
+        return state, (hm / debias, hv / debias)
 
-    return jax.lax.scan(step, state, xs)[0]
+    return jax.lax.scan(step, state, xs)[1]
 
 
-@pytest.mark.parametrize("steps", [10, 500])
-def test_running_statistics_over_many_steps(steps):
-    m = 0.99
+def test_running_statistics_over_500_steps():
+    m, steps = 0.99, 500
     xs = jax.random.normal(jax.random.key(3), (steps, 4, C)) * jnp.array([[[1.0, 2.0, 0.5]]])
     xs = xs + jnp.linspace(-1.0, 1.0, steps)[:, None, None]  # drifting statistics
     ref, ref_state = eqx.nn.make_with_state(_eqx_bn)(C, "batch", momentum=m)
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", momentum=m)
-    ref_state = eqx.filter_jit(_scan_steps)(ref, ref_state, xs)
-    state = eqx.filter_jit(_scan_steps)(bn, state, xs)
-    run = state.get(bn.state_index)
-    assert int(run["count"]) == steps
-
+    ref_mean, ref_var = eqx.filter_jit(_running_after_each_step)(ref, ref_state, xs)
+    mean, var = eqx.filter_jit(_running_after_each_step)(bn, state, xs)
     means = np.asarray(xs, np.float64).mean(1)
     variances = np.asarray(xs, np.float64).var(1)
-    weights = m ** np.arange(steps - 1, -1, -1) * (1 - m) / (1 - m**steps)
-    np.testing.assert_allclose(run["mean"], weights @ means, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(run["var"], weights @ variances, rtol=1e-4)
-
-    # Equinox: the same mean; its variance is m^t/(1-m^t) higher (+9.46 after 10
-    # steps, +0.0066 after 500), from its hidden variance's initial 1.
-    counter = ref_state.get(ref.batch_counter)
-    hm, hv = ref_state.get(ref.batch_state_index)
-    debias = 1 - m ** int(counter)
-    ref_mean64, ref_var64 = _ref_running(steps, means, variances, m)
-    np.testing.assert_allclose(hm / debias, ref_mean64, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(run["mean"], hm / debias, rtol=1e-4, atol=1e-5)
-    bias = m**steps / (1 - m**steps)
-    np.testing.assert_allclose(hv / debias - run["var"], bias, rtol=1e-3, atol=1e-5)
-    np.testing.assert_allclose(ref_var64 - weights @ variances, bias, rtol=1e-6)
-    if steps == 10:
-        assert 9.4 < bias < 9.5
+    for t, bias in ((1, 99.0), (10, 9.46), (100, 0.58), (500, 0.0066)):
+        # jbn: the batch statistics' average with weights m^(t-i) (1-m) / (1-m^t), in float64.
+        weights = m ** np.arange(t - 1, -1, -1) * (1 - m) / (1 - m**t)
+        np.testing.assert_allclose(mean[t - 1], weights @ means[:t], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var[t - 1], weights @ variances[:t], rtol=1e-4)
+        # Equinox: the same mean (its formula, in float64, and as it runs); its
+        # variance is m^t/(1-m^t) higher, from its hidden variance's initial 1.
+        ref_mean64, ref_var64 = _ref_running(t, means, variances, m)
+        np.testing.assert_allclose(ref_mean[t - 1], ref_mean64, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(mean[t - 1], ref_mean[t - 1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ref_var64 - weights @ variances[:t], m**t / (1 - m**t))
+        np.testing.assert_allclose(ref_var[t - 1] - var[t - 1], bias, rtol=1e-2)
 
 
 # --------------------------------------------------------------------------- #
@@ -375,16 +375,21 @@ def test_shard_map_over_four_devices(four_devices, per_device):
 # --------------------------------------------------------------------------- #
 
 
+@eqx.filter_jit
+def _apply(model, state, x, inference=None):
+    """The layer over a batch, with the call-time flag (static under filter_jit)."""
+    return jax.vmap(lambda x, s: model(x, s, inference=inference), **VMAP)(x, state)
+
+
 def test_inference_flag_both_ways():
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch")
     x = _data((C, 2))
-    train = jax.vmap(bn, **VMAP)
-    y, state = train(x, state)
+    y, state = _apply(bn, state, x)
     run = state.get(bn.state_index)
     # inference_mode: running statistics, state unchanged, no named axis needed.
     inf = eqx.nn.inference_mode(bn)
     assert inf.inference and not bn.inference
-    y_inf, state = jax.vmap(inf, in_axes=(0, None), out_axes=(0, None))(x, state)
+    y_inf, state = _apply(inf, state, x)
     expected = (np.asarray(x, np.float64) - np.asarray(run["mean"])[:, None]) / np.sqrt(
         np.asarray(run["var"])[:, None] + 1e-5
     )
@@ -393,14 +398,14 @@ def test_inference_flag_both_ways():
     y0, state = inf(x[0], state)  # one example, no vmap at all
     np.testing.assert_allclose(y0, y_inf[0], rtol=1e-6)
     # The call-time flag wins both ways.
-    y_over, state = jax.vmap(lambda x, s: bn(x, s, inference=True), in_axes=(0, None),
-                             out_axes=(0, None))(x, state)  # fmt: skip
-    np.testing.assert_array_equal(y_over, y_inf)
-    back = eqx.nn.inference_mode(inf, value=False)
-    y_train, state = jax.vmap(lambda x, s: inf(x, s, inference=False), **VMAP)(x, state)
+    y_over, state = _apply(bn, state, x, inference=True)
+    np.testing.assert_allclose(y_over, y_inf, rtol=1e-6)
+    y_train, state = _apply(inf, state, x, inference=False)
     np.testing.assert_allclose(y_train, y, rtol=1e-6)
     assert int(state.get(bn.state_index)["count"]) == 2
-    y_back, state = jax.vmap(back, **VMAP)(x, state)
+    back = eqx.nn.inference_mode(inf, value=False)
+    assert not back.inference
+    y_back, state = _apply(back, state, x)
     np.testing.assert_allclose(y_back, y, rtol=1e-6)
     assert int(state.get(bn.state_index)["count"]) == 3
 
@@ -539,7 +544,7 @@ def test_convert_at_initialisation_gives_equal_inference_and_keeps_other_state()
     ref, ref_state = eqx.nn.make_with_state(WithSpectral)(jax.random.key(0))
     model, state = je.convert(ref, ref_state)
     x = _data((C,))
-    np.testing.assert_allclose(_infer(model, state, x)[0], _infer(ref, ref_state, x)[0],
+    np.testing.assert_allclose(_infer_jit(model, state, x)[0], _infer_jit(ref, ref_state, x)[0],
                                rtol=1e-6, atol=1e-6)  # fmt: skip
     np.testing.assert_array_equal(
         state.get(model.sn.uv_index)[0], ref_state.get(ref.sn.uv_index)[0]
@@ -553,10 +558,11 @@ def test_convert_ema_mode():
     with pytest.raises(ValueError, match="mode='ema'.*allow_ema=True"):
         je.convert(ref, ref_state)
     x = _data((C,))
-    _, ref_state = jax.vmap(ref, **VMAP)(x, ref_state)
+    _, ref_state = _apply(ref, ref_state, x)
     model, state = je.convert(ref, ref_state, allow_ema=True, residual="output")
     assert model.residual == "output"
-    np.testing.assert_allclose(_infer(model, state, x)[0], _infer(ref, ref_state, x)[0],
+    assert int(state.get(model.state_index)["count"]) > 0
+    np.testing.assert_allclose(_infer_jit(model, state, x)[0], _infer_jit(ref, ref_state, x)[0],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
@@ -646,6 +652,14 @@ def test_cumulative_and_unbiased_running_statistics():
     assert int(run["count"]) == 3
     np.testing.assert_allclose(run["mean"], x64.mean(1).mean(0), rtol=1e-5)
     np.testing.assert_allclose(run["var"], x64.var(1, ddof=1).mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("autodiff", [False, True])
+def test_training_goes_through_the_analytic_backward(autodiff):
+    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", autodiff=autodiff)
+    x = _data((C, 2))
+    jaxpr = str(jax.make_jaxpr(lambda x: jax.vmap(bn, **VMAP)(x, state)[0])(x))
+    assert ("custom_vjp" in jaxpr) != autodiff
 
 
 @pytest.mark.parametrize(
