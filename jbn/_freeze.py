@@ -102,7 +102,8 @@ def _freezing_interceptor(next_fun, args, kwargs, context):
             _state.pending[-1][0] = True
         if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
             return next_fun(*args, **kwargs)  # creates the variables; init updates nothing
-        return _frozen_forward(module, args[0], _state.stop_gradient[-1])
+        x = args[0] if args else kwargs["x"]
+        return _frozen_forward(module, x, _state.stop_gradient[-1])
     _state.pending.append([False])
     try:
         out = next_fun(*args, **kwargs)

@@ -61,6 +61,7 @@ class _State(threading.local):
 _state = _State()
 
 
+@functools.cache
 def _check_class(cls: type) -> None:
     """Raises if a BatchNorm subclass overrides behaviour that jbn would drop."""
     overridden = []
