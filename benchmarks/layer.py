@@ -25,6 +25,7 @@ import functools
 import gc
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -198,8 +199,21 @@ def naive_impl(axis: int):
 
 
 def load_core(path: str, name: str):
-    """Imports a copy of jbn/_batch_norm.py under another name (for A/B runs of core changes)."""
-    spec = importlib.util.spec_from_file_location(name, path)
+    """Imports a copy of the jbn package directory under another name (for A/B runs).
+
+    E.g. ``cp -r jbn /tmp/jbn_before`` before a change, then ``--compare-core
+    /tmp/jbn_before``: the copy's modules import each other relatively, so the
+    whole package runs under ``name`` beside the current ``jbn``.
+    """
+    init = os.path.join(path, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(
+            f"--compare-core: {path!r} is not a copy of the jbn package directory "
+            "(no __init__.py in it)"
+        )
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[os.path.abspath(path)]
+    )
     if spec is None or spec.loader is None:
         raise SystemExit(f"--compare-core: cannot import {path}")
     module = importlib.util.module_from_spec(spec)

@@ -9,7 +9,8 @@ from ._timing import describe_machine
 from .layer import expected_slack_bytes
 
 # Performance targets of the core.
-TARGET_X_FLAX = 1.0  # layer fwd+bwd time / flax's
+TARGET_X_FLAX = 0.8  # layer fwd+bwd time / flax's
+TARGET_FWD_X_FLAX = 1.0  # layer training-forward time / flax's
 TARGET_X_4COPIES = 2.0  # layer fwd+bwd time / (4 copies of x)
 TARGET_RESIDUAL = 1.0  # residual bytes / input bytes
 
@@ -90,6 +91,44 @@ def target_rows(records: Sequence[Mapping[str, Any]], impl: str = "jbn") -> list
     return out
 
 
+def grad_target_rows(records: Sequence[Mapping[str, Any]], impl: str = "jbn") -> list[dict]:
+    """Per shape and dtype: the grad harness's median per-round ratios to flax, against the targets."""
+    return [
+        {
+            "case": r["case"],
+            "dtype": r["dtype"],
+            "grad_x_flax": r["grad"]["x_flax"],
+            "fwd_train_x_flax": r["fwd_train"]["x_flax"],
+            "met_grad": r["grad"]["x_flax"] <= TARGET_X_FLAX,
+            "met_fwd_train": r["fwd_train"]["x_flax"] <= TARGET_FWD_X_FLAX,
+        }
+        for r in records
+        if r["impl"] == impl
+    ]
+
+
+def grad_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The grad harness: per shape, dtype and implementation, time and median ratio to flax."""
+    if not records:
+        return ""
+    lines = [
+        "| shape | dtype | implementation | grad ms | grad ×flax | fwd train ms | fwd train ×flax |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        g, f = r["grad"], r["fwd_train"]
+        mark_g = mark_f = ""
+        if r["impl"] == "jbn":
+            mark_g = " " + _mark(g["x_flax"] <= TARGET_X_FLAX)
+            mark_f = " " + _mark(f["x_flax"] <= TARGET_FWD_X_FLAX)
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {IMPL_LABELS.get(r['impl'], r['impl'])} "
+            f"| {_ms(g['median_s'])} | {_x(g['x_flax'])}{mark_g} "
+            f"| {_ms(f['median_s'])} | {_x(f['x_flax'])}{mark_f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("met" if ok else "**missed**")
 
@@ -165,6 +204,17 @@ def markdown(results: Mapping[str, Any]) -> str:
     for dtype in dtypes:
         parts.append(f"## Layer, {dtype}\n")
         parts.append(layer_table(layer, dtype))
+    grad = results.get("grad") or []
+    if grad:
+        parts.append("## jax.grad through the layer, and the training forward\n")
+        parts.append(
+            f"`jax.jit(jax.grad(vdot(y, dy)))` with respect to x, scale and bias, and the jitted "
+            f"training forward alone; {cfg.get('grad_repeats')} interleaved rounds of samples of "
+            f"at least {cfg.get('grad_target_s', 0) * 1e3:.0f} ms; ×flax is the median over rounds "
+            f"of the per-round ratio (targets: grad ≤ {TARGET_X_FLAX}, forward ≤ "
+            f"{TARGET_FWD_X_FLAX}).\n"
+        )
+        parts.append(grad_table(grad))
     models = results.get("model") or []
     if models:
         parts.append("## Model train step (float32)\n")

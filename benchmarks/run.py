@@ -32,7 +32,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="tiny shapes and models, 1 repeat: a smoke test of the benchmark itself",
     )
     p.add_argument(
-        "--only", choices=("layer", "model"), help="run only the layer or only the model benchmark"
+        "--only",
+        choices=("layer", "grad", "model"),
+        help="run only the layer benchmark, the jax.grad harness (benchmarks/grad.py) or the model "
+        "benchmark",
     )
     p.add_argument(
         "--shapes",
@@ -61,10 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compare-core",
         nargs="+",
-        metavar="FILE",
         default=[],
-        help="also time copies of jbn/_batch_norm.py (e.g. a patched one), named jbn@FILE: as layer "
-        "implementations, and in the models through a thin local linen wrapper",
+        metavar="DIR",
+        help="also time copies of the jbn package directory (e.g. `cp -r jbn /tmp/jbn_before`), "
+        "named jbn@DIR: as layer implementations, in the grad harness, and in the models through "
+        "a thin local linen wrapper",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     return p.parse_args(argv)
@@ -80,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so that --help is instant.
     import jax
 
-    from . import layer, model, report
+    from . import grad, layer, model, report
     from ._timing import TimingConfig, describe_machine, load_average, machine_info
 
     if args.tiny:
@@ -91,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = TimingConfig()
     if args.repeats is not None:
         timing = TimingConfig(repeats=args.repeats, target_s=timing.target_s, warmup=timing.warmup)
+    # The grad harness: 11 rounds of >= 30 ms samples unless told otherwise.
+    grad_timing = TimingConfig(
+        repeats=timing.repeats if (args.repeats or args.quick or args.tiny) else 11,
+        target_s=timing.target_s if args.tiny else max(timing.target_s, 0.03),
+        warmup=timing.warmup,
+    )
 
     dtypes = []
     for d in args.dtypes:
@@ -110,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m for m in all_models if not args.models or m.name in args.models]
     extra = {}
     for i, path in enumerate(args.compare_core):
-        label = "jbn@" + os.path.splitext(os.path.basename(path))[0]
+        label = "jbn@" + os.path.basename(os.path.normpath(path))
         extra[label] = layer.load_core(path, f"_bench_core_{i}")
 
     info = machine_info()
@@ -127,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": timing.repeats,
             "target_s": timing.target_s,
             "warmup": timing.warmup,
+            "grad_repeats": grad_timing.repeats,
+            "grad_target_s": grad_timing.target_s,
             "dtypes": dtypes,
             "cases": [c.name for c in cases],
             "impls": impls + list(extra),
@@ -134,18 +146,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     t0 = time.perf_counter()
-    if args.only != "model":
+    if args.only in (None, "layer"):
         print(f"layer: {len(cases)} shapes x {dtypes}, {impls + list(extra)}", flush=True)
         results["layer"] = layer.run(
             cases, dtypes, impls, timing, extra, log=lambda s: print(s, flush=True)
         )
-    if args.only != "layer":
+    if args.only in (None, "grad"):
+        print(f"grad: {len(cases)} shapes x {dtypes}, {list(grad.IMPLS) + list(extra)}", flush=True)
+        results["grad"] = grad.run(
+            cases, dtypes, grad_timing, extra, log=lambda s: print(s, flush=True)
+        )
+    if args.only in (None, "model"):
         print(f"model: {[m.name for m in models]}", flush=True)
         results["model"] = model.run(models, timing, extra, log=lambda s: print(s, flush=True))
     info["load_average_end"] = load_average()
     results["elapsed_s"] = time.perf_counter() - t0
     if "layer" in results:
         results["targets"] = report.target_rows(results["layer"])
+    if "grad" in results:
+        results["grad_targets"] = report.grad_target_rows(results["grad"])
 
     os.makedirs(args.out, exist_ok=True)
     paths = {k: os.path.join(args.out, f"results.{k}") for k in ("json", "md", "png")}

@@ -101,3 +101,18 @@ def test_shape_filter_rejects_unknown_shapes():
     with pytest.raises(SystemExit, match="matches none"):
         layer.select_cases(layer.FULL_CASES, ["3x3"])
     assert [c.key for c in layer.select_cases(layer.FULL_CASES, ["4096,1024"])] == ["4096x1024"]
+
+
+def test_grad_harness_records(results):
+    out, data = results
+    recs = data["grad"]
+    got = {(r["dtype"], r["impl"]) for r in recs}
+    assert got == {(d, i) for d in ("float32", "bfloat16") for i in ("jbn", "flax", "flax_slowvar")}
+    for r in recs:
+        for mode in ("grad", "fwd_train"):
+            assert r[mode]["median_s"] > 0 and math.isfinite(r[mode]["x_flax"])
+            assert len(r[mode]["x_flax_rounds"]) == data["config"]["grad_repeats"]
+        if r["impl"] == "flax":
+            assert r["grad"]["x_flax"] == r["fwd_train"]["x_flax"] == 1.0
+    assert "## jax.grad through the layer" in (out / "results.md").read_text()
+    assert {t["case"] for t in data["grad_targets"]} == {"4x6x6x8 NHWC"}
