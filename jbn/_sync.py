@@ -380,7 +380,7 @@ def sync_nnx_batch_stats(
             f"models must be an nnx.Module or a list of them, got {type(models).__name__}"
         )
     states = [nnx.state(m, nnx.BatchStat) for m in replicas]
-    trees = [s.to_pure_dict() for s in states]
+    trees = [nnx.to_pure_dict(s) for s in states]
     for i, tree in enumerate(trees):
         what = "models" if isinstance(models, nnx.Module) else f"models[{i}]"
         if not _layer_paths(tree, f"{what}' batch stats"):
