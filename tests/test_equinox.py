@@ -105,6 +105,11 @@ def _infer(model, state, x):
 _infer_jit = eqx.filter_jit(_infer)
 
 
+@eqx.filter_jit
+def _infer_grad(model, state, x):
+    return eqx.filter_grad(lambda m: jnp.sum(jnp.sin(_infer(m, state, x)[0])))(model)
+
+
 def _arrays(tree):
     return jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
 
@@ -187,8 +192,8 @@ def test_inference_matches_equinox(model_cls):
     # Inference leaves the state alone.
     for k, v in state.get(model.bn.state_index).items():
         np.testing.assert_array_equal(state_after.get(model.bn.state_index)[k], v)
-    g_ref = eqx.filter_grad(lambda m: jnp.sum(jnp.sin(_infer(m, ref_state, x)[0])))(ref)
-    g_jbn = eqx.filter_grad(lambda m: jnp.sum(jnp.sin(_infer(m, state, x)[0])))(model)
+    g_ref = _infer_grad(ref, ref_state, x)
+    g_jbn = _infer_grad(model, state, x)
     _assert_trees_close(g_jbn, g_ref, rtol=1e-4, atol=1e-6)
 
 
@@ -296,7 +301,8 @@ def test_tuple_axis_name_over_nested_vmaps():
         )
         return jnp.sum(jnp.sin(out)), (out, state)
 
-    (l2, (out2, state2)), g2 = eqx.filter_value_and_grad(loss, has_aux=True)(model, state, x)
+    loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+    (l2, (out2, state2)), g2 = loss_and_grad(model, state, x)
     flat, flat_state = _make(CNN, je.BatchNorm)
     _assert_same_as_whole_batch(flat, flat_state, x, l2, out2, state2.get(model.bn.state_index), g2)
 
