@@ -72,3 +72,101 @@ def tiny_config(tiny_dir: pathlib.Path, **kwargs) -> demo_config.Config:
     )
     base.update(kwargs)
     return dataclasses.replace(demo_config.default_config(), **base)
+
+
+# --------------------------------------------------------------------------- #
+# jbn's tests: random variables, perturbations, tree comparisons.
+# --------------------------------------------------------------------------- #
+
+
+def feature_shape(shape: tuple[int, ...], axis) -> tuple[int, ...]:
+    """The sizes of the feature axes ``axis`` of an array of ``shape``."""
+    axis = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in sorted(a % len(shape) for a in axis))
+
+
+def random_variables(
+    key,
+    fshape,
+    dtype=None,
+    *,
+    scale_std: float = 0.5,
+    bias_std: float = 0.3,
+    mean_std: float = 0.2,
+    var_range: tuple[float, float] = (1.0, 2.0),
+):
+    """Non-trivial ``(params, state)`` of a batch norm: γ ≈ 1 ± scale_std, β, μ normal, var uniform."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if dtype is None else dtype
+    k = jax.random.split(key, 4)
+    params = {
+        "scale": (1.0 + scale_std * jax.random.normal(k[0], fshape)).astype(dtype),
+        "bias": (bias_std * jax.random.normal(k[1], fshape)).astype(dtype),
+    }
+    low, high = var_range
+    state = {
+        "mean": (mean_std * jax.random.normal(k[2], fshape)).astype(dtype),
+        "var": jax.random.uniform(k[3], fshape, minval=low, maxval=high).astype(dtype),
+    }
+    return params, state
+
+
+def _perturbed(name: str, leaf, rng: np.random.Generator):
+    """A new value for a batch norm's variable ``name``: var in [0.5, 2], others moved by N(0, 0.5²)."""
+    import jax.numpy as jnp
+
+    if name == "var":
+        return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    if name in ("mean", "scale", "bias"):
+        return jnp.asarray(np.asarray(leaf) + 0.5 * rng.standard_normal(leaf.shape), leaf.dtype)
+    return leaf
+
+
+def perturb_variables(variables, seed: int):
+    """Linen variables with non-trivial scale, bias and running statistics (a new tree)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _perturbed(path[-1].key, leaf, rng), variables
+    )
+
+
+def perturb_model(model, seed: int) -> None:
+    """Gives every batch norm of an NNX ``model`` non-trivial scale, bias and statistics, in place."""
+    from flax import nnx
+
+    rng = np.random.default_rng(seed)
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "mean") and hasattr(m, "var") and isinstance(m.mean, nnx.BatchStat):
+            for name in ("mean", "var", "scale", "bias"):
+                variable = getattr(m, name)
+                if variable is not None:
+                    variable[...] = _perturbed(name, variable[...], rng)
+
+
+def assert_trees_close(a, b, rtol: float = 1e-5, atol: float | None = None) -> None:
+    """Leaves of equal dtype and shape, equal to rtol; atol defaults to rtol times the largest entry.
+
+    (Gradients that are zero in exact arithmetic, e.g. of a bias right before a
+    batch norm, are rounding noise in both implementations.)
+    """
+    import jax
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    if atol is None:
+        atol = rtol * max(
+            (
+                float(np.max(np.abs(np.asarray(v, np.float64)), initial=0.0))
+                for v in jax.tree.leaves(b)
+            ),
+            default=0.0,
+        )
+
+    def check(u, v):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
+
+    jax.tree.map(check, a, b)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import feature_shape, random_variables
 from jax import lax
 from jax.test_util import check_grads
 from np_reference import np_backward, np_eval, np_forward, np_running, np_stats
@@ -22,24 +23,11 @@ LAYOUTS = {
 }
 
 
-def feature_shape(shape, axis):
-    axis = (axis,) if isinstance(axis, int) else axis
-    return tuple(shape[a] for a in sorted(a % len(shape) for a in axis))
-
-
 def make(shape, axis, dtype=jnp.float32, seed=0, offset=0.0):
     """Random x and non-trivial params/state for a layout."""
-    fshape = feature_shape(shape, axis)
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = (offset + 2.0 * jax.random.normal(k[0], shape) + 0.5).astype(dtype)
-    params = {
-        "scale": (1.0 + 0.5 * jax.random.normal(k[1], fshape)).astype(dtype),
-        "bias": (0.3 * jax.random.normal(k[2], fshape)).astype(dtype),
-    }
-    state = {
-        "mean": (0.2 * jax.random.normal(k[3], fshape)).astype(dtype),
-        "var": (1.0 + jax.random.uniform(k[4], fshape)).astype(dtype),
-    }
+    kx, kv = jax.random.split(jax.random.key(seed))
+    x = (offset + 2.0 * jax.random.normal(kx, shape) + 0.5).astype(dtype)
+    params, state = random_variables(kv, feature_shape(shape, axis), dtype)
     return x, params, state
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_close, perturb_variables
 from np_reference import np_stats
 
 import jbn
@@ -46,21 +47,6 @@ class CNN(nn.Module):
 MODELS = {"mlp": (MLP, (12, 5)), "cnn": (CNN, (6, 6, 6, 2))}
 
 
-def perturb(variables, seed):
-    """Non-trivial scale, bias and running statistics (var > 0), so eval mode is a real test."""
-    rng = np.random.default_rng(seed)
-
-    def change(path, leaf):
-        name = path[-1].key
-        if name == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-        if name in ("mean", "scale", "bias"):
-            return leaf + jnp.asarray(0.5 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(change, variables)
-
-
 def run(model, variables, x, weights):
     """Per mode (train, eval): output, new batch_stats, gradients of a loss w.r.t. params and x."""
 
@@ -84,29 +70,6 @@ def run(model, variables, x, weights):
     return jax.jit(both)(variables["params"], x)
 
 
-def assert_trees_close(a, b, rtol=RTOL, atol=None):
-    """Leaves equal to rtol; atol defaults to rtol times the largest entry of the whole tree.
-
-    (Gradients that are zero in exact arithmetic, e.g. of a bias right before a
-    batch norm, are rounding noise in both implementations.)
-    """
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    if atol is None:
-        atol = rtol * max(
-            (
-                float(np.max(np.abs(np.asarray(v, np.float64)), initial=0.0))
-                for v in jax.tree.leaves(b)
-            ),
-            default=0.0,
-        )
-
-    def check(u, v):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
-
-    jax.tree.map(check, a, b)
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_model_matches_flax(name):
     cls, shape = MODELS[name]
@@ -123,7 +86,7 @@ def test_model_matches_flax(name):
         np.testing.assert_array_equal(layer["mean"], 0.0)
         np.testing.assert_array_equal(layer["var"], 1.0)
     # So each runs on the other's variables; compare them on non-trivial ones.
-    variables = perturb(v_f, 0)
+    variables = perturb_variables(v_f, 0)
     weights = jax.random.normal(kw, (shape[0], 3))
     out_f = run(flax_model, variables, x, weights)
     out_j = run(jbn_model, variables, x, weights)
@@ -152,7 +115,7 @@ def test_dtypes_follow_flax(case):
     kw = dict(DTYPE_CASES[case])
     x = (1.0 + jax.random.normal(jax.random.key(3), (16, 4))).astype(kw.pop("x"))
     f, j = FLAX_BN(momentum=0.9, **kw), jbn.BatchNorm(momentum=0.9, **kw)
-    v = perturb(f.init(jax.random.key(4), x, use_running_average=False), 5)
+    v = perturb_variables(f.init(jax.random.key(4), x, use_running_average=False), 5)
     assert jax.tree.map(
         lambda a: a.dtype, j.init(jax.random.key(4), x, use_running_average=False)
     ) == jax.tree.map(lambda a: a.dtype, f.init(jax.random.key(4), x, use_running_average=False))
@@ -183,7 +146,7 @@ def test_axes_and_mask_match_flax(shape, axis, masked):
     x = 2.0 * jax.random.normal(jax.random.key(6), shape) - 1.0
     mask = jax.random.bernoulli(jax.random.key(7), 0.7, shape[:-1] + (1,)) if masked else None
     f, j = FLAX_BN(axis=axis, momentum=0.8), jbn.BatchNorm(axis=axis, momentum=0.8)
-    v = perturb(f.init(jax.random.key(8), x, use_running_average=False), 9)
+    v = perturb_variables(f.init(jax.random.key(8), x, use_running_average=False), 9)
     weights = jax.random.normal(jax.random.key(10), shape)
 
     def go(m):
@@ -285,7 +248,7 @@ def test_output_residual_matches_input_residual():
     x = jax.random.normal(jax.random.key(0), (8, 4)) * 2 + 1
     bn_in = jbn.BatchNorm(use_running_average=False)
     bn_out = jbn.BatchNorm(use_running_average=False, residual="output", min_scale=1e-3)
-    v = perturb(bn_in.init(jax.random.key(1), x), 2)
+    v = perturb_variables(bn_in.init(jax.random.key(1), x), 2)
 
     def grads(bn):
         f = lambda v, x: jnp.sum(jnp.sin(bn.apply(v, x, mutable=["batch_stats"])[0]))  # noqa: E731
@@ -297,7 +260,7 @@ def test_output_residual_matches_input_residual():
 def test_renorm_bounds_per_call_follow_a_schedule_under_jit():
     bn = jbn.BatchNorm(renorm=True)
     x = jax.random.normal(jax.random.key(0), (16, 3)) * 3 + 2
-    v = perturb(bn.init(jax.random.key(1), x, use_running_average=False), 2)
+    v = perturb_variables(bn.init(jax.random.key(1), x, use_running_average=False), 2)
 
     @jax.jit
     def step(v, x, rmax, dmax):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_variables
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -17,14 +18,12 @@ SHAPE = (16, 3, 3, 5)  # NHWC; 4 examples per device
 
 
 def data(seed=0):
-    k = jax.random.split(jax.random.key(seed), 4)
-    x = 3.0 + 2.0 * jax.random.normal(k[0], SHAPE)
-    w = jax.random.normal(k[1], SHAPE)
-    params = {
-        "scale": 1 + 0.3 * jax.random.normal(k[2], (5,)),
-        "bias": 0.1 * jax.random.normal(k[3], (5,)),
-    }
-    _, state = jbn.bn_init(5)
+    kx, kw, kv = jax.random.split(jax.random.key(seed), 3)
+    x = 3.0 + 2.0 * jax.random.normal(kx, SHAPE)
+    w = jax.random.normal(kw, SHAPE)
+    params, state = random_variables(
+        kv, (5,), scale_std=0.3, bias_std=0.1, mean_std=0.0, var_range=(1.0, 1.0)
+    )
     return x, w, params, state
 
 

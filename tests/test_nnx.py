@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_linen import assert_trees_close
+from helpers import assert_trees_close, perturb_model
 
 import jbn
 
@@ -44,20 +44,6 @@ class CNN(nnx.Module):
 MODELS = {"mlp": (MLP, (12, 5)), "cnn": (CNN, (6, 6, 6, 2))}
 
 
-def perturb(model, seed):
-    """Non-trivial scale, bias and running statistics in every batch norm of ``model``."""
-    rng = np.random.default_rng(seed)
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, (nnx.BatchNorm, jbn.nnx.BatchNorm)):
-            shape = m.mean.shape
-            m.mean[...] = jnp.asarray(rng.standard_normal(shape), m.mean.dtype)
-            m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, shape), m.var.dtype)
-            if m.scale is not None:
-                m.scale[...] = jnp.asarray(1.0 + 0.5 * rng.standard_normal(shape), m.scale.dtype)
-            if m.bias is not None:
-                m.bias[...] = jnp.asarray(0.5 * rng.standard_normal(shape), m.bias.dtype)
-
-
 def run(model, x, weights):
     """Per mode (train, eval): output, new batch statistics, gradients w.r.t. params and x."""
     graphdef, state = nnx.split(model)
@@ -91,7 +77,7 @@ def test_model_matches_flax(name):
     s_f, s_j = nnx.state(flax_model), nnx.state(jbn_model)
     assert jax.tree.structure(s_f) == jax.tree.structure(s_j)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), s_f, s_j)
-    perturb(flax_model, 0)
+    perturb_model(flax_model, 0)
     nnx.update(jbn_model, nnx.state(flax_model))  # flax's state loads into jbn's model
     weights = jax.random.normal(kw, (shape[0], 3))
     out_f, out_j = run(flax_model, x, weights), run(jbn_model, x, weights)
@@ -132,7 +118,7 @@ def test_dtypes_follow_flax(case):
     x = (1.0 + jax.random.normal(jax.random.key(3), (16, 4))).astype(kw.pop("x"))
     f = FLAX_BN(4, momentum=0.9, rngs=nnx.Rngs(0), **kw)
     j = jbn.nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0), **kw)
-    perturb(f, 4)
+    perturb_model(f, 4)
     nnx.update(j, nnx.state(f))
     for train in (True, False):
         y_f, y_j = f(x, use_running_average=not train), j(x, use_running_average=not train)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import feature_shape, random_variables
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from np_reference import np_forward, np_running
@@ -31,17 +32,15 @@ def cases(draw):
 
 
 def _setup(shape, axis, dtype, momentum, masked, seed, offset):
-    ax = (axis,) if isinstance(axis, int) else axis
-    fshape = tuple(shape[a] for a in sorted(a % len(shape) for a in ax))
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = (offset + 3 * jax.random.normal(k[0], shape)).astype(dtype)
-    params = {
-        "scale": (1 + jax.random.normal(k[1], fshape)).astype(dtype),
-        "bias": jax.random.normal(k[2], fshape).astype(dtype),
-    }
-    _, state = jbn.bn_init(fshape, dtype=dtype, cumulative=momentum is None)
-    state["mean"] = jax.random.normal(k[3], fshape).astype(dtype)
-    mask = jax.random.bernoulli(k[4], 0.7, shape) if masked else None
+    fshape = feature_shape(shape, axis)
+    kx, kv, km = jax.random.split(jax.random.key(seed), 3)
+    x = (offset + 3 * jax.random.normal(kx, shape)).astype(dtype)
+    params, state = random_variables(
+        kv, fshape, dtype, scale_std=1.0, bias_std=1.0, mean_std=1.0, var_range=(1.0, 1.0)
+    )
+    if momentum is None:
+        state["count"] = jnp.zeros((), jnp.int32)
+    mask = jax.random.bernoulli(km, 0.7, shape) if masked else None
     return x, params, state, mask, fshape
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import random_variables
 from jax import lax
 from np_reference import np_forward, np_stats
 
@@ -271,16 +272,9 @@ def test_renorm_errors():
 
 
 def _bn_vars(key, c):
-    k = jax.random.split(key, 4)
-    params = {
-        "scale": 1 + 0.5 * jax.random.normal(k[0], (c,)),
-        "bias": 0.5 * jax.random.normal(k[1], (c,)),
-    }
-    state = {
-        "mean": 2.0 * jax.random.normal(k[2], (c,)),
-        "var": jax.random.uniform(k[3], (c,), minval=0.2, maxval=3.0),
-    }
-    return params, state
+    return random_variables(
+        key, (c,), scale_std=0.5, bias_std=0.5, mean_std=2.0, var_range=(0.2, 3.0)
+    )
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -378,6 +372,20 @@ def test_fold_errors(cnn_input_and_variables):
         jbn.fold_batch_norm_variables(v, [])
     with pytest.raises(ValueError, match=r"each pair must be \(layer_path, bn_path\)"):
         jbn.fold_batch_norm_variables(v, ["conv1"])
+    with pytest.raises(ValueError, match="kernel must be a floating-point array"):
+        jbn.fold_batch_norm(jnp.ones((4, 3), jnp.int32), None, p, s)
+    with pytest.raises(TypeError, match="bn_params must be a dict"):
+        jbn.fold_batch_norm(jnp.ones((4, 3)), None, [p["scale"]], s)
+    bad = {
+        "params": {"conv1": {"kernel": jnp.ones((3, 3, 2, 3))}, "bn1": [1.0]},
+        "batch_stats": {"bn1": s},
+    }
+    with pytest.raises(ValueError, match="'params' collection"):
+        jbn.fold_batch_norm_variables({"batch_stats": {}}, [("conv1", "bn1")])
+    with pytest.raises(ValueError, match="layer_path must be a module path"):
+        jbn.fold_batch_norm_variables(bad, [("", "bn1")])
+    with pytest.raises(ValueError, match="is not a batch norm's parameters"):
+        jbn.fold_batch_norm_variables(bad, [("conv1", "bn1")])
 
 
 # --------------------------------------------------------------------------- #
@@ -532,6 +540,10 @@ def test_recalibrate_errors(mlp_variables):
         jbn.recalibrate_batch_stats(_train_apply, v, [])
     with pytest.raises(ValueError, match="passes must be a positive int"):
         jbn.recalibrate_batch_stats(_train_apply, v, batches, passes=0)
+    with pytest.raises(ValueError, match="holds no batch-norm layer"):
+        jbn.recalibrate_batch_stats(
+            _train_apply, {"params": {}, "batch_stats": {"Dense_0": {}}}, [jnp.ones((2, 4))]
+        )
 
 
 class NnxMLP(nnx.Module):
@@ -616,33 +628,20 @@ def test_recalibration_on_shifted_data_restores_accuracy():
     assert after > 0.9 and after > before + 0.2, (before, after)
 
 
-def test_remaining_error_paths():
-    p, s = _bn_vars(jax.random.key(0), 3)
-    with pytest.raises(ValueError, match="kernel must be a floating-point array"):
-        jbn.fold_batch_norm(jnp.ones((4, 3), jnp.int32), None, p, s)
-    with pytest.raises(TypeError, match="bn_params must be a dict"):
-        jbn.fold_batch_norm(jnp.ones((4, 3)), None, [p["scale"]], s)
-    v = {
-        "params": {"conv1": {"kernel": jnp.ones((3, 3, 2, 3))}, "bn1": [1.0]},
-        "batch_stats": {"bn1": s},
-    }
-    with pytest.raises(ValueError, match="'params' collection"):
-        jbn.fold_batch_norm_variables({"batch_stats": {}}, [("conv1", "bn1")])
-    with pytest.raises(ValueError, match="layer_path must be a module path"):
-        jbn.fold_batch_norm_variables(v, [("", "bn1")])
-    with pytest.raises(ValueError, match="is not a batch norm's parameters"):
-        jbn.fold_batch_norm_variables(v, [("conv1", "bn1")])
-    with pytest.raises(ValueError, match="holds no batch-norm layer"):
-        jbn.recalibrate_batch_stats(
-            _train_apply, {"params": {}, "batch_stats": {"Dense_0": {}}}, [jnp.ones((2, 4))]
-        )
+def test_nnx_recalibrate_errors_leave_the_model_as_it_was():
     model = NnxMLP(rngs=nnx.Rngs(0))
+    bn1 = model.bn1
+    before = nnx.clone(nnx.state(model))
     with pytest.raises(ValueError, match="passes must be a positive int"):
         jbn.nnx.recalibrate_batch_stats(model, [jnp.ones((2, 4))], passes=True)
     with pytest.raises(ValueError, match="on pass 2"):
         jbn.nnx.recalibrate_batch_stats(model, iter([jnp.ones((2, 4))]), passes=2)
-    assert isinstance(model.bn1, jbn.nnx.BatchNorm)  # cleaned up after an error too
     with pytest.raises(ValueError, match=r"not recalibrated: \['bn2'\]"):
         jbn.nnx.recalibrate_batch_stats(
             model, [jnp.ones((2, 4))], forward=lambda m, x: m.bn1(m.dense1(x))
         )
+    # A failed second pass (a generator runs dry) writes nothing either.
+    with pytest.raises(ValueError, match="on pass 2"):
+        jbn.nnx.recalibrate_batch_stats(model, (b for b in [jnp.ones((2, 4))]), passes=2)
+    assert model.bn1 is bn1  # the wrappers are gone after an error too
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
