@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import paper, train
+from . import compare, paper, shift, train
 from .checkpoints import CheckpointError
 from .config import Config, ConfigError, check_out_dir, parse_config
 from .data import get_datasets
@@ -35,9 +35,21 @@ def _preflight(config: Config) -> None:
         if not (config.resume or config.overwrite):
             train.check_fresh_out(out, train.RESULT_FILES, resumable=True)
         train.check_devices(config)
+    elif config.mode == "compare":
+        if not (config.resume or config.overwrite):
+            train.check_fresh_out(out, compare.COMPARE_FILES, resumable=True)
+        train.check_devices(config)
     elif not config.overwrite:
-        files = paper.FIG1_FILES if config.mode == "fig1" else paper.LR_SWEEP_FILES
+        files = {
+            "fig1": paper.FIG1_FILES,
+            "lr_sweep": paper.LR_SWEEP_FILES,
+            "domain_shift": shift.DOMAIN_SHIFT_FILES,
+        }[config.mode]
         train.check_fresh_out(out, files, resumable=False)
+        if config.mode == "domain_shift":
+            if config.norm == "none":
+                raise ConfigError("--domain-shift needs a model with batch norm, not --norm none")
+            train.check_devices(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             paper.run_fig1(config, datasets=datasets)
         elif config.mode == "lr_sweep":
             paper.run_lr_sweep(config, datasets=datasets)
+        elif config.mode == "domain_shift":
+            shift.run_domain_shift(config, datasets=datasets)
+        elif config.mode == "compare":
+            compare.run_compare(config, datasets=datasets)
         else:
             train.train_and_evaluate(config, datasets=datasets)
     except train.NonFiniteLossError as e:

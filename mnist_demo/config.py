@@ -27,12 +27,17 @@ MODES: dict[str, str] = {
     "with and without BN): writes fig1.png and fig1.json to --out",
     "lr_sweep": "sweep the SGD learning rate of the Fig. 1 network with and without BN "
     "for a fixed budget: writes lr_sweep.png/.md/.json to --out",
+    "domain_shift": "measure the trained model of --out (trained first if there is none) on "
+    "shifted test domains: stale, recalibrated and fine-tuned batch norms, batch statistics; "
+    "writes domain_shift.json/.md/.png to --out",
+    "compare": "train the model with jbn, flax's batch norm and none (same seed and data "
+    "order) into --out/<norm>; writes compare.json/.md/.png to --out",
 }
 
 #: The peak learning rate when ``--lr`` is not given, per mode.
 DEFAULT_LEARNING_RATE = {"train": 3e-3, "fig1": 0.5}
 
-GROUPS = ("model and training", "data and output", "--fig1 and --lr-sweep")
+GROUPS = ("model and training", "data and output", "--fig1 and --lr-sweep", "--domain-shift")
 
 
 class ConfigError(ValueError):
@@ -110,6 +115,7 @@ def _field(
 
 _OUT = GROUPS[1]
 _PAPER = GROUPS[2]
+_SHIFT = GROUPS[3]
 
 
 @dataclasses.dataclass
@@ -278,6 +284,21 @@ class Config:
         resumable=True,
     )
 
+    finetune_examples: int = _field(
+        500,
+        "labeled images of each shifted domain that bn_finetuned trains the batch norms on",
+        group=_SHIFT,
+        check=_positive_int,
+        resumable=True,
+    )
+    finetune_steps: int = _field(
+        200,
+        "steps (of 32 images) of bn_finetuned",
+        group=_SHIFT,
+        check=_positive_int,
+        resumable=True,
+    )
+
     def __post_init__(self) -> None:
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE.get(
@@ -311,8 +332,10 @@ class Config:
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: choose one")
-        if self.resume and self.mode != "train":
-            raise ConfigError(f"--resume only continues training runs, not {flag(self.mode)}")
+        if self.resume and self.mode not in ("train", "compare"):
+            raise ConfigError(
+                f"--resume only continues training runs (also of --compare), not {flag(self.mode)}"
+            )
 
     @classmethod
     def resumable_fields(cls) -> frozenset[str]:

@@ -115,3 +115,56 @@ def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_compare(
+    path: pathlib.Path, histories: dict[str, list[dict[str, Any]]], title: str
+) -> None:
+    """Test accuracy and test loss against epoch, one line per run."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        ax1.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", label=name)
+        ax2.plot(epochs, [h["test_loss"] for h in history], "o-", label=name)
+    ax1.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax2.set(xlabel="epoch", ylabel="test cross-entropy loss", yscale="log", title="test loss")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+    """Grouped bars: test accuracy per domain and method."""
+    plt = _pyplot()
+    domains = list(dict.fromkeys(r["domain"] for r in records))
+    keys = list(
+        dict.fromkeys((r["method"], r["batches"]) for r in records)
+    )  # columns in order of first appearance
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    width = 0.8 / len(keys)
+    for j, (method, batches) in enumerate(keys):
+        values = [
+            next(
+                (
+                    100 * r["test_accuracy"]
+                    for r in records
+                    if r["domain"] == d and r["method"] == method and r["batches"] == batches
+                ),
+                np.nan,
+            )
+            for d in domains
+        ]
+        label = method + (f" ({batches} batches)" if batches else "")
+        ax.bar(np.arange(len(domains)) + j * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="MNIST under a domain shift")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
