@@ -13,6 +13,7 @@ from . import compare, paper, shift, train
 from .checkpoints import CheckpointError
 from .config import Config, ConfigError, check_out_dir, parse_config
 from .data import get_datasets
+from .files import remove_stale_tmp
 from .mnist import MNISTError
 
 DESCRIPTION = (
@@ -31,6 +32,10 @@ EPILOG = (
 def _preflight(config: Config) -> None:
     """The checks that need the file system or the devices, before any data is read."""
     out = check_out_dir(config.out)
+    names = train.RESULT_FILES + paper.FIG1_FILES + paper.LR_SWEEP_FILES
+    names += shift.DOMAIN_SHIFT_FILES + compare.COMPARE_FILES
+    for tmp in remove_stale_tmp(out, list(names)):
+        print(f"removed {tmp}, left over from an interrupted write")
     if config.mode == "train":
         if not (config.resume or config.overwrite):
             train.check_fresh_out(out, train.RESULT_FILES, resumable=True)

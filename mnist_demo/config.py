@@ -417,6 +417,8 @@ def build_parser(description: str = "", epilog: str = "") -> argparse.ArgumentPa
                 kwargs["metavar"] = "X,Y,..."
             elif kwargs["type"] in (int, float):
                 kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
+            elif kwargs["type"] is str and meta["choices"] is None:
+                kwargs["metavar"] = "DIR"
         groups[meta["group"]].add_argument(flag(f.name), *meta["aliases"], **kwargs)
     return p
 
