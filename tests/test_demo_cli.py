@@ -206,14 +206,14 @@ def test_cli_non_finite_loss(tiny_dir, tmp_path, capsys):
 
 
 def test_leftover_tmp_of_any_output_removed(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "get_datasets", lambda *a, **k: pytest.fail("data was read"))
+    def no_data(*args, **kwargs):
+        raise mnist.MNISTError("stop")
+
+    monkeypatch.setattr(cli, "get_datasets", no_data)
     stale = tmp_path / "fig1.json.abc.tmp"
     stale.write_bytes(b"x")
     rc, out, _ = run_cli(capsys, "--fig1", "--eval-every", "0", "--out", str(tmp_path))
     assert rc == 2 and stale.exists()  # a bad value: nothing is touched
-    monkeypatch.setattr(
-        cli, "get_datasets", lambda *a, **k: (_ for _ in ()).throw(mnist.MNISTError("stop"))
-    )
     rc, out, err = run_cli(capsys, "--fig1", "--out", str(tmp_path))
     assert rc == 2 and "error: stop" in err
     assert not stale.exists() and f"removed {stale}" in out
