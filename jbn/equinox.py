@@ -55,6 +55,17 @@ def _no_axis_error(axis_name: Any, missing: Hashable) -> NameError:
     )
 
 
+def _real(value: Any, name: str, low: float, *, strict: bool = False, high: float = math.inf):
+    """A Python float in [low, high] (low excluded when strict), or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {value!r}")
+    value = float(value)
+    if not (value > low if strict else value >= low) or not value <= high:
+        bounds = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
 def _mask_like(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
     """The mask as a boolean array of x's shape, or a clear error."""
     mask = jnp.asarray(mask)
@@ -217,17 +228,31 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise TypeError(
                 f"axis_name must be hashable (a name or a tuple of names), got {axis_name!r}"
             ) from None
-        if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
-            raise ValueError(f"eps must be a float > 0, got {eps!r}")
+        eps = _real(eps, "eps", 0.0, strict=True)
         if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-                raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(
-                    "momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * "
-                    f"batch) or None, got {momentum}"
-                )
-            momentum = float(momentum)
+            momentum = _real(momentum, "momentum", 0.0, high=1.0)
+        for value, name in (
+            (channelwise_affine, "channelwise_affine"),
+            (inference, "inference"),
+            (unbiased_running_var, "unbiased_running_var"),
+            (renorm, "renorm"),
+            (autodiff, "autodiff"),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a Python bool, got {value!r}")
+        if residual not in ("input", "output"):
+            raise ValueError(f"residual must be 'input' or 'output', got {residual!r}")
+        min_scale = _real(min_scale, "min_scale", 0.0, strict=True)
+        rmax = _real(rmax, "rmax", 1.0)
+        dmax = _real(dmax, "dmax", 0.0)
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, numbers.Integral)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
+            )
         dtype = _default_dtype() if dtype is None else dtype
         params, state = bn_init(input_size, dtype=dtype, cumulative=True)
         if channelwise_affine:
@@ -238,21 +263,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = inference
         self.axis_name = axis_name
         self.input_size = int(input_size)
-        self.eps = float(eps)
-        self.channelwise_affine = bool(channelwise_affine)
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.mode = mode
         self.unbiased_running_var = unbiased_running_var
         self.residual = residual
         self.min_scale = min_scale
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, numbers.Integral)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
-            )
         self.virtual_batch_size = virtual_batch_size
         self.renorm = renorm
         self.rmax = rmax
