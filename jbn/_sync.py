@@ -140,20 +140,28 @@ def _reduce(n: Array, mean: Array, m2: Array) -> tuple[Array, Array, Array]:
     return n[0], mean[0], m2[0]
 
 
-def _merge_layer(layer: Mapping, n: Array, unbiased_var: bool, path: Path) -> dict[str, Array]:
-    """One layer's merged statistics from its stacked ones (leading replica axis)."""
-    mean, var = jnp.asarray(layer["mean"]), jnp.asarray(layer["var"])
-    replicas = n.shape[0]
+def _check_layer(layer: Mapping, replicas: int, path: Path) -> dict[str, Array]:
+    """A layer's stacked statistics as arrays, checked: one leading axis of ``replicas``."""
+    arrays = {k: jnp.asarray(v) for k, v in layer.items() if v is not None}
+    mean, var = arrays["mean"], arrays["var"]
     if mean.shape != var.shape:
         raise ValueError(
             f"the layer at {_name(path)!r} has mean of shape {mean.shape} but var of shape "
             f"{var.shape}: they must match"
         )
-    if mean.ndim == 0 or mean.shape[0] != replicas:
-        raise ValueError(
-            f"the layer at {_name(path)!r} has statistics of shape {mean.shape}, expected a "
-            f"leading replica axis of size {replicas} (the stacked replicas' statistics)"
-        )
+    for key, value in arrays.items():
+        if value.shape[:1] != (replicas,):
+            raise ValueError(
+                f"the layer at {_name(path)!r} has {key} of shape {value.shape}, expected a "
+                f"leading replica axis of size {replicas} (the stacked replicas' statistics)"
+            )
+    return arrays
+
+
+def _merge_layer(layer: Mapping[str, Array], n: Array, unbiased_var: bool) -> dict[str, Array]:
+    """One layer's merged statistics from its stacked ones (leading replica axis)."""
+    mean, var = layer["mean"], layer["var"]
+    replicas = n.shape[0]
     cd = compute_dtype(jnp.promote_types(mean.dtype, var.dtype))
     n = n.astype(cd).reshape((replicas,) + (1,) * (mean.ndim - 1))
     v = var.astype(cd)
@@ -164,16 +172,23 @@ def _merge_layer(layer: Mapping, n: Array, unbiased_var: bool, path: Path) -> di
     if unbiased_var:
         merged_var = unbiased(merged_var, total)
     out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
-    if "count" in layer and layer["count"] is not None:
-        count = jnp.asarray(layer["count"])
-        if count.shape[:1] != (replicas,):
-            raise ValueError(
-                f"the layer at {_name(path)!r} has count of shape {count.shape}, expected a "
-                f"leading replica axis of size {replicas}"
-            )
+    if "count" in layer:
         # The merged statistics average all the replicas' batches.
-        out["count"] = jnp.sum(count, axis=0).astype(count.dtype)
+        out["count"] = jnp.sum(layer["count"], axis=0).astype(layer["count"].dtype)
     return out
+
+
+@jax.jit(static_argnames="unbiased_var")
+def _merge_layers(layers: list[dict[str, Array]], n: Array, unbiased_var: bool) -> list[dict]:
+    # One compiled function for the whole tree, not a dispatch per operation and layer.
+    return [_merge_layer(layer, n, unbiased_var) for layer in layers]
+
+
+def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
+    """``tree`` with each stacked layer at ``paths`` replaced by the merged one."""
+    layers = [_check_layer(_lookup(tree, p), n.shape[0], p) for p in paths]
+    merged = _merge_layers(layers, n, unbiased_var=unbiased_var)
+    return _rebuild(tree, dict(zip(paths, merged, strict=True)))
 
 
 def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
@@ -190,9 +205,13 @@ def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dic
             f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
             "has one leading axis of the number of replicas on every leaf"
         )
-    r = sizes[0] if sizes else 0
-    n = _counts(counts, r, unbiased_var)
-    return _rebuild(tree, {p: _merge_layer(_lookup(tree, p), n, unbiased_var, p) for p in paths})
+    if not sizes:
+        raise ValueError(
+            f"{what}: the statistics are scalars, with no leading replica axis; give the "
+            "replicas' statistics stacked, a list of them, or axis_name inside a mapped axis"
+        )
+    n = _counts(counts, sizes[0], unbiased_var)
+    return _merge(tree, paths, n, unbiased_var)
 
 
 def _stack(trees: Sequence[Any], what: str) -> Any:
@@ -228,16 +247,32 @@ def _check_axis(axis_name: Any, fn: str) -> None:
         ) from None
 
 
+def _gather(tree: Any, axis_name: Any) -> Any:
+    """Every device's leaves stacked on a new leading axis, the same on every device.
+
+    A psum of each device's leaf placed in its own row of zeros: one collective
+    for the whole tree, exact (x + 0 = x), and its result is invariant over the
+    axis (``lax.all_gather``'s is typed as varying), so ``shard_map`` can return
+    the merged statistics replicated, with ``out_specs=P()``.
+    """
+    size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
+
+    def rows(leaf):
+        leaf = jnp.asarray(leaf)
+        own = (jnp.arange(size) == index).reshape((size,) + (1,) * leaf.ndim)
+        return jnp.where(own, leaf[None], jnp.zeros((), leaf.dtype))
+
+    return lax.psum(jax.tree.map(rows, tree), axis_name)
+
+
 def _merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
     paths = _layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
-    # One gather of everything: every device then merges the same stacked statistics.
-    layers = {p: dict(_lookup(tree, p)) for p in paths}
-    layers, n = lax.all_gather((layers, n), axis_name)
-    return _rebuild(tree, {p: _merge_layer(layers[p], n, unbiased_var, p) for p in paths})
+    layers, n = _gather(([dict(_lookup(tree, p)) for p in paths], n), axis_name)
+    return _merge(_rebuild(tree, dict(zip(paths, layers, strict=True))), paths, n, unbiased_var)
 
 
 def sync_batch_stats(
@@ -269,7 +304,7 @@ def sync_batch_stats(
       without that axis;
     * a list of trees, one per replica: the same;
     * inside ``pmap``, ``shard_map`` or ``vmap`` with ``axis_name``: each device's
-      own tree and count; every device gets the merged tree (one ``all_gather``).
+      own tree and count; every device gets the merged tree (one ``psum``).
 
     Every layer (a dict with ``"mean"`` and ``"var"``, as ``jbn.BatchNorm`` and
     ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32

@@ -176,20 +176,19 @@ def test_pmap_unbiased_with_axis_name(four_devices):
     assert_close(per_device(merged)[2], reference(data, ddof=1))
 
 
-def test_shard_map_with_axis_name(four_devices):
+@pytest.mark.parametrize("axes", [("data",), ("a", "b")])
+def test_shard_map_returns_the_merged_statistics_replicated(four_devices, axes):
     data = replica_data(seed=9)
-    mesh = Mesh(np.array(four_devices), ("data",))
+    mesh = Mesh(np.array(four_devices).reshape((4,) if len(axes) == 1 else (2, 2)), axes)
 
     def merge(stats, n):
         # Each device's block of the stacked tree has a replica axis of size 1.
         own = jax.tree.map(lambda a: a[0], stats)
-        merged = sync_batch_stats(own, n[0], axis_name="data")
-        return jax.tree.map(lambda a: a[None], merged)
+        return sync_batch_stats(own, n[0], axis_name=axes if len(axes) > 1 else axes[0])
 
-    f = jax.jit(jax.shard_map(merge, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
-    merged = f(stacked_stats(data), jnp.array(SIZES, jnp.float32))
-    for device_stats in per_device(merged):
-        assert_close(device_stats, reference(data))
+    f = jax.shard_map(merge, mesh=mesh, in_specs=P(axes), out_specs=P())  # invariant result
+    merged = jax.jit(f)(stacked_stats(data), jnp.array(SIZES, jnp.float32))
+    assert_close(merged, reference(data))
 
 
 def test_vmap_with_axis_name():
