@@ -20,7 +20,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
 from ._running import update_running
-from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype
+from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
 from ._variants import renorm_affine, split_ghost_batches
 
@@ -52,7 +52,7 @@ def _stats_config(x: Array, axis: Any, axis_name: Any, axis_index_groups: Any):
 
 def _train_config(x, stats: StatsConfig, *, epsilon, residual, min_scale, dtype) -> TrainConfig:
     residual = checks.residual(residual)
-    out_dtype = checks.floating_dtype(dtype, allow_none=True)
+    out_dtype = checks.floating_dtype(dtype, allow_none=True, allow_complex=jnp.iscomplexobj(x))
     return TrainConfig(
         stats=stats,
         epsilon=checks.static_float(epsilon, "epsilon", positive=True),
@@ -124,6 +124,7 @@ def bn_stats(
     cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     mask = checks.mask(mask, x.shape)
     checks.axis_size(cfg.axis_name)
+    checks.batch_not_empty(x.shape, cfg.reduce_axes, cfg.axis_name, "bn_stats")
     feature_shape = tuple(x.shape[a] for a in axes)
     mean, var, n = batch_stats(lax.stop_gradient(x), mask, cfg)
     return mean.reshape(feature_shape), var.reshape(feature_shape), n.reshape(feature_shape)
@@ -142,6 +143,7 @@ def bn_forward(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     unbiased_running_var: bool = False,
+    finite_running_stats: bool = True,
     residual: str = "input",
     min_scale: float = 1e-3,
     dtype: DTypeLike | None = None,
@@ -188,6 +190,9 @@ def bn_forward(
         statistics; per-device sums and counts are summed, so unequal counts are
         exact.
       axis_index_groups: groups of devices along ``axis_name`` (pmap only).
+      finite_running_stats: True (default): a feature whose batch statistics are
+        not finite (a NaN or inf in the batch) keeps its running statistics;
+        False: update them anyway, as flax does.
       unbiased_running_var: store the running variance with Bessel's correction
         n/(n-1) while normalizing with the biased batch variance, as torch does.
       residual: what the backward pass keeps: ``"input"`` (x) or ``"output"`` (y,
@@ -233,16 +238,19 @@ def bn_forward(
     mask = checks.mask(mask, x.shape)
     virtual_batch_size = checks.virtual_batch_size(virtual_batch_size, axes, stats_cfg.axis_name)
     renorm = checks.renorm(renorm, rmax, dmax)
+    finite_running_stats = checks.python_bool(finite_running_stats, "finite_running_stats")
     cd = compute_dtype(x.dtype)
-    scale = jnp.ones(bshape, cd) if scale is None else scale.reshape(bshape)
-    bias = jnp.zeros(bshape, cd) if bias is None else bias.reshape(bshape)
+    rd = real_dtype(cd)
+    # Complex inputs take the plain reference, differentiated by JAX (documented).
+    autodiff = checks.python_bool(autodiff, "autodiff") or jnp.iscomplexobj(x)
+    scale = jnp.ones(bshape, rd) if scale is None else scale.reshape(bshape)
+    bias = jnp.zeros(bshape, rd) if bias is None else bias.reshape(bshape)
 
     if not train:
-        mean, var = (
-            lax.stop_gradient(state[k]).astype(cd).reshape(bshape) for k in ("mean", "var")
-        )
-        a = eval_multiplier(scale.astype(cd), var, cfg.epsilon)
-        y = eval_affine(x.astype(cd), mean, a, bias.astype(cd))
+        mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)
+        var = lax.stop_gradient(state["var"]).astype(rd).reshape(bshape)
+        a = eval_multiplier(scale.astype(rd), var, cfg.epsilon)
+        y = eval_affine(x.astype(cd), mean, a, bias.astype(rd))
         return y.astype(cfg.out_dtype), dict(state)
 
     values = math.prod(x.shape[a] for a in stats_cfg.reduce_axes)
@@ -267,6 +275,7 @@ def bn_forward(
         n,
         momentum=momentum,
         unbiased_var=unbiased_running_var,
+        finite_only=finite_running_stats,
         feature_shape=feature_shape,
     )
     return y.reshape(x_shape), new_state

@@ -71,35 +71,41 @@ def feature_axes(axis: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def input_array(x: ArrayLike) -> Array:
-    """``x`` as a floating-point array."""
+    """``x`` as a floating-point (or complex) array."""
     if not isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number, list, tuple)):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
-            f"x must have a floating-point dtype, got {x.dtype} (shape {x.shape}); "
-            "cast it first, e.g. x.astype(jnp.float32)"
+            f"x must have a floating-point dtype, got {x.dtype} (shape {x.shape}); cast it "
+            "first, e.g. x.astype(jnp.float32) (complex dtypes work too)"
         )
     return x
 
 
-def floating_dtype(dtype: Any, name: str = "dtype", *, allow_none: bool = False) -> Any:
-    """``dtype`` as a numpy floating dtype (or None where allowed)."""
+def floating_dtype(
+    dtype: Any, name: str = "dtype", *, allow_none: bool = False, allow_complex: bool = False
+) -> Any:
+    """``dtype`` as a numpy floating (or, where allowed, complex) dtype, or None where allowed."""
     if dtype is None and allow_none:
         return None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    kind = jnp.inexact if allow_complex else jnp.floating
+    if dtype is None or not jnp.issubdtype(dtype, kind):
+        what = "floating-point" + (" or complex" if allow_complex else "")
         raise TypeError(
-            f"{name} must be a floating-point dtype{' or None' if allow_none else ''}, got {dtype}"
+            f"{name} must be a {what} dtype{' or None' if allow_none else ''}, got {dtype}"
         )
     return jnp.dtype(dtype)
 
 
-def vector(value: ArrayLike, name: str, shape: tuple[int, ...], needs: str) -> Array:
-    """A per-feature array: floating point, of exactly ``shape``."""
+def vector(
+    value: ArrayLike, name: str, shape: tuple[int, ...], needs: str, *, complex_ok: bool = False
+) -> Array:
+    """A per-feature array of exactly ``shape``: floating point (or complex where allowed)."""
     value = jnp.asarray(value)
     if value.shape != shape:
         raise ValueError(f"{name} has shape {value.shape}, but {needs} needs shape {shape}")
-    if not jnp.issubdtype(value.dtype, jnp.floating):
+    if not jnp.issubdtype(value.dtype, jnp.inexact if complex_ok else jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     return value
 
@@ -141,7 +147,8 @@ def state(
     for key in ("mean", "var"):
         if key not in value:
             raise ValueError(f"{name} is missing {key!r}: {what}")
-        out[key] = vector(value[key], f"{name}[{key!r}]", shape, needs)
+        # A running mean of complex inputs is complex (as in flax); the variance is real.
+        out[key] = vector(value[key], f"{name}[{key!r}]", shape, needs, complex_ok=key == "mean")
     if "count" in value:
         count = jnp.asarray(value["count"])
         if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
@@ -239,6 +246,16 @@ def axis_index_groups(value: Any, name: Any) -> tuple[tuple[int, ...], ...] | No
         raise TypeError(
             f"axis_index_groups must be a sequence of sequences of ints, got {value!r}"
         ) from None
+
+
+def batch_not_empty(x_shape, reduce_axes, name: Any, what: str) -> None:
+    """An empty local batch is only meaningful when other devices share the statistics."""
+    if name is None and any(x_shape[a] == 0 for a in reduce_axes):
+        raise ValueError(
+            f"{what} got x of shape {x_shape}, which has no value to reduce over (a reduced axis "
+            "has size 0); an empty local batch is allowed only with axis_name, where other "
+            "devices provide the statistics"
+        )
 
 
 def axis_size(name: Any) -> int:

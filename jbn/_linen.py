@@ -69,6 +69,9 @@ class BatchNorm(nn.Module):
       use_fast_variance: accepted for compatibility; jbn is always exact.
       force_float32_reductions: True (default): float32 running statistics;
         False: ``param_dtype`` running statistics (reductions stay float32).
+      finite_running_stats: True (default): a feature whose batch statistics are
+        not finite (a NaN or inf in the batch) keeps its running statistics;
+        False: update them anyway, as flax does.
       unbiased_running_var: store the running variance with Bessel's correction.
       residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
       min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
@@ -95,6 +98,7 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
+    finite_running_stats: bool = True
     residual: str = "input"
     min_scale: float = 1e-3
     virtual_batch_size: int | None = None

@@ -71,6 +71,9 @@ class BatchNorm(nnx.Module):
       rngs: random generators for the initializers.
       bias_metadata: metadata of the ``bias`` Param.
       scale_metadata: metadata of the ``scale`` Param.
+      finite_running_stats: True (default): a feature whose batch statistics are
+        not finite (a NaN or inf in the batch) keeps its running statistics;
+        False: update them anyway, as flax does.
       unbiased_running_var: store the running variance with Bessel's correction.
       residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
       min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
@@ -103,6 +106,7 @@ class BatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         unbiased_running_var: bool = False,
+        finite_running_stats: bool = True,
         residual: str = "input",
         min_scale: float = 1e-3,
         virtual_batch_size: int | None = None,
@@ -143,6 +147,7 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.unbiased_running_var = unbiased_running_var
+        self.finite_running_stats = finite_running_stats
         self.residual = residual
         self.min_scale = min_scale
         self.virtual_batch_size = virtual_batch_size

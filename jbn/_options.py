@@ -16,6 +16,7 @@ FLAX = ("axis", "momentum", "epsilon", "axis_name", "axis_index_groups")
 # jbn's own settings, with their defaults (the same in every frontend).
 JBN = {
     "unbiased_running_var": False,
+    "finite_running_stats": True,
     "residual": "input",
     "min_scale": 1e-3,
     "virtual_batch_size": None,

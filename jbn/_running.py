@@ -4,7 +4,10 @@ flax's exponential moving average, ``new = momentum * old + (1 - momentum) *
 batch``, or torch's cumulative average (``momentum=None``), with torch's
 unbiased running variance as an option. Statistics of several groups (ghost
 batches) are pooled by count first. A feature that had no unmasked value keeps
-its running statistics.
+its running statistics, and so, by default, does a feature whose batch
+statistics are not finite (a NaN or inf in the batch): one bad batch cannot
+poison the running statistics for good. ``finite_only=False`` updates them
+anyway, as flax and torch do.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ Array = jax.Array
 
 
 def update_running(
-    state, mean, var, n, *, momentum, unbiased_var: bool, feature_shape
+    state, mean, var, n, *, momentum, unbiased_var: bool, feature_shape, finite_only: bool = True
 ) -> dict[str, Array]:
     """New running statistics from a batch's ``(mean, biased var, count)``.
 
@@ -45,8 +48,15 @@ def update_running(
     else:
         new_mean = momentum * old_mean + (1.0 - momentum) * mean
         new_var = momentum * old_var + (1.0 - momentum) * var
-    # A feature with no unmasked entry anywhere keeps its running statistics.
-    seen = n > 0
-    new["mean"] = jnp.where(seen, new_mean, old_mean).astype(old_mean.dtype)
-    new["var"] = jnp.where(seen, new_var, old_var).astype(old_var.dtype)
+    # A feature with no unmasked entry anywhere keeps its running statistics,
+    # and (finite_only) so does one whose batch statistics are not finite.
+    update = n > 0
+    if finite_only:
+        update = update & jnp.isfinite(mean) & jnp.isfinite(var)
+    # A complex running mean stays complex (flax's convention); the variance is real.
+    mean_dtype = (
+        jnp.result_type(old_mean.dtype, mean.dtype) if jnp.iscomplexobj(mean) else old_mean.dtype
+    )
+    new["mean"] = jnp.where(update, new_mean, old_mean).astype(mean_dtype)
+    new["var"] = jnp.where(update, new_var, old_var).astype(old_var.dtype)
     return new

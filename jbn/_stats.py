@@ -51,7 +51,29 @@ def psum(values, cfg: StatsConfig):
     """Sums over the devices of ``cfg.axis_name`` (identity without one)."""
     if cfg.axis_name is None:
         return values
-    return lax.psum(values, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    try:
+        return lax.psum(values, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    except NotImplementedError as error:
+        if cfg.axis_index_groups is None:
+            raise
+        raise NotImplementedError(
+            f"axis_index_groups={cfg.axis_index_groups} is not supported here: JAX implements "
+            "grouped collectives under pmap only (not shard_map or vmap). Under shard_map, use a "
+            "mesh axis per group instead, e.g. Mesh(devices.reshape(groups, -1), "
+            "('group', 'data')) with axis_name='data'"
+        ) from error
+
+
+def real_dtype(dtype: Any) -> Any:
+    """The real dtype of the same precision (float32 for complex64)."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs_sq(d: Array) -> Array:
+    """|d|²: d² for real d, re² + im² for complex d (a real array)."""
+    if jnp.iscomplexobj(d):
+        return d.real * d.real + d.imag * d.imag
+    return d * d
 
 
 def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype) -> Array:
@@ -76,7 +98,8 @@ def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     shift): exact where x is close to the shift, while the mean itself rounds at
     |mean|'s scale.
     """
-    if mask is not None:
+    if mask is not None or any(x.shape[a] == 0 for a in cfg.reduce_axes):
+        # An empty local batch (other devices hold the data) has no first slice either.
         mean, var, n = reference_stats(x, mask, cfg)
         return mean, jnp.zeros_like(mean), var, n
     cd = compute_dtype(x.dtype)
@@ -99,20 +122,25 @@ def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
 
 
 def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig):
-    """Plain two-pass ``(mean, biased variance, count)``, synchronized by summing sums and counts."""
+    """Plain two-pass ``(mean, biased variance, count)``, synchronized by summing sums and counts.
+
+    For complex x the mean is complex and the variance E|x - μ|² real.
+    """
     cd = compute_dtype(x.dtype)
     ra = cfg.reduce_axes
     x = x.astype(cd)
     where = True if mask is None else mask
-    n = psum(local_count(x, mask, cfg, cd), cfg)
+    n = psum(local_count(x, mask, cfg, real_dtype(cd)), cfg)
     n_safe = jnp.maximum(n, 1)
     mean = psum(jnp.sum(x, axis=ra, keepdims=True, where=where), cfg) / n_safe
-    var = psum(jnp.sum(jnp.square(x - mean), axis=ra, keepdims=True, where=where), cfg) / n_safe
+    var = psum(jnp.sum(abs_sq(x - mean), axis=ra, keepdims=True, where=where), cfg) / n_safe
     return mean, var, n
 
 
 def batch_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     """Exact per-feature ``(mean, biased variance, count)`` (see :func:`shifted_stats`)."""
+    if jnp.iscomplexobj(x):
+        return reference_stats(x, mask, cfg)
     shift, dmean, var, n = shifted_stats(x, mask, cfg)
     return shift + dmean, var, n
 

@@ -56,13 +56,21 @@ def effective_scale(scale: Array, cfg: TrainConfig) -> Array:
     return scale + lax.stop_gradient(clamped - scale)
 
 
+def inverse_std(var: Array, n: Array, epsilon: float) -> Array:
+    """1/√(var + ε), and 0 for a feature with no counted value: its x̂ is 0, so y = β."""
+    return jnp.where(n > 0, lax.rsqrt(var + epsilon), 0.0).astype(var.dtype)
+
+
 def bn_train_reference(x, scale, bias, mask, cfg: TrainConfig):
-    """Training-mode batch norm in plain jnp, for JAX to differentiate. Same outputs as bn_train."""
+    """Training-mode batch norm in plain jnp, for JAX to differentiate. Same outputs as bn_train.
+
+    Complex x works here (complex mean, real variance E|x - μ|²).
+    """
     cd = compute_dtype(x.dtype)
     mean, var, n = reference_stats(x, mask, cfg.stats)
-    scale = effective_scale(scale, cfg).astype(cd)
-    xhat = (x.astype(cd) - mean) / jnp.sqrt(var + cfg.epsilon)
-    y = xhat * scale + bias.astype(cd)
+    scale = effective_scale(scale, cfg).astype(var.dtype)
+    xhat = (x.astype(cd) - mean) * inverse_std(var, n, cfg.epsilon)
+    y = xhat * scale + bias.astype(var.dtype)
     return y.astype(cfg.out_dtype), mean, var, n
 
 
@@ -72,24 +80,19 @@ def bn_train(x, scale, bias, mask, cfg: TrainConfig):
     return _bn_train_fwd(x, scale, bias, mask, cfg)[0]
 
 
-def _centered(saved: Array, shift: Array, offset, divisor, cd) -> Array:
-    """x - μ from the input, (x - shift) - (μ - shift), or from the output, (y - β) / (γ rstd)."""
-    centered = saved.astype(cd) - shift
-    if offset is not None:
-        centered = centered - offset
-    return centered if divisor is None else centered / divisor
-
-
 def _bn_train_fwd(x, scale, bias, mask, cfg: TrainConfig):
     cd = compute_dtype(x.dtype)
     shift, dmean, var, n = shifted_stats(x, mask, cfg.stats)
-    rstd = lax.rsqrt(var + cfg.epsilon)
+    rstd = inverse_std(var, n, cfg.epsilon)
     scale_eff = effective_scale(scale, cfg)
-    # x - mean first, then the per-feature multiplier: x*a + b would cancel
-    # catastrophically when |mean| >> std. The shift gets its own barrier here
-    # too, or XLA:CPU broadcasts it to full size.
-    centered = _centered(x, *unshared(shift, dmean), None, cd)
-    y = (centered * (scale_eff.astype(cd) * rstd) + bias.astype(cd)).astype(cfg.out_dtype)
+    # y = γ rstd (x - μ) + β = (x - shift) a + (β - (μ - shift) a): x - shift first,
+    # exact where x is near the shift, then one multiply-add with per-feature
+    # vectors (x*a + b would cancel catastrophically when |mean| >> std).
+    a = scale_eff.astype(cd) * rstd
+    b = bias.astype(cd) - dmean * a
+    # The vectors get their own barrier, or XLA:CPU recomputes them per element.
+    shift_again, a, b = unshared(shift, a, b)
+    y = ((x.astype(cd) - shift_again) * a + b).astype(cfg.out_dtype)
     if cfg.residual == "output":
         saved = (y, mask, None, rstd, scale_eff, bias, n)
     else:
@@ -134,34 +137,40 @@ def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
     ra = cfg.stats.reduce_axes
     dy32 = dy.astype(cd)
     scale32 = scale.astype(cd)
+    # x - μ = ((v - shift) - offset) / divisor, v the saved array: from the input,
+    # (x - shift) - (μ - shift); from the output, (y - β) / (γ rstd), exact because
+    # |γ| >= min_scale (see effective_scale). Only v - shift is formed per element;
+    # offset and divisor are per feature, applied to the sums and coefficients.
     if cfg.residual == "output":
-        # x - μ from the output: exact because |scale| >= min_scale (see effective_scale).
-        shift, offset, divisor = bias.astype(cd), None, scale32 * rstd
+        shift, offset, divisor = bias.astype(cd), jnp.zeros_like(rstd), scale32 * rstd
     else:
-        (shift, offset), divisor = shifted_mean, None
-    centered = _centered(y_or_x, shift, offset, divisor, cd)  # x̂ = centered * rstd
+        (shift, offset), divisor = shifted_mean, jnp.ones_like(rstd)
     # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
     # sums run over all entries; only the statistics' own dependence on x (the
     # correction terms of dx) is restricted to the unmasked entries. Each sum
     # reads its inputs through its own barrier (see _xla_cpu).
     sum_dy = jnp.sum(unshared(dy).astype(cd), axis=ra, keepdims=True)
     v_again, dy_again = unshared(y_or_x, dy)
-    if offset is None:
-        shift_again, offset_again = unshared(shift), None
-    else:  # a tuple no other barrier has, or XLA:CPU merges them
-        offset_again, shift_again = unshared(offset, shift)
-    divisor_again = None if divisor is None else unshared(divisor)
-    centered_again = _centered(v_again, shift_again, offset_again, divisor_again, cd)
-    sum_dy_xc = jnp.sum(dy_again.astype(cd) * centered_again, axis=ra, keepdims=True)
+    shift_again = unshared(shift, offset, divisor)[0]  # a tuple no other barrier has
+    dy_vs = dy_again.astype(cd) * (v_again.astype(cd) - shift_again)
+    if mask is not None:
+        # Padding, whatever its values (NaN, inf), never reaches a counted entry's gradient:
+        # a padded output's contribution to dγ counts only where it is finite.
+        dy_vs = jnp.where(mask | jnp.isfinite(dy_vs), dy_vs, 0)
+    sum_dy_vs = jnp.sum(dy_vs, ra, keepdims=True)
+    # Σ dy (x - μ): offset Σ dy is of the size of the other term (|offset| is a few std).
+    sum_dy_xc = (sum_dy_vs - offset * sum_dy) / divisor
     dbias = sum_dy
     dscale = sum_dy_xc * rstd
     g_sum_dy, g_sum_dy_xc = psum((sum_dy, sum_dy_xc), cfg.stats)
     n_safe = jnp.maximum(n, 1)
-    # dx = γ rstd (dy - Σdy/N - x̂ Σ(dy x̂)/N): per-feature coefficients, one elementwise pass.
+    # dx = γ rstd (dy - Σdy/N - x̂ Σ(dy x̂)/N) = c1 dy + c3 (v - shift) + c2, with
+    # per-feature coefficients (through a barrier: computed once), one elementwise pass.
     c1 = scale32 * rstd
-    c2 = -c1 * g_sum_dy / n_safe
-    c3 = -c1 * rstd * rstd * g_sum_dy_xc / n_safe
-    correction = c3 * centered + c2
+    c3 = -c1 * rstd * rstd * g_sum_dy_xc / n_safe / divisor
+    c2 = -c1 * g_sum_dy / n_safe - c3 * offset
+    shift_last, c1, c2, c3 = unshared(shift, c1, c2, c3)
+    correction = c3 * (y_or_x.astype(cd) - shift_last) + c2
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
     dx = c1 * dy32 + correction

@@ -26,7 +26,7 @@ from jax import random
 import jbn
 from jbn._intercept import intercept
 
-COMPLEX = pytest.mark.xfail(strict=True, reason="complex inputs: lead's core work")
+COMPLEX = pytest.mark.complex_inputs  # flax's complex-input cases (supported since the core change)
 
 # name -> (linen BatchNorm class, nnx BatchNorm class, context to run in)
 IMPLS = {
