@@ -15,6 +15,7 @@ from ._batch_norm import bn_stats as bn_stats
 from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_variables as fold_batch_norm_variables
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+from ._sync import sync_batch_stats as sync_batch_stats
 from .linen import BatchNorm as BatchNorm
 
 try:
@@ -32,4 +33,14 @@ __all__ = (
     "linen",
     "nnx",
     "recalibrate_batch_stats",
+    "sync_batch_stats",
 )
+
+
+def __getattr__(name: str):
+    # jbn.equinox after a plain `import jbn`, without importing equinox eagerly.
+    if name == "equinox":
+        import importlib
+
+        return importlib.import_module(".equinox", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -164,9 +164,11 @@ def bn_forward(
 
     The training-mode gradient is the analytic batch-norm backward (a
     ``jax.custom_vjp``), which keeps only ``x`` (or, with ``residual="output"``,
-    only ``y``) plus per-feature vectors. Reverse mode of any order works; forward
-    mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) cannot pass a custom_vjp, so
-    use ``autodiff=True`` there. The running statistics carry no gradient.
+    only ``y``) plus per-feature vectors. Reverse mode of any order works, and so
+    does forward mode over it (``jax.hessian``, ``jax.jacfwd(jax.grad(f))``);
+    forward mode straight through the layer (``jax.jvp``, ``jax.jacfwd``) cannot
+    pass a custom_vjp, so use ``autodiff=True`` there. The running statistics
+    carry no gradient.
 
     Args:
       params: ``{"scale": γ, "bias": β}`` of the feature shape, either may be

@@ -142,6 +142,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dtype: dtype of ``weight``, ``bias`` and the running statistics (default
         float32, float64 with ``jax_enable_x64``).
       mode: ``"batch"``; see above.
+      finite_running_stats: True (default): a feature whose batch statistics are
+        not finite keeps its running statistics; False: update them anyway.
       unbiased_running_var: store the running variance with Bessel's correction
         ``n / (n - 1)``, ``n`` the number of values per channel in the batch
         (torch's convention), while normalizing with the biased batch variance.
@@ -173,6 +175,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     momentum: float | None = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
+    finite_running_stats: bool = eqx.field(static=True)
     residual: str = eqx.field(static=True)
     min_scale: float = eqx.field(static=True)
     virtual_batch_size: int | None = eqx.field(static=True)
@@ -193,6 +196,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mode: str = "batch",
         *,
         unbiased_running_var: bool = False,
+        finite_running_stats: bool = True,
         residual: str = "input",
         min_scale: float = 1e-3,
         virtual_batch_size: int | None = None,
@@ -235,6 +239,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             (channelwise_affine, "channelwise_affine"),
             (inference, "inference"),
             (unbiased_running_var, "unbiased_running_var"),
+            (finite_running_stats, "finite_running_stats"),
             (renorm, "renorm"),
             (autodiff, "autodiff"),
         ):
@@ -268,6 +273,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.momentum = momentum
         self.mode = mode
         self.unbiased_running_var = unbiased_running_var
+        self.finite_running_stats = finite_running_stats
         self.residual = residual
         self.min_scale = min_scale
         self.virtual_batch_size = virtual_batch_size
@@ -343,6 +349,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         options = dict(
             epsilon=self.eps,
             unbiased_running_var=self.unbiased_running_var,
+            finite_running_stats=self.finite_running_stats,
             residual=self.residual,
             min_scale=self.min_scale,
             autodiff=self.autodiff,

@@ -238,3 +238,13 @@ def test_complex_forward_running_stats_and_gradients():
     np.testing.assert_allclose(m, mean, rtol=1e-5)
     np.testing.assert_allclose(v, var, rtol=1e-5)
     assert v.dtype == jnp.float32 and n.dtype == jnp.float32
+
+
+def test_hessian_works_without_autodiff():
+    # Forward over reverse (jax.hessian) passes the custom_vjp's backward, itself jnp.
+    x, params, state = _data()
+    f = lambda x, ad: jnp.sum(jnp.sin(jbn.bn_forward(params, state, x, True, autodiff=ad)[0]))  # noqa: E731
+    h = jax.jit(jax.hessian(f), static_argnums=1)
+    np.testing.assert_allclose(h(x, False), h(x, True), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: f(x, False), (x,), (x,))

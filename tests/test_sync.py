@@ -15,7 +15,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jbn
-from jbn._sync import sync_batch_stats, sync_nnx_batch_stats
+
+sync_batch_stats = jbn.sync_batch_stats
+sync_nnx_batch_stats = jbn.nnx.sync_batch_stats
 
 SIZES = (3, 10, 1, 12)  # unequal counts, one replica with a single example
 FEATURES = {("block", "BatchNorm_0"): (5,), ("BatchNorm_1",): (2, 3)}
