@@ -9,6 +9,7 @@ shared.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,32 +18,19 @@ from flax.nnx import graph
 
 __all__ = ("convert", "replace_modules")
 
-# Options both modules have; the variables move over as they are.
-_COMMON = (
-    "use_running_average",
-    "axis",
-    "momentum",
-    "epsilon",
-    "dtype",
-    "param_dtype",
-    "use_bias",
-    "use_scale",
-    "axis_name",
-    "axis_index_groups",
-    "use_fast_variance",
-    "promote_dtype",
-)
 _VARIABLES = ("mean", "var", "scale", "bias")
 _INTERNAL = ("_pytree__nodes", "_pytree__state")
-# jbn's options flax cannot express, with the values that mean "as flax does";
-# the second group only matters when the first is not at its default.
-_JBN_ONLY = {
-    "unbiased_running_var": False,
-    "residual": "input",
-    "virtual_batch_size": None,
-    "renorm": False,
-}
-_JBN_IRRELEVANT = ("min_scale", "rmax", "dmax", "count", "recalibration")
+# jbn layer attributes that are no constructor options.
+_JBN_STATE = ("count", "recalibration")
+
+
+def _options(cls: type) -> dict[str, Any]:
+    """A class's constructor options and their defaults (without ``rngs``)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "rngs")
+    }
 
 
 def replace_modules(
@@ -130,32 +118,55 @@ def _move(old: nnx.Module, new: nnx.Module, options: dict[str, Any]) -> nnx.Modu
     return new
 
 
+def _common(old: nnx.Module) -> dict[str, Any]:
+    """``old``'s options that both classes take (the initializers are not kept by flax)."""
+    from . import nnx as jbn_nnx
+
+    both = set(_options(nnx.BatchNorm)) & set(_options(jbn_nnx.BatchNorm))
+    return {
+        name: getattr(old, name) for name in sorted(both - {"num_features"}) if name in vars(old)
+    }
+
+
 def _check_to_jbn(old: nnx.BatchNorm) -> None:
-    _check_plain(old, nnx.BatchNorm, ("num_features", *_COMMON, *_VARIABLES))
+    from . import nnx as jbn_nnx
+
+    flax_options = _options(nnx.BatchNorm)
+    _check_plain(old, nnx.BatchNorm, (*flax_options, *_VARIABLES))
+    jbn_options = _options(jbn_nnx.BatchNorm)
+    unsupported = [
+        f"{name}={getattr(old, name)!r}"
+        for name, default in flax_options.items()
+        if name not in jbn_options and name in vars(old) and getattr(old, name) != default
+    ]
+    if unsupported:  # a flax version with options jbn lacks
+        raise ValueError(
+            f"jbn.nnx.convert: jbn.nnx.BatchNorm cannot express {', '.join(unsupported)} "
+            "of a flax.nnx.BatchNorm"
+        )
 
 
 def _to_jbn(old: nnx.BatchNorm) -> nnx.Module:
     from . import nnx as jbn_nnx  # the public module; here to avoid an import cycle
 
-    options = {name: getattr(old, name) for name in _COMMON}
+    options = _common(old)
     # Throwaway initial values (rngs are needed to build one), replaced by old's.
     new = jbn_nnx.BatchNorm(old.num_features, **options, rngs=nnx.Rngs(0))
     return _move(old, new, options)
 
 
 def _flax_num_features(old: nnx.Module) -> int:
-    """The flax ``num_features`` of a jbn layer; raises if flax cannot express it."""
+    """The flax ``num_features`` of a jbn layer; raises if flax cannot express the layer."""
     from . import nnx as jbn_nnx
 
-    _check_plain(
-        old,
-        jbn_nnx.BatchNorm,
-        ("num_features", *_COMMON, *_VARIABLES, *_JBN_ONLY, *_JBN_IRRELEVANT),
-    )
+    jbn_options = _options(jbn_nnx.BatchNorm)
+    _check_plain(old, jbn_nnx.BatchNorm, (*jbn_options, *_VARIABLES, *_JBN_STATE))
+    flax_options = _options(nnx.BatchNorm)
+    # jbn's own options at their defaults are fine; anything else flax cannot do.
     unsupported = [
         f"{name}={getattr(old, name)!r}"
-        for name, default in _JBN_ONLY.items()
-        if getattr(old, name) != default
+        for name, default in jbn_options.items()
+        if name not in flax_options and getattr(old, name) != default
     ]
     if old.momentum is None:
         unsupported.append("momentum=None (cumulative average)")
@@ -165,7 +176,7 @@ def _flax_num_features(old: nnx.Module) -> int:
             unsupported.append(f"num_features={num_features!r} (several feature axes)")
         else:
             num_features = num_features[0]
-    if old.recalibration is not None:
+    if getattr(old, "recalibration", None) is not None:
         unsupported.append("a recalibration in progress")
     if unsupported:
         raise ValueError(
@@ -177,7 +188,7 @@ def _flax_num_features(old: nnx.Module) -> int:
 
 def _to_flax(old: nnx.Module) -> nnx.BatchNorm:
     num_features = _flax_num_features(old)
-    options = {name: getattr(old, name) for name in _COMMON}
+    options = _common(old)
     new = nnx.BatchNorm(num_features, **options, rngs=nnx.Rngs(0))
     return _move(old, new, options)
 
@@ -203,10 +214,10 @@ def convert(model: Any, *, to: str = "jbn") -> Any:
       'jbn.nnx'
 
     Subclasses are not converted silently: a subclass of the source class, or a
-    layer with attributes of its own, raises a ``TypeError``; a jbn layer using
-    options flax lacks (``residual="output"``, ``renorm``, ghost batches,
-    ``unbiased_running_var``, ``momentum=None``, several feature axes) raises a
-    ``ValueError`` with ``to="flax"``. Every layer is checked before any is
+    layer with attributes of its own, raises a ``TypeError``; a jbn layer with
+    one of jbn's own options away from its default (``residual="output"``,
+    ``renorm``, ghost batches, ``unbiased_running_var``, ...), ``momentum=None`` or
+    several feature axes raises a ``ValueError`` with ``to="flax"``. Every layer is checked before any is
     converted, so on an error the model is left as it was.
 
     Args:
