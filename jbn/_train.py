@@ -142,7 +142,9 @@ def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
     # |γ| >= min_scale (see effective_scale). Only v - shift is formed per element;
     # offset and divisor are per feature, applied to the sums and coefficients.
     if cfg.residual == "output":
-        shift, offset, divisor = bias.astype(cd), jnp.zeros_like(rstd), scale32 * rstd
+        # rstd is 0 for a feature without counted values (x̂ = 0): divide by 1 there.
+        divisor = jnp.where(rstd > 0, scale32 * rstd, 1)
+        shift, offset = bias.astype(cd), jnp.zeros_like(rstd)
     else:
         (shift, offset), divisor = shifted_mean, jnp.ones_like(rstd)
     # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
