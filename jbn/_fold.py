@@ -12,7 +12,7 @@ the same layer with kernel W a (each output feature's column scaled) and bias
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -80,6 +80,8 @@ def fold_batch_norm_variables(
     pairs: Iterable[tuple[tree.Path, tree.Path]],
     *,
     epsilon: float = 1e-5,
+    check: tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any], ArrayLike] | None = None,
+    rtol: float = 1e-4,
 ) -> dict[str, Any]:
     """Folds batch-norm layers of a linen model into the Dense or Conv layers before them.
 
@@ -90,7 +92,10 @@ def fold_batch_norm_variables(
     ``use_bias=True`` on those layers: give the model a switch, e.g. a field
     ``fold: bool``, that skips each batch norm and turns on the layer's bias. Its
     outputs equal the original model's evaluation-mode outputs up to float32
-    rounding.
+    rounding, provided each pair's layer feeds its batch norm directly and
+    ``epsilon`` is the batch norms' own: the variables cannot tell, so pass
+    ``check`` to have the folded model compared with the original on a probe
+    batch, and get an error instead of a silently different model.
 
     Args:
       variables: the trained model's variables, with ``params`` and ``batch_stats``.
@@ -99,11 +104,29 @@ def fold_batch_norm_variables(
         tuple of names. The layer must be the one right before the batch norm,
         with its output features on the kernel's last axis.
       epsilon: the batch norms' epsilon (default 1e-5).
+      check: optional ``(apply_fn, folded_apply_fn, x)``: ``apply_fn(variables,
+        x)`` runs the original model in evaluation mode and
+        ``folded_apply_fn(folded_variables, x)`` the folded one, e.g.
+        ``(Model().apply, Model(fold=True).apply, x)``. Their outputs must agree
+        to ``rtol`` (relative to the largest output), or a ValueError says by how
+        much and what usually causes it.
+      rtol: the tolerance of ``check`` (default 1e-4).
 
     Returns:
       New variables (dicts); the batch norms' entries are gone, and
       ``batch_stats`` is dropped when nothing is left in it.
+
+    Raises:
+      ValueError: a path or pair that does not fit the variables, or, with
+        ``check``, a folded model that does not match the original.
     """
+    if check is not None:
+        if not (isinstance(check, tuple) and len(check) == 3 and all(map(callable, check[:2]))):
+            raise TypeError(
+                "check must be (apply_fn, folded_apply_fn, x), e.g. "
+                f"(Model().apply, Model(fold=True).apply, x); got {check!r}"
+            )
+        rtol = checks.static_float(rtol, "rtol", positive=True)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a linen model's variables with a 'params' collection")
     variables = flax.core.unfreeze(variables)
@@ -152,4 +175,28 @@ def fold_batch_norm_variables(
         out["batch_stats"] = stats
     else:
         out.pop("batch_stats", None)
+    if check is not None:
+        _check_folded(variables, out, check, rtol, epsilon, pairs)
     return out
+
+
+def _check_folded(variables, folded, check, rtol: float, epsilon: float, pairs) -> None:
+    """Compares the folded model with the original on a probe batch; a clear error if they differ."""
+    apply_fn, folded_apply_fn, x = check
+    y = jnp.asarray(apply_fn(variables, x), jnp.float32)
+    y_folded = jnp.asarray(folded_apply_fn(folded, x), jnp.float32)
+    if y.shape != y_folded.shape:
+        raise ValueError(
+            f"check: the folded model's output has shape {y_folded.shape}, the original's {y.shape}"
+        )
+    scale = float(jnp.max(jnp.abs(y))) or 1.0
+    error = float(jnp.max(jnp.abs(y - y_folded))) / scale
+    if not error <= rtol:
+        raise ValueError(
+            f"the folded model differs from the original by {error:.3g} (relative to the "
+            f"largest output; rtol={rtol:g}) on the probe batch, so folding {pairs} does not "
+            f"preserve the model. Usual causes: the batch norms' epsilon is not {epsilon:g} "
+            "(pass their epsilon), something sits between a pair's layer and its batch norm "
+            "(an activation or pooling: such a batch norm cannot be folded into that layer), "
+            "or apply_fn does not run the original in evaluation mode"
+        )

@@ -340,6 +340,54 @@ def test_folded_cnn_matches_eval_mode(cnn_input_and_variables):
     y_fold = jax.jit(FoldCNN(fold=True).apply)(folded, x)
     np.testing.assert_allclose(y_fold, y, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y))))
     assert "batch_stats" in variables and variables["params"]["bn1"]  # the input is left alone
+    # The same, checked on the probe batch by fold itself.
+    check = (FoldCNN().apply, FoldCNN(fold=True).apply, x)
+    checked = jbn.fold_batch_norm_variables(variables, PAIRS, check=check)
+    jax.tree.map(np.testing.assert_array_equal, checked, folded)
+
+
+class ActivationBetween(nn.Module):
+    """A batch norm after a ReLU: it cannot be folded into the Dense before the ReLU."""
+
+    fold: bool = False
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, use_bias=self.fold, name="dense")(x)
+        if self.fold:
+            return nn.relu(x)
+        return jbn.BatchNorm(use_running_average=True, epsilon=self.epsilon, name="bn")(nn.relu(x))
+
+
+@pytest.mark.parametrize("case", ["epsilon", "activation"])
+def test_fold_check_refuses_a_wrong_fold(case):
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    model = ActivationBetween(epsilon=0.1 if case == "epsilon" else 1e-5)
+    if case == "epsilon":  # a plain Dense -> BN model folded with the default epsilon
+        model, folded_model = FoldCNN(), FoldCNN(fold=True)
+        x = jax.random.normal(jax.random.key(6), (4, 8, 8, 2)) + 0.5
+        variables = jax.jit(FoldCNN().init)(jax.random.key(7), x)
+        variables = {
+            **variables,
+            "batch_stats": jax.tree.map(lambda v: v * 0.0 + 1e-3, variables["batch_stats"]),
+        }
+        check = (model.apply, folded_model.apply, x)
+        folded = jbn.fold_batch_norm_variables(variables, PAIRS, epsilon=1e-5, check=check)
+        with pytest.raises(ValueError, match=r"differs from the original.*epsilon is not 0.1"):
+            jbn.fold_batch_norm_variables(variables, PAIRS, epsilon=0.1, check=check)
+        assert folded["params"]["conv1"]["bias"].shape == (4,)
+        return
+    variables = model.init(jax.random.key(0), x)
+    p, s = _bn_vars(jax.random.key(2), 6)
+    variables = {"params": {**variables["params"], "bn": p}, "batch_stats": {"bn": s}}
+    check = (model.apply, ActivationBetween(fold=True).apply, x)
+    with pytest.raises(
+        ValueError, match="something sits between a pair's layer and its batch norm"
+    ):
+        jbn.fold_batch_norm_variables(variables, [("dense", "bn")], check=check)
+    with pytest.raises(TypeError, match=r"check must be \(apply_fn, folded_apply_fn, x\)"):
+        jbn.fold_batch_norm_variables(variables, [("dense", "bn")], check=(model.apply, x))
 
 
 def test_fold_errors(cnn_input_and_variables):
