@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,11 +56,12 @@ def encode(payload: dict[str, Any]) -> bytes:
     return _MAGIC + f" {CHECKPOINT_VERSION} sha256={digest}\n".encode() + body
 
 
-def read_payload(path: str | pathlib.Path) -> dict[str, Any]:
+def read_payload(path: str | pathlib.Path, data: bytes | None = None) -> dict[str, Any]:
     """Reads and verifies a checkpoint file.
 
     Args:
       path: The checkpoint file.
+      data: Its content, if already read (``path`` then only names it in errors).
 
     Returns:
       The payload: ``version``, ``state`` (a state dict), ``progress`` and
@@ -70,7 +72,7 @@ def read_payload(path: str | pathlib.Path) -> dict[str, Any]:
         content does not match its SHA-256 (truncated or modified).
     """
     path = pathlib.Path(path)
-    data = path.read_bytes()
+    data = path.read_bytes() if data is None else data
     remedy = (
         "move it away (or delete it) to start afresh, or use another --out; "
         "it cannot be resumed from"
@@ -107,10 +109,26 @@ def save_checkpoint(
     return path
 
 
+def _identity(data: bytes | None) -> bytes | None:
+    return data
+
+
 def restore_checkpoint(
-    workdir: pathlib.Path, state: Any, config: Config
+    workdir: pathlib.Path,
+    state: Any,
+    config: Config,
+    *,
+    share: Callable[[bytes | None], bytes | None] = _identity,
 ) -> tuple[Any, Progress] | None:
     """Restores the checkpoint in ``workdir`` into the structure of ``state``.
+
+    Args:
+      workdir: The run's directory.
+      state: A state of the run's structure.
+      config: The run's configuration, checked against the checkpoint's.
+      share: Maps the file's content (None when there is none) to the content to
+        restore from; in a run across processes, process 0's, so that every process
+        restores the same checkpoint (:func:`mnist_demo.distributed.broadcast_bytes`).
 
     Returns:
       The restored state and progress, or None if there is no checkpoint.
@@ -120,9 +138,10 @@ def restore_checkpoint(
         that change the result.
     """
     path = pathlib.Path(workdir) / CHECKPOINT_NAME
-    if not path.exists():
+    data = share(path.read_bytes() if path.exists() else None)
+    if data is None:
         return None
-    payload = read_payload(path)
+    payload = read_payload(path, data)
     saved = json.loads(payload["config"])
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     resumable = Config.resumable_fields()

@@ -37,7 +37,13 @@ MODES: dict[str, str] = {
 #: The peak learning rate when ``--lr`` is not given, per mode.
 DEFAULT_LEARNING_RATE = {"train": 3e-3, "fig1": 0.5}
 
-GROUPS = ("model and training", "data and output", "--fig1 and --lr-sweep", "--domain-shift")
+GROUPS = (
+    "model and training",
+    "data and output",
+    "across processes",
+    "--fig1 and --lr-sweep",
+    "--domain-shift",
+)
 
 
 class ConfigError(ValueError):
@@ -78,6 +84,13 @@ def _positive_floats(v: Sequence[float]) -> str | None:
     return None if ok else "a comma-separated list of finite numbers > 0"
 
 
+def check_coordinator(v: str) -> str | None:
+    """None if ``v`` is ``HOST:PORT`` with a port in [1, 65535], else what was expected."""
+    host, _, port = v.rpartition(":")
+    ok = bool(host) and port.isdigit() and 0 < int(port) < 65536
+    return None if ok else "HOST:PORT with a port in [1, 65535]"
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -97,6 +110,7 @@ def _field(
     parse: Callable[[str], Any] | None = None,
     aliases: Sequence[str] = (),
     resumable: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """A :class:`Config` field with what the command line and the checks need."""
     meta = dict(
@@ -107,6 +121,7 @@ def _field(
         parse=parse,
         aliases=tuple(aliases),
         resumable=resumable,
+        metavar=metavar,
     )
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
@@ -114,8 +129,9 @@ def _field(
 
 
 _OUT = GROUPS[1]
-_PAPER = GROUPS[2]
-_SHIFT = GROUPS[3]
+_PROCS = GROUPS[2]
+_PAPER = GROUPS[3]
+_SHIFT = GROUPS[4]
 
 
 @dataclasses.dataclass
@@ -237,6 +253,41 @@ class Config:
     log_every: int = _field(
         20, "steps between progress-bar updates", group=_OUT, check=_positive_int, resumable=True
     )
+    processes: int = _field(
+        0,
+        "train in N processes started on this machine (localhost, CPU collectives over "
+        "gloo), each on its share of every batch, and wait for them (0: in this process)",
+        group=_PROCS,
+        check=_nonnegative_int,
+        resumable=True,
+    )
+    coordinator: str | None = _field(
+        None,
+        "HOST:PORT of process 0 (the coordinator) in a run across processes, the same in "
+        "every process (default: $JAX_COORDINATOR_ADDRESS)",
+        group=_PROCS,
+        parse=str,
+        check=check_coordinator,
+        metavar="HOST:PORT",
+        resumable=True,
+    )
+    num_processes: int = _field(
+        0,
+        "number of processes of a run across processes (0: one, unless --coordinator or "
+        "$JAX_COORDINATOR_ADDRESS is set; then JAX reads it from a cluster's environment)",
+        group=_PROCS,
+        check=_nonnegative_int,
+        resumable=True,
+    )
+    process_id: int | None = _field(
+        None,
+        "this process's index in a run across processes, in [0, --num-processes); process 0 "
+        "logs and writes the results",
+        group=_PROCS,
+        parse=int,
+        check=_nonnegative_int,
+        resumable=True,
+    )
     init_std: float = _field(
         0.01,
         "standard deviation of the Gaussian initial weights of the Fig. 1 network",
@@ -332,10 +383,42 @@ class Config:
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: choose one")
+        self._check_processes()
         if self.resume and self.mode not in ("train", "compare"):
             raise ConfigError(
                 f"--resume only continues training runs (also of --compare), not {flag(self.mode)}"
             )
+
+    def _check_processes(self) -> None:
+        """Checks of the settings of a run across processes."""
+        given = [
+            flag(name)
+            for name, unset in (("coordinator", None), ("num_processes", 0), ("process_id", None))
+            if getattr(self, name) != unset
+        ]
+        if self.processes and given:
+            raise ConfigError(
+                f"--processes starts its own processes on this machine: leave out {given[0]} "
+                "(it is for each process of a run you start yourself)"
+            )
+        many = self.processes or self.num_processes or given
+        if many and self.mode != "train":
+            raise ConfigError(
+                f"only training runs go across processes, not {flag(self.mode)} "
+                "(leave out --processes, --coordinator, --num-processes and --process-id)"
+            )
+        if many and self.devices:
+            raise ConfigError(
+                "--devices does not apply to a run across processes: it uses every device of "
+                "every process (set how many CPU devices each has with XLA_FLAGS="
+                "--xla_force_host_platform_device_count=N)"
+            )
+        if self.num_processes and self.process_id is not None:
+            if self.process_id >= self.num_processes:
+                raise ConfigError(
+                    f"--process-id must be in [0, {self.num_processes}) for --num-processes "
+                    f"{self.num_processes}; got {self.process_id}"
+                )
 
     @classmethod
     def resumable_fields(cls) -> frozenset[str]:
@@ -413,7 +496,9 @@ def build_parser(description: str = "", epilog: str = "") -> argparse.ArgumentPa
             kwargs["type"] = meta["parse"] or type(default)
             if meta["choices"] is not None:
                 kwargs["choices"] = meta["choices"]
-            if isinstance(default, tuple):
+            if meta["metavar"] is not None:
+                kwargs["metavar"] = meta["metavar"]
+            elif isinstance(default, tuple):
                 kwargs["metavar"] = "X,Y,..."
             elif kwargs["type"] in (int, float):
                 kwargs["metavar"] = "N" if kwargs["type"] is int else "X"

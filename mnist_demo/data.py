@@ -79,13 +79,24 @@ def step_indices(seed: int, n: int, batch_size: int, start: int, count: int) -> 
     return np.stack(rows)
 
 
-def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+def random_shift(
+    images: np.ndarray,
+    max_shift: int,
+    rng: np.random.Generator,
+    *,
+    rows: slice | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
     """Shifts each image by a random offset in ``[-max_shift, max_shift]`` pixels per axis.
 
     Args:
-      images: ``[n, h, w, c]``.
+      images: ``[n, h, w, c]``: a batch, or its rows ``rows`` in a run across processes.
       max_shift: Largest shift; 0 returns ``images`` unchanged.
       rng: Source of the offsets.
+      rows: Which rows of the batch ``images`` are (default: all of it). The offsets
+        are drawn for the whole batch, so each process's rows get the shifts they
+        get in one process.
+      batch_size: The size of the whole batch when ``rows`` is given.
 
     Returns:
       The shifted images; pixels shifted in are the background value (the minimum).
@@ -95,7 +106,9 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -
     n, h, w, _ = images.shape
     m = max_shift
     padded = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=images.min())
-    dy, dx = rng.integers(0, 2 * m + 1, size=(2, n))
-    rows = dy[:, None] + np.arange(h)[None, :]
+    dy, dx = rng.integers(0, 2 * m + 1, size=(2, n if rows is None else batch_size))
+    if rows is not None:
+        dy, dx = dy[rows], dx[rows]
+    rows_ = dy[:, None] + np.arange(h)[None, :]
     cols = dx[:, None] + np.arange(w)[None, :]
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return padded[np.arange(n)[:, None, None], rows_[:, :, None], cols[:, None, :]]

@@ -10,6 +10,10 @@ When several devices are visible (e.g. ``XLA_FLAGS=
 :func:`jax.shard_map` and the batch-norm layers are built with
 ``axis_name='data'``, so their batch statistics (and the gradients) are
 averaged over all devices and the run matches the one-device run.
+
+Across processes (:mod:`mnist_demo.distributed`) the mesh holds every process's
+devices; each process builds its rows of each global batch only, and process 0
+alone logs and writes the results and checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from .checkpoints import CHECKPOINT_NAME, Progress, restore_checkpoint, save_checkpoint
 from .config import Config
 from .data import Split, batches, epoch_permutation, get_datasets, random_shift
+from .distributed import broadcast_bytes, global_batch, is_main_process, local_rows, replicate
 from .files import atomic_write, remove_stale_tmp
 from .models import AXIS, create_model
 from .plots import plot_curves
@@ -217,17 +222,18 @@ def evaluate(
     n_dev = mesh.devices.size
     batch_size = -(-batch_size // n_dev) * n_dev
     sharding = NamedSharding(mesh, P(AXIS))
+    mine = local_rows(sharding, batch_size)  # this process's rows of each batch
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size]
-        labels = split.labels[start : start + batch_size]
+        lo, hi = min(start + mine.start, len(split)), min(start + mine.stop, len(split))
+        images, labels = split.images[lo:hi], split.labels[lo:hi]
         weights = np.ones(len(labels), np.float32)
-        pad = batch_size - len(labels)
+        pad = (mine.stop - mine.start) - len(labels)
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
             weights = np.concatenate([weights, np.zeros(pad, np.float32)])
-        out = eval_fn(state, *jax.device_put((images, labels, weights), sharding))
+        out = eval_fn(state, *global_batch(sharding, batch_size, images, labels, weights))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
     return {
@@ -261,6 +267,7 @@ def train_epoch(
 
     order = epoch_permutation(config.seed, progress.epoch, len(train))
     sharding = NamedSharding(mesh, P(AXIS))
+    mine = local_rows(sharding, config.batch_size)  # this process's rows of each batch
     pending: list[dict[str, jax.Array]] = []
 
     def flush():
@@ -285,15 +292,22 @@ def train_epoch(
         leave=False,
         desc=f"epoch {progress.epoch + 1}/{config.epochs}",
         unit="step",
-        disable=not config.progress,
+        disable=not (config.progress and is_main_process()),
         dynamic_ncols=True,
     )
     with bar:
         for idx in batches(order, config.batch_size, progress.step_in_epoch):
             # The shifts are a function of (seed, epoch, step), like the order.
             rng = np.random.default_rng([config.seed, progress.epoch, progress.step_in_epoch])
-            images = random_shift(train.images[idx], config.augment_shift, rng)
-            images, labels = jax.device_put((images, train.labels[idx]), sharding)
+            idx = idx[mine]
+            images = random_shift(
+                train.images[idx],
+                config.augment_shift,
+                rng,
+                rows=mine,
+                batch_size=config.batch_size,
+            )
+            images, labels = global_batch(sharding, config.batch_size, images, train.labels[idx])
             state, metrics = step_fn(state, images, labels)
             pending.append(metrics)
             progress.step_in_epoch += 1
@@ -348,6 +362,15 @@ def check_fresh_out(
         )
 
 
+def _quiet(message: str) -> None:
+    """The log of the processes other than process 0."""
+
+
+def _processes() -> str:
+    n = jax.process_count()
+    return f", {n} processes" if n > 1 else ""
+
+
 def train_and_evaluate(
     config: Config,
     workdir: str | os.PathLike[str] | None = None,
@@ -365,7 +388,12 @@ def train_and_evaluate(
       workdir: Output directory (default ``config.out``): checkpoint,
         ``metrics.json``/``.csv``, ``curves.png``.
       datasets: The (train, test) splits, if already loaded.
-      log: Called with one line per epoch and other messages.
+      log: Called with one line per epoch and other messages (in process 0 only).
+
+    In a run across processes (after :func:`mnist_demo.distributed.initialize`),
+    every process calls this with the same arguments; process 0 alone logs and
+    writes into ``workdir``, and with ``resume`` every process restores the
+    checkpoint process 0 reads.
 
     Returns:
       The final state and the per-epoch metrics.
@@ -379,13 +407,17 @@ def train_and_evaluate(
         checkpoint is written after it.
     """
     workdir = pathlib.Path(config.out if workdir is None else workdir)
-    if not (config.resume or config.overwrite):
+    main = is_main_process()
+    if not main:
+        log = _quiet
+    if main and not (config.resume or config.overwrite):
         check_fresh_out(workdir, RESULT_FILES, resumable=True)
     n_dev = check_devices(config)
     mesh = make_mesh(config.devices)
-    workdir.mkdir(parents=True, exist_ok=True)
-    for tmp in remove_stale_tmp(workdir, list(RESULT_FILES)):
-        log(f"removed {tmp}, left over from an interrupted write")
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        for tmp in remove_stale_tmp(workdir, list(RESULT_FILES)):
+            log(f"removed {tmp}, left over from an interrupted write")
     train, test = datasets if datasets is not None else get_datasets(config, log=log)
     steps_per_epoch = len(train) // config.batch_size
     if steps_per_epoch == 0:
@@ -397,7 +429,7 @@ def train_and_evaluate(
     state = create_train_state(jax.random.key(config.seed), config, model, steps_per_epoch)
     progress = Progress()
     if config.resume:
-        restored = restore_checkpoint(workdir, state, config)
+        restored = restore_checkpoint(workdir, state, config, share=broadcast_bytes)
         if restored is None:
             log(f"no checkpoint in {workdir}; starting from scratch")
         else:
@@ -409,20 +441,22 @@ def train_and_evaluate(
                     f"resuming from {workdir / CHECKPOINT_NAME}: epoch {progress.epoch + 1}, "
                     f"step {progress.step_in_epoch}/{steps_per_epoch}"
                 )
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = replicate(state, NamedSharding(mesh, P()))
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     step_fn = make_train_step(mesh)
     eval_fn = make_eval_step(mesh)
 
     def checkpoint(state: TrainState, progress: Progress) -> None:
-        save_checkpoint(workdir, state, progress, config)
+        if main:
+            save_checkpoint(workdir, state, progress, config)
 
     if progress.epoch == 0 and progress.step_in_epoch == 0:
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log(
             f"{config.model} with norm={config.norm}: {n_params:,} parameters; "
             f"{len(train)} training / {len(test)} test images; {n_dev} device(s) "
-            f"({jax.devices()[0].platform}); {steps_per_epoch} steps/epoch of {config.batch_size}"
+            f"({jax.devices()[0].platform}{_processes()}); {steps_per_epoch} steps/epoch "
+            f"of {config.batch_size}"
         )
 
     t_run = time.time()
@@ -454,14 +488,15 @@ def train_and_evaluate(
         progress.step_in_epoch = 0
         progress.sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         checkpoint(state, progress)
-        write_metrics(workdir, progress.history)
+        if main:
+            write_metrics(workdir, progress.history)
         log(
             f"epoch {row['epoch']:3d}/{config.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f} "
             f"acc {100 * row['test_accuracy']:6.2f}%  lr {row['learning_rate']:.2e}  "
             f"{row['epoch_seconds']:.1f}s"
         )
-    if progress.history:
+    if progress.history and main:
         write_metrics(workdir, progress.history)
         plot_curves(
             workdir / "curves.png", progress.history, f"MNIST {config.model}, norm={config.norm}"
