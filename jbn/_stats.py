@@ -84,40 +84,102 @@ def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype) -> Array:
     return jnp.sum(mask, axis=cfg.reduce_axes, keepdims=True, dtype=dtype)
 
 
+def varying_axes(x: Array) -> frozenset:
+    """The manual mesh axes along which x varies (shard_map's type system; empty elsewhere)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):  # jax <= 0.9
+        return frozenset(aval.vma)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def gather(values: Array, cfg: StatsConfig) -> Array:
+    """``values`` of every device of ``cfg.axis_name``, stacked on a new axis 0: one collective.
+
+    Every device receives the same array in the same order. Under shard_map,
+    where ``values`` varies along the axis, the result is typed invariant
+    (replicated), as a psum's would be.
+    """
+    names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
+    to = "invarying" if set(names) <= varying_axes(values) else "varying"
+    try:
+        return lax.all_gather(values, cfg.axis_name, axis_index_groups=cfg.axis_index_groups, to=to)
+    except NotImplementedError:
+        psum(values, cfg)  # raises the clear error for axis_index_groups outside pmap
+        raise
+
+
+def combine_groups(n: Array, shift: Array, dmean: Array, m2: Array):
+    """Exact statistics of groups stacked on axis 0, each ``(count, shift, mean - shift, M2)``.
+
+    Chan's combination of any number of groups at once: relative to one
+    reference shift r (the first group with values), each group's mean is
+    (shift - r) + (mean - shift), small where the shifts are close, and
+
+        μ = Σ nᵢ μᵢ / n,   M2 = Σ M2ᵢ + Σ nᵢ (μᵢ - μ)².
+
+    Returns ``(count, r, mean - r, M2)``. The same stacked input gives the
+    same result on every device (a fixed order of summation).
+    """
+    first = jnp.argmax(n > 0, axis=0, keepdims=True)
+    ref = jnp.take_along_axis(shift, first, axis=0)
+    rel = (shift - ref) + dmean
+    total = jnp.sum(n, axis=0, keepdims=True)
+    rmean = jnp.sum(n * rel, axis=0, keepdims=True) / jnp.maximum(total, 1)
+    dev = rel - rmean
+    m2 = jnp.sum(m2 + n * (dev * dev), axis=0)
+    return total[0], ref[0], rmean[0], m2
+
+
+def _local_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+    """This device's exact ``(count, shift, mean - shift, M2)``, each of the feature shape.
+
+    Without a mask, shifted sums, which need no mean first: for a shift k near
+    the mean, Σ(x-k)² - (Σ(x-k))²/n loses no precision (plain Σx² - (Σx)²/n
+    does when |mean| >> std); k is the mean of the first slice along the first
+    reduced axis (e.g. the first example). With a mask, where that slice may be
+    all padding, k is the masked mean (a first pass), and the same shifted sums
+    follow. A device without values returns zeros.
+    """
+    cd = compute_dtype(x.dtype)
+    ra = cfg.reduce_axes
+    n = local_count(x, mask, cfg, cd)
+    if any(x.shape[a] == 0 for a in ra):  # an empty local batch: other devices hold the data
+        zeros = jnp.zeros_like(n)
+        return n, zeros, zeros, zeros
+    if mask is None:
+        first = lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd)
+        shift = jnp.mean(first, axis=ra, keepdims=True)
+        where = {}
+    else:
+        where = {"where": mask}
+        shift = jnp.sum(x.astype(cd), axis=ra, keepdims=True, where=mask) / jnp.maximum(n, 1)
+    shift = lax.stop_gradient(shift)
+    # Each sum reads x through its own barrier: one pass each, no temporaries.
+    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True, **where)
+    d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
+    s2 = jnp.sum(d * d, axis=ra, keepdims=True, **where)
+    dmean = s1 / jnp.maximum(n, 1)
+    return n, shift, dmean, jnp.maximum(s2 - s1 * dmean, 0.0)
+
+
 def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     """Exact per-feature statistics as ``(shift, mean - shift, biased variance, count)``.
 
-    Without a mask, shifted sums, which need no mean first: for a shift k near
-    the mean, E[(x-k)²] - E[x-k]² loses no precision (plain E[x²] - E[x]² does
-    when |mean| >> std). k is the mean of the first slice along the first
-    reduced axis (e.g. the first example), averaged over the devices of
-    axis_name, and is a constant for differentiation since the result does not
-    depend on it. With a mask, the first slice may be all padding, so the plain
-    two-pass computation is used (shift = mean, mean - shift = 0). The mean is
-    returned in two parts so that x - mean can be formed as (x - shift) - (mean -
-    shift): exact where x is close to the shift, while the mean itself rounds at
-    |mean|'s scale.
+    Each device computes its own exact ``(count, shift, mean - shift, M2)``
+    (see :func:`_local_stats`); with ``axis_name``, one all-gather brings every
+    device's to every device, and :func:`combine_groups` merges them exactly
+    and identically everywhere (one collective round, exact for unequal
+    counts). The mean is returned in two parts so that x - mean can be formed
+    as (x - shift) - (mean - shift): exact where x is close to the shift, while
+    the mean itself rounds at |mean|'s scale. Carries no gradient (the shift
+    is a constant: the result does not depend on it).
     """
-    if mask is not None or any(x.shape[a] == 0 for a in cfg.reduce_axes):
-        # An empty local batch (other devices hold the data) has no first slice either.
-        mean, var, n = reference_stats(x, mask, cfg)
-        return mean, jnp.zeros_like(mean), var, n
-    cd = compute_dtype(x.dtype)
-    ra = cfg.reduce_axes
-    first = lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd)
-    shift = jnp.mean(first, axis=ra, keepdims=True)
+    n, shift, dmean, m2 = _local_stats(x, mask, cfg)
     if cfg.axis_name is not None:
-        total, devices = psum((shift, 1.0 + 0.0 * shift), cfg)
-        shift = total / devices
-    shift = lax.stop_gradient(shift)
-    # Each sum reads x through its own barrier: one pass each, no temporaries.
-    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True)
-    d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
-    s2 = jnp.sum(d * d, axis=ra, keepdims=True)
-    n = local_count(x, mask, cfg, cd)
-    s1, s2, n = psum((s1, s2, n), cfg)
-    dmean = s1 / n
-    var = jnp.maximum(s2 / n - dmean * dmean, 0.0)
+        gathered = gather(jnp.stack([n, shift, dmean, m2]), cfg)
+        n, shift, dmean, m2 = combine_groups(*jnp.moveaxis(gathered, 1, 0))
+    var = m2 / jnp.maximum(n, 1)
     return shift, dmean, var, n
 
 

@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._stats import StatsConfig, compute_dtype, psum, reference_stats, shifted_stats
+from ._stats import (
+    StatsConfig,
+    compute_dtype,
+    psum,
+    reference_stats,
+    shifted_stats,
+    varying_axes,
+)
 from ._xla_cpu import unshared
 
 Array = jax.Array
@@ -100,17 +107,14 @@ def _bn_train_fwd(x, scale, bias, mask, cfg: TrainConfig):
     return (y, shift + dmean, var, n), saved
 
 
-def _varying_axes(x: Array) -> frozenset:
-    """The manual mesh axes along which x varies (shard_map's type system)."""
-    aval = jax.typeof(x)
-    if hasattr(aval, "vma"):  # jax <= 0.9
-        return frozenset(aval.vma)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(getattr(mat, "varying", ()))
-
-
-def _param_cotangent(local: Array, param: Array, dy: Array, cfg: StatsConfig) -> Array:
+def _param_cotangent(
+    local: Array, synced: Array, param: Array, dy: Array, cfg: StatsConfig
+) -> Array:
     """Sum a parameter's cotangent over devices where autodiff would.
+
+    ``synced`` is ``local`` summed over every device of ``cfg.axis_name``, which
+    the backward pass has computed anyway: where autodiff sums over all of
+    them, it is reused, so no further collective is spent.
 
     Under shard_map with replicated (invariant) parameters and a batch that
     varies along axis_name, JAX's own autodiff psums the parameter cotangent;
@@ -121,10 +125,12 @@ def _param_cotangent(local: Array, param: Array, dy: Array, cfg: StatsConfig) ->
     if cfg.axis_name is None:
         return local
     names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
-    dy_vma, param_vma = _varying_axes(dy), _varying_axes(param)
+    dy_vma, param_vma = varying_axes(dy), varying_axes(param)
     to_sum = tuple(a for a in names if a in dy_vma and a not in param_vma)
     if not to_sum:
         return local
+    if to_sum == names:
+        return synced
     return lax.psum(local, to_sum, axis_index_groups=cfg.axis_index_groups)
 
 
@@ -176,8 +182,9 @@ def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
     if mask is not None:
         correction = jnp.where(mask, correction, 0)
     dx = c1 * dy32 + correction
-    dscale = _param_cotangent(dscale, scale, dy, cfg.stats).astype(scale.dtype)
-    dbias = _param_cotangent(dbias, bias, dy, cfg.stats).astype(bias.dtype)
+    dscale = _param_cotangent(dscale, g_sum_dy_xc * rstd, scale, dy, cfg.stats)
+    dbias = _param_cotangent(dbias, g_sum_dy, bias, dy, cfg.stats)
+    dscale, dbias = dscale.astype(scale.dtype), dbias.astype(bias.dtype)
     return dx.astype(cfg.x_dtype), dscale, dbias, None
 
 
