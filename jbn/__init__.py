@@ -14,6 +14,7 @@ from ._batch_norm import bn_init as bn_init
 from ._batch_norm import bn_stats as bn_stats
 from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_variables as fold_batch_norm_variables
+from ._freeze import optimize_only as optimize_only
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 from ._sync import sync_batch_stats as sync_batch_stats
 from .linen import BatchNorm as BatchNorm
@@ -32,6 +33,7 @@ __all__ = (
     "fold_batch_norm_variables",
     "linen",
     "nnx",
+    "optimize_only",
     "recalibrate_batch_stats",
     "sync_batch_stats",
 )

@@ -35,7 +35,7 @@ from flax import nnx
 from flax.linen import dtypes as linen_dtypes
 from flax.nnx import graph
 
-from ._nnx_convert import replace_modules
+from ._graph import replace_modules
 
 __all__ = (
     "FrozenBatchNorm",

@@ -1,7 +1,10 @@
 """Replacing modules in an NNX model graph, in place.
 
-Used by NNX recalibration (which wraps each batch norm for its duration) and
-by conversion between flax's and jbn's NNX batch norms.
+Used by NNX recalibration (which wraps each batch norm for its duration), by
+conversion between flax's and jbn's NNX batch norms, and by freezing. The walk
+finds a module wherever it sits (module attributes, ``nnx.List``, ``nnx.Dict``,
+``nnx.Sequential``, lists, dicts and tuples wrapped in ``nnx.data``), and a
+module shared by several parents stays shared.
 """
 
 from __future__ import annotations
@@ -10,26 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
+from flax.nnx import graph
 
 
-def _children(node: Any) -> list[tuple[Any, Any]]:
-    if isinstance(node, (list, nnx.List)):
-        return list(enumerate(node))
-    if isinstance(node, (dict, nnx.Dict)):
-        return list(node.items())
-    if isinstance(node, nnx.Module):
-        return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
-    return []
-
-
-def _set_child(node: Any, key: Any, value: Any) -> None:
-    if isinstance(node, (list, dict, nnx.List, nnx.Dict)):
-        node[key] = value
-    else:
-        setattr(node, key, value)
-
-
-def module_paths(model: nnx.Module, predicate: Callable[[Any], bool]) -> dict[int, str]:
+def module_paths(model: Any, predicate: Callable[[Any], bool]) -> dict[int, str]:
     """``id(module) -> "a/0/b"`` for every module of the graph that ``predicate`` accepts."""
     return {
         id(node): "/".join(map(str, path))
@@ -39,24 +26,59 @@ def module_paths(model: nnx.Module, predicate: Callable[[Any], bool]) -> dict[in
 
 
 def replace_modules(
-    model: nnx.Module, predicate: Callable[[Any], bool], make: Callable[[Any], Any]
-) -> list[tuple[Any, Any]]:
-    """Replaces, in place, every module below ``model`` that ``predicate`` accepts with ``make(module)``.
+    model: Any,
+    predicate: Callable[[nnx.Module], bool],
+    make: Callable[[nnx.Module], nnx.Module],
+) -> Any:
+    """Replaces, in place, every module of an NNX graph for which ``predicate`` holds.
 
-    Modules inside attributes, ``nnx.List``/``nnx.Dict`` and plain lists and
-    dicts held as data are all found. A module referenced twice is replaced by
-    one new module in both places, so sharing is kept. ``model`` itself is not
-    replaced (a caller decides what to do with a root that matches).
+    Each selected module ``m`` is replaced by ``make(m)`` in every place that
+    refers to it (one ``make`` call per module, so shared modules stay shared);
+    the walk does not descend into selected modules nor into what ``make``
+    returns. Mutable containers (modules, ``nnx.List``, ``nnx.Dict``, lists,
+    dicts) are changed in place; an immutable one (a tuple) is rebuilt and
+    stored in its parent.
+
+    Args:
+      model: an NNX graph node: a module, or a list, dict or tuple of them.
+      predicate: selects the modules to replace.
+      make: builds the replacement of one selected module.
 
     Returns:
-      ``[(old, new)]``, one pair per replaced module, in graph order.
+      ``model`` itself, or ``make(model)`` when ``model`` is itself selected,
+      or a rebuilt ``model`` when it is a tuple.
     """
-    parents = [node for _, node in nnx.iter_graph(model) if _children(node)]
-    made: dict[int, tuple[Any, Any]] = {}
-    for parent in parents:
-        for key, child in _children(parent):
-            if predicate(child):
-                if id(child) not in made:
-                    made[id(child)] = (child, make(child))
-                _set_child(parent, key, made[id(child)][1])
-    return list(made.values())
+    made: dict[int, Any] = {}
+    visited: dict[int, Any] = {}  # id -> the node or its rebuilt replacement
+
+    def replacement(node: Any) -> Any:
+        if isinstance(node, nnx.Module) and predicate(node):
+            if id(node) not in made:
+                made[id(node)] = (node, make(node))  # keeps node alive: ids stay unique
+            return made[id(node)][1]
+        return walk(node)
+
+    def walk(node: Any) -> Any:
+        if id(node) in visited:
+            return visited[id(node)][1]
+        impl = graph.get_node_impl(node)
+        if impl is None:  # a leaf: Variable, array, static value
+            return node
+        visited[id(node)] = (node, node)
+        changed = {}
+        for key, child in impl.node_dict(node).items():
+            new = replacement(child)
+            if new is not child:
+                changed[key] = new
+        if not changed:
+            return node
+        if impl.set_key is not None:
+            for key, new in changed.items():
+                impl.set_key(node, key, new)
+            return node
+        children, aux = impl.flatten(node)
+        rebuilt = impl.unflatten([(k, changed.get(k, v)) for k, v in children], aux)
+        visited[id(node)] = (node, rebuilt)
+        return rebuilt
+
+    return replacement(model)

@@ -19,6 +19,8 @@ from typing import Any
 
 from flax import linen as nn
 
+from ._linen import BatchNorm
+
 __all__ = ("intercept",)
 
 # flax's own BatchNorm.__call__ (the function under flax's method wrapper): the
@@ -38,9 +40,7 @@ def _fields(cls: type) -> tuple[str, ...]:
 
 @functools.cache
 def _jbn_class() -> tuple[type, tuple[str, ...]]:
-    """jbn.BatchNorm and its jbn-only options, looked up once jbn is imported."""
-    from . import BatchNorm  # the public module; here to avoid an import cycle
-
+    """jbn.BatchNorm and its jbn-only options."""
     missing = sorted(set(_fields(nn.BatchNorm)) - set(_fields(BatchNorm)))
     if missing:  # a flax version with options jbn does not know
         raise TypeError(

@@ -1,27 +1,25 @@
 """``convert``: swap flax's NNX batch norms for jbn's in a model graph, and back.
 
-The graph walk, :func:`replace_modules`, is generic: it replaces, in place, every
-module of an NNX graph that a predicate selects, wherever it sits (module
-attributes, ``nnx.List``, ``nnx.Dict``, ``nnx.Sequential``, lists, dicts and
-tuples wrapped in ``nnx.data``), and a module shared by several parents stays
-shared.
+The swap itself is :func:`jbn._graph.replace_modules`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
 from flax.nnx import graph
 
-__all__ = ("convert", "replace_modules")
+from . import _nnx as jbn_nnx
+from ._graph import replace_modules
+
+__all__ = ("convert",)
 
 _VARIABLES = ("mean", "var", "scale", "bias")
 _INTERNAL = ("_pytree__nodes", "_pytree__state")
 # jbn layer attributes that are no constructor options.
-_JBN_STATE = ("count", "recalibration")
+_JBN_STATE = ("count",)
 
 
 def _options(cls: type) -> dict[str, Any]:
@@ -31,65 +29,6 @@ def _options(cls: type) -> dict[str, Any]:
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if name not in ("self", "rngs")
     }
-
-
-def replace_modules(
-    model: Any,
-    predicate: Callable[[nnx.Module], bool],
-    make: Callable[[nnx.Module], nnx.Module],
-) -> Any:
-    """Replaces, in place, every module of an NNX graph for which ``predicate`` holds.
-
-    Each selected module ``m`` is replaced by ``make(m)`` in every place that
-    refers to it (one ``make`` call per module, so shared modules stay shared);
-    the walk does not descend into selected modules nor into what ``make``
-    returns. Mutable containers (modules, ``nnx.List``, ``nnx.Dict``, lists,
-    dicts) are changed in place; an immutable one (a tuple) is rebuilt and
-    stored in its parent.
-
-    Args:
-      model: an NNX graph node: a module, or a list, dict or tuple of them.
-      predicate: selects the modules to replace.
-      make: builds the replacement of one selected module.
-
-    Returns:
-      ``model`` itself, or ``make(model)`` when ``model`` is itself selected,
-      or a rebuilt ``model`` when it is a tuple.
-    """
-    made: dict[int, Any] = {}
-    visited: dict[int, Any] = {}  # id -> the node or its rebuilt replacement
-
-    def replacement(node: Any) -> Any:
-        if isinstance(node, nnx.Module) and predicate(node):
-            if id(node) not in made:
-                made[id(node)] = (node, make(node))  # keeps node alive: ids stay unique
-            return made[id(node)][1]
-        return walk(node)
-
-    def walk(node: Any) -> Any:
-        if id(node) in visited:
-            return visited[id(node)][1]
-        impl = graph.get_node_impl(node)
-        if impl is None:  # a leaf: Variable, array, static value
-            return node
-        visited[id(node)] = (node, node)
-        changed = {}
-        for key, child in impl.node_dict(node).items():
-            new = replacement(child)
-            if new is not child:
-                changed[key] = new
-        if not changed:
-            return node
-        if impl.set_key is not None:
-            for key, new in changed.items():
-                impl.set_key(node, key, new)
-            return node
-        children, aux = impl.flatten(node)
-        rebuilt = impl.unflatten([(k, changed.get(k, v)) for k, v in children], aux)
-        visited[id(node)] = (node, rebuilt)
-        return rebuilt
-
-    return replacement(model)
 
 
 def _check_plain(module: nnx.Module, cls: type, known: tuple[str, ...]) -> None:
@@ -120,7 +59,6 @@ def _move(old: nnx.Module, new: nnx.Module, options: dict[str, Any]) -> nnx.Modu
 
 def _common(old: nnx.Module) -> dict[str, Any]:
     """``old``'s options that both classes take (the initializers are not kept by flax)."""
-    from . import nnx as jbn_nnx
 
     both = set(_options(nnx.BatchNorm)) & set(_options(jbn_nnx.BatchNorm))
     return {
@@ -129,7 +67,6 @@ def _common(old: nnx.Module) -> dict[str, Any]:
 
 
 def _check_to_jbn(old: nnx.BatchNorm) -> None:
-    from . import nnx as jbn_nnx
 
     flax_options = _options(nnx.BatchNorm)
     _check_plain(old, nnx.BatchNorm, (*flax_options, *_VARIABLES))
@@ -147,7 +84,6 @@ def _check_to_jbn(old: nnx.BatchNorm) -> None:
 
 
 def _to_jbn(old: nnx.BatchNorm) -> nnx.Module:
-    from . import nnx as jbn_nnx  # the public module; here to avoid an import cycle
 
     options = _common(old)
     # Throwaway initial values (rngs are needed to build one), replaced by old's.
@@ -157,7 +93,6 @@ def _to_jbn(old: nnx.BatchNorm) -> nnx.Module:
 
 def _flax_num_features(old: nnx.Module) -> int:
     """The flax ``num_features`` of a jbn layer; raises if flax cannot express the layer."""
-    from . import nnx as jbn_nnx
 
     jbn_options = _options(jbn_nnx.BatchNorm)
     _check_plain(old, jbn_nnx.BatchNorm, (*jbn_options, *_VARIABLES, *_JBN_STATE))
@@ -228,7 +163,6 @@ def convert(model: Any, *, to: str = "jbn") -> Any:
       ``model``, converted in place; when ``model`` is itself a batch norm, the
       new layer.
     """
-    from . import nnx as jbn_nnx
 
     if to == "jbn":
         source, check, make = nnx.BatchNorm, _check_to_jbn, _to_jbn

@@ -331,7 +331,13 @@ def recalibrate_nnx_batch_stats(
         )
     forward = (lambda m, b: m(b)) if forward is None else forward
     step = nnx.jit(lambda m, b: forward(m, b))
-    wrapped = replace_modules(model, is_layer, _Collecting)
+    wrapped = []  # (layer, its wrapper), in graph order
+
+    def wrap(layer):
+        wrapped.append((layer, _Collecting(layer)))
+        return wrapped[-1][1]
+
+    replace_modules(model, is_layer, wrap)
     layers = [layer for layer, _ in wrapped]
     saved = [layer.running_stats() for layer in layers]
 

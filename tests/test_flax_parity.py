@@ -24,7 +24,7 @@ from flax.typing import Dtype
 from jax import random
 
 import jbn
-from jbn._intercept import intercept
+from jbn.linen import intercept
 
 COMPLEX = pytest.mark.complex_inputs  # flax's complex-input cases (supported since the core change)
 

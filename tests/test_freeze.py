@@ -11,16 +11,10 @@ import pytest
 from flax import nnx
 
 import jbn
-from jbn._freeze import (
-    FrozenBatchNorm,
-    batch_norm_mask,
-    freeze_batch_norms,
-    frozen_batch_norms,
-    nnx_batch_norm_mask,
-    optimize_only,
-    unfreeze_batch_norms,
-)
-from jbn._intercept import intercept
+from jbn import optimize_only
+from jbn.linen import batch_norm_mask, frozen_batch_norms, intercept
+from jbn.nnx import FrozenBatchNorm, freeze_batch_norms, unfreeze_batch_norms
+from jbn.nnx import batch_norm_mask as nnx_batch_norm_mask
 
 X = 1.0 + jax.random.normal(jax.random.key(0), (8, 3))
 

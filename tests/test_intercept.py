@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbn._intercept import intercept
+from jbn.linen import intercept
 
 RTOL = 1e-5
 

@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 import jbn
-from jbn._nnx_convert import convert, replace_modules
+from jbn._graph import replace_modules
+
+convert = jbn.nnx.convert
 
 
 class Block(nnx.Module):
