@@ -64,8 +64,6 @@ def initialize(config: Config) -> None:
             raise ConfigError(
                 f"${COORDINATOR_ENV} must be {expected}; got {os.environ[COORDINATOR_ENV]!r}"
             )
-    # CPU collectives across processes; without them a CPU run cannot span processes.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
             coordinator_address=config.coordinator,
@@ -85,6 +83,9 @@ def initialize(config: Config) -> None:
                     "manager JAX reads it from (SLURM, Open MPI)"
                 ) from None
         raise
+    # CPU collectives across processes (before the CPU backend starts, at the first use
+    # of the devices); without them a CPU run cannot span processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def shutdown(config: Config) -> None:

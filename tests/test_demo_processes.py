@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +151,33 @@ def test_bad_coordinator_in_the_environment(tmp_path, capsys, monkeypatch):
     )
 
 
+MISSING = """
+import sys
+from mnist_demo import cli
+for argv in (["--coordinator", "localhost:1"], ["--num-processes", "2", "--process-id", "0"]):
+    print(cli.main([*argv, "--out", sys.argv[1]]))
+"""
+
+
+def test_missing_process_settings(tmp_path):
+    # In a fresh process: jax.distributed.initialize must come before JAX's backends start.
+    done = subprocess.run(
+        [sys.executable, "-c", MISSING, str(tmp_path / "out")],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.stdout == "2\n2\n", done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        "error: a run across processes needs --num-processes N: give it, or run under a "
+        "cluster manager JAX reads it from (SLURM, Open MPI)",
+        "error: a run across processes needs --coordinator HOST:PORT (or "
+        "$JAX_COORDINATOR_ADDRESS): give it, or run under a cluster manager JAX reads it "
+        "from (SLURM, Open MPI)",
+    ]
+
+
 def test_process_flags_reach_the_config():
     config = parse_config(["--coordinator", "10.0.0.1:1234", "--num-processes", "4"])
     assert (config.coordinator, config.num_processes, config.process_id) == (
@@ -196,3 +224,43 @@ def test_launcher_passes_the_process_flags():
         2,
         1,
     )
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_run(tmp_path, tiny_dir):
+    # One process trains 2 epochs; a copy of its checkpoint after epoch 1 is resumed by
+    # 2 processes, which must end where the uninterrupted run ended.
+    with pytest.warns(UserWarning, match="verification is OFF"):
+        splits = data.get_datasets(tiny_config(tiny_dir), log=lambda s: None)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+
+    def log(line: str) -> None:
+        if line.startswith("epoch   1/2"):  # the end-of-epoch checkpoint is written
+            shutil.copy(tmp_path / "one" / CHECKPOINT_NAME, resumed / CHECKPOINT_NAME)
+
+    config = tiny_config(tiny_dir, devices=1, epochs=2)
+    state, expected = train.train_and_evaluate(config, tmp_path / "one", datasets=splits, log=log)
+    assert len(read_payload(resumed / CHECKPOINT_NAME)["state"]["params"]) > 0
+
+    flags = ["--data-dir", str(tiny_dir), "--no-verify", "--no-download", "--no-progress"]
+    flags += ["--epochs", "2", "--batch-size", "32", "--lr", "3e-3", "--eval-batch-size", "100"]
+    command = [sys.executable, str(REPO / "train_mnist.py"), "--processes", "2", *flags]
+    done = subprocess.run(
+        [*command, "--out", str(resumed), "--resume"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("resuming from") == 1 and "epoch   1/2" not in done.stdout
+    one = serialization.to_state_dict(jax.device_get(state))
+    assert_trees_close(
+        saved_state(resumed), {"params": one["params"], "batch_stats": one["batch_stats"]}
+    )
+    history = json.loads((resumed / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(history[1][key], expected[1][key], rtol=1e-5, err_msg=key)
