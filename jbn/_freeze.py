@@ -35,7 +35,11 @@ from flax import nnx
 from flax.linen import dtypes as linen_dtypes
 from flax.nnx import graph
 
+from ._batch_norm import bn_forward
 from ._graph import replace_modules
+from ._linen import BatchNorm
+from ._linen_calls import SubclassCalls
+from ._nnx import BatchNorm as JbnNnxBatchNorm
 
 __all__ = (
     "FrozenBatchNorm",
@@ -48,31 +52,24 @@ __all__ = (
 )
 
 
-def _jbn():
-    import jbn  # the public API; here to avoid an import cycle
-
-    return jbn
-
-
 # ---- linen --------------------------------------------------------------------
 
 
 class _State(threading.local):
     def __init__(self):
         self.stop_gradient: list[bool] = []  # one entry per active frozen_batch_norms()
-        self.pending: list[list[bool]] = []  # subclass __call__s running, [reached a BN's]
+        self.calls = SubclassCalls()
 
 
 _state = _State()
 
 
 def _raw_calls() -> tuple[Any, ...]:
-    return (nn.BatchNorm.__call__.__wrapped__, _jbn().BatchNorm.__call__.__wrapped__)
+    return (nn.BatchNorm.__call__.__wrapped__, BatchNorm.__call__.__wrapped__)
 
 
 def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array:
     """The module's evaluation-mode output from its own variables, with jbn's core."""
-    jbn = _jbn()
     params = {
         name: module.get_variable("params", name)
         for name, used in (("scale", module.use_scale), ("bias", module.use_bias))
@@ -83,7 +80,7 @@ def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array
     state = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")}
     x = jax.numpy.asarray(x)
     dtype = linen_dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
-    y, _ = jbn.bn_forward(
+    y, _ = bn_forward(
         params, state, x, False, axis=module.axis, epsilon=module.epsilon, dtype=dtype
     )
     return y
@@ -94,28 +91,25 @@ def _freezing_interceptor(next_fun, args, kwargs, context):
     if (
         not _state.stop_gradient
         or context.method_name != "__call__"
-        or not isinstance(module, (nn.BatchNorm, _jbn().BatchNorm))
+        or not isinstance(module, (nn.BatchNorm, BatchNorm))
     ):
         return next_fun(*args, **kwargs)
     if getattr(context.orig_method, "func", None) in _raw_calls():
-        if _state.pending:
-            _state.pending[-1][0] = True
+        _state.calls.reached_base()
         if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
             return next_fun(*args, **kwargs)  # creates the variables; init updates nothing
         x = args[0] if args else kwargs["x"]
         return _frozen_forward(module, x, _state.stop_gradient[-1])
-    _state.pending.append([False])
-    try:
-        out = next_fun(*args, **kwargs)
-    finally:
-        reached = _state.pending.pop()[0]
-    if not reached:
-        raise TypeError(
+    return _state.calls.run(
+        next_fun,
+        args,
+        kwargs,
+        lambda: TypeError(
             f"jbn's frozen_batch_norms cannot freeze {type(module).__qualname__}: its "
             "__call__ never calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it "
             "would keep normalizing with its own code"
-        )
-    return out
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -289,7 +283,7 @@ class FrozenBatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-        y, _ = _jbn().bn_forward(
+        y, _ = bn_forward(
             params, {"mean": mean, "var": var}, x, False, axis=self.axis, epsilon=self.epsilon
         )
         return y
@@ -300,7 +294,7 @@ _INTERNAL = ("_pytree__nodes", "_pytree__state")
 
 
 def _batch_norm_types() -> tuple[type, ...]:
-    return (nnx.BatchNorm, _jbn().nnx.BatchNorm)
+    return (nnx.BatchNorm, JbnNnxBatchNorm)
 
 
 def freeze_batch_norms(model: Any, *, stop_gradient: bool = False) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 from flax import linen as nn
 
 from ._linen import BatchNorm
+from ._linen_calls import SubclassCalls
 
 __all__ = ("intercept",)
 
@@ -55,7 +56,7 @@ class _State(threading.local):
 
     def __init__(self):
         self.options: list[dict[str, Any]] = []  # one entry per active intercept()
-        self.pending: list[list[bool]] = []  # subclass __call__s running, [reached flax's]
+        self.calls = SubclassCalls()
 
 
 _state = _State()
@@ -105,24 +106,21 @@ def _interceptor(next_fun, args, kwargs, context):
     if cls is not nn.BatchNorm:
         _check_class(cls)
     if getattr(context.orig_method, "func", None) is _FLAX_CALL:
-        if _state.pending:
-            _state.pending[-1][0] = True
+        _state.calls.reached_base()
         return _jbn_module(module, _state.options[-1])(*args, **kwargs)
     # A subclass's (or a lifted transform's) own __call__: it keeps its code, and
     # the flax BatchNorm.__call__ it reaches runs through jbn.
-    _state.pending.append([False])
-    try:
-        out = next_fun(*args, **kwargs)
-    finally:
-        reached = _state.pending.pop()[0]
-    if not reached:
-        raise TypeError(
+    return _state.calls.run(
+        next_fun,
+        args,
+        kwargs,
+        lambda: TypeError(
             f"jbn.linen.intercept cannot run {cls.__qualname__} through jbn: its __call__ "
             "never calls flax.linen.BatchNorm.__call__ (super().__call__), so it normalizes "
             "with its own code. Use jbn.BatchNorm in its place, or apply this model outside "
             "intercept()"
-        )
-    return out
+        ),
+    )
 
 
 @contextlib.contextmanager

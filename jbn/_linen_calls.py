@@ -1,0 +1,37 @@
+"""Which ``__call__`` a linen interceptor sees: a batch norm's own, or a subclass's around it.
+
+``intercept()`` and ``frozen_batch_norms()`` replace the base batch norm's
+``__call__``. A subclass (or a lifted transform such as ``nn.remat``) that runs
+its own ``__call__`` keeps its code, provided that code reaches the base
+``__call__``; one that never does would silently keep normalizing its own way, so
+it gets an error instead. This per-thread tracker is that check, written once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class SubclassCalls(threading.local):
+    """Per thread, like flax's interceptor stack: the subclass ``__call__``s running."""
+
+    def __init__(self):
+        self._pending: list[list[bool]] = []  # one [reached a base __call__] per call
+
+    def reached_base(self) -> None:
+        """Marks that the innermost running subclass ``__call__`` reached a base ``__call__``."""
+        if self._pending:
+            self._pending[-1][0] = True
+
+    def run(self, next_fun, args, kwargs, error: Callable[[], Exception]) -> Any:
+        """Runs a subclass's own ``__call__``; raises ``error()`` if it never reached the base."""
+        self._pending.append([False])
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            reached = self._pending.pop()[0]
+        if not reached:
+            raise error()
+        return out
