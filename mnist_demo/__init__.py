@@ -10,6 +10,8 @@ One concept per module, following flax's MNIST example:
   from it.
 - :mod:`mnist_demo.train`: train state, steps, epochs, evaluation, ``train_and_evaluate``.
 - :mod:`mnist_demo.checkpoints`: one verified msgpack file per run.
+- :mod:`mnist_demo.distributed`: runs across processes (``jax.distributed``) and the
+  ``--processes N`` launcher.
 - :mod:`mnist_demo.paper`: Fig. 1 of Ioffe & Szegedy (2015) and the learning-rate sweep.
 - :mod:`mnist_demo.plots`: the figures.
 - :mod:`mnist_demo.cli`: the command line.
