@@ -105,9 +105,10 @@ def bn_stats(
 ) -> tuple[Array, Array, Array]:
     """Batch statistics of ``x``: exact per-feature mean, biased variance and count.
 
-    The statistics :func:`bn_forward` normalizes with in training mode, computed in
-    one pass with shifted sums (no ``E[x²] - E[x]²`` cancellation), in float32 (or
-    float64 for float64 input). Useful to recalibrate or inspect a network.
+    The statistics :func:`bn_forward` normalizes with in training mode: shifted
+    sums (no ``E[x²] - E[x]²`` cancellation), in float32 (or float64 for float64
+    input; complex inputs have a complex mean and a real variance). Useful to
+    recalibrate or inspect a network.
 
     Args:
       x: input array, floating point.
@@ -189,8 +190,8 @@ def bn_forward(
       mask: boolean array broadcastable to ``x``; False entries (padding) are left
         out of the statistics, the running update, the gradient and the sync.
       axis_name: named mapped axis (pmap, shard_map, vmap) whose devices share the
-        statistics; per-device sums and counts are summed, so unequal counts are
-        exact.
+        statistics: each device's exact (count, mean, M2) is gathered in one
+        collective and combined with Chan's formula, so unequal counts are exact.
       axis_index_groups: groups of devices along ``axis_name`` (pmap only).
       finite_running_stats: True (default): a feature whose batch statistics are
         not finite (a NaN or inf in the batch) keeps its running statistics;

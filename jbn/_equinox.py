@@ -91,7 +91,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       >>> y, _ = jax.vmap(eqx.nn.inference_mode(bn), in_axes=(0, None))(x, state)
 
     Training normalizes with the statistics of the batch (over ``spatial`` and the
-    named axes), exact and synchronized by summing sums and counts; the gradient is
+    named axes), exact and synchronized exactly over the devices; the gradient is
     the analytic batch-norm backward of :func:`jbn.bn_forward`. Inference normalizes
     with the running statistics and needs no named axis.
 
