@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer_timing = TimingConfig(repeats=repeats, target_s=0.0 if args.tiny else 0.02)
     model_timing = TimingConfig(repeats=repeats, target_s=0.0 if args.tiny else 0.1)
     if args.tiny:
-        spec = {"name": "tiny ResNet", "stages": (1, 1, 1, 1), "width": 4, "classes": 10}
+        spec = {"name": "tiny ResNet", "stages": (1, 1), "width": 4, "classes": 10}
         spec["image"], batch = (32, 32, 3), args.batch or 2
     else:
         spec = {"name": "ResNet-50", "stages": RESNET50_STAGES, "width": 64, "classes": 1000}
