@@ -107,7 +107,7 @@ def device_info() -> dict[str, Any]:
 
     info = machine_info()
     info["jax_device"] = jax.devices()[0].device_kind
-    info["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    info["jax_default_matmul_precision"] = getattr(jax.config, "jax_default_matmul_precision", None)
     info.update(torch_info())
     return info
 
