@@ -45,3 +45,16 @@ def four_devices():
             "XLA_FLAGS=--xla_force_host_platform_device_count=4 set before jax is imported"
         )
     return devices[:4]
+
+
+@pytest.fixture
+def no_mnist_anywhere(tmp_path, monkeypatch):
+    """No MNIST in any searched directory, and mirrors that cannot be reached (the demo's tests)."""
+    from mnist_demo import mnist
+
+    monkeypatch.delenv("JBN_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Port 9 (discard) on localhost: connection refused at once, no network used.
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))
+    return tmp_path

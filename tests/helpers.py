@@ -113,24 +113,27 @@ def random_variables(
     return params, state
 
 
-def _perturbed(name: str, leaf, rng: np.random.Generator):
-    """A new value for a batch norm's variable ``name``: var in [0.5, 2], others moved by N(0, 0.5²)."""
+def _perturbed(name: str, leaf, rng: np.random.Generator, std: float = 0.5, every_leaf=False):
+    """A new value for a variable ``name``: var uniform in [0.5, 2], others moved by N(0, std²).
+
+    Only a batch norm's mean, scale and bias move, unless ``every_leaf``.
+    """
     import jax.numpy as jnp
 
     if name == "var":
         return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-    if name in ("mean", "scale", "bias"):
-        return jnp.asarray(np.asarray(leaf) + 0.5 * rng.standard_normal(leaf.shape), leaf.dtype)
+    if every_leaf or name in ("mean", "scale", "bias"):
+        return jnp.asarray(np.asarray(leaf) + std * rng.standard_normal(leaf.shape), leaf.dtype)
     return leaf
 
 
-def perturb_variables(variables, seed: int):
+def perturb_variables(variables, seed: int = 0, *, std: float = 0.5, every_leaf: bool = False):
     """Linen variables with non-trivial scale, bias and running statistics (a new tree)."""
     import jax
 
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _perturbed(path[-1].key, leaf, rng), variables
+        lambda path, leaf: _perturbed(path[-1].key, leaf, rng, std, every_leaf), variables
     )
 
 

@@ -18,16 +18,6 @@ def tiny_dir(tmp_path_factory) -> pathlib.Path:
     return write_dataset(tmp_path_factory.mktemp("tiny_mnist"), 64, 32)
 
 
-@pytest.fixture
-def no_mnist_anywhere(tmp_path, monkeypatch):
-    """No MNIST in any searched directory, and mirrors that cannot be reached."""
-    monkeypatch.delenv("JBN_DATA_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))
-    return tmp_path
-
-
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     rc = cli.main(list(argv))
     out, err = capsys.readouterr()

@@ -25,17 +25,6 @@ def tiny_dir(tmp_path_factory) -> pathlib.Path:
     return write_dataset(tmp_path_factory.mktemp("tiny_mnist"))
 
 
-@pytest.fixture
-def no_mnist_anywhere(tmp_path, monkeypatch):
-    """No MNIST in any searched directory, and mirrors that cannot be reached."""
-    monkeypatch.delenv("JBN_DATA_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    # Port 9 (discard) on localhost: connection refused at once, no network used.
-    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))
-    return tmp_path
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_roundtrip(tmp_path, gz):
     images, labels = synthetic_digits(20, 0)

@@ -3,6 +3,7 @@
 import functools
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,9 @@ from jbn import optimize_only
 from jbn.linen import batch_norm_mask, frozen_batch_norms, intercept
 from jbn.nnx import FrozenBatchNorm, freeze_batch_norms, unfreeze_batch_norms
 from jbn.nnx import batch_norm_mask as nnx_batch_norm_mask
+
+# Every leaf moved (kernels too), as these tests were written for.
+perturbed = functools.partial(helpers.perturb_variables, std=0.3, every_leaf=True)
 
 X = 1.0 + jax.random.normal(jax.random.key(0), (8, 3))
 
@@ -34,17 +38,6 @@ class LinenNet(nn.Module):
         x = nn.Dense(4, name="inner")(x)
         x = norm(use_scale=False, name="head_bn")(x)
         return nn.Dense(2)(x)
-
-
-def perturbed(variables, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def change(path, leaf):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-        return leaf + jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(change, variables)
 
 
 LINEN_MODELS = {

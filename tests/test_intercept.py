@@ -4,12 +4,16 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jbn.linen import intercept
+
+# Every leaf moved (kernels too), as these tests were written for.
+perturbed = functools.partial(helpers.perturb_variables, std=0.3, every_leaf=True)
 
 RTOL = 1e-5
 
@@ -67,18 +71,6 @@ JBN = ResNet()  # use_fast_variance=True, which jbn's exact statistics replace
 FLAX = ResNet(use_fast_variance=False)
 
 
-def perturbed(variables, seed=0):
-    """Non-trivial scale, bias and running statistics, so every path is a real test."""
-    rng = np.random.default_rng(seed)
-
-    def change(path, leaf):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-        return leaf + jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(change, variables)
-
-
 VARIABLES = perturbed(FLAX.init(jax.random.key(2), X[:2], train=False))
 
 
@@ -103,11 +95,7 @@ def loss_and_stats(model, variables, x, labels, train, axis_name=None):
     return logits, stats, grads
 
 
-def assert_trees_close(a, b, rtol=RTOL, atol=1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+assert_trees_close = functools.partial(helpers.assert_trees_close, rtol=RTOL, atol=1e-6)
 
 
 def test_resnet_has_at_least_ten_batch_norms():
