@@ -12,8 +12,8 @@
 # "env tests bench gpu"), GPU_CHECK_TESTS (pytest paths, default tests), GPU_CHECK_WORKERS
 # (pytest-xdist workers, default 4), GPU_CHECK_MAXFAIL (default 10), GPU_CHECK_BATCH (ResNet-50
 # batch, default: gpu.py's, 256 on a GPU), GPU_CHECK_TINY=1 (both benchmarks with --tiny: a dry
-# run of this script on a CPU), and the limits in seconds TIMEOUT_ENV (30), TIMEOUT_TESTS (200),
-# TIMEOUT_BENCH (110), TIMEOUT_GPU (150).
+# run of this script on a CPU), and the limits in seconds TIMEOUT_ENV (30), TIMEOUT_TESTS (180),
+# TIMEOUT_BENCH (100), TIMEOUT_GPU (180): 490 s in all.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -83,24 +83,27 @@ for s in $STEPS; do
             step env "${TIMEOUT_ENV:-30}" bash -c env_report
             ;;
         tests)
+            # 4 workers (GPU_CHECK_WORKERS=0 for one process): 500 tests, mostly compile-bound,
+            # do not fit the limit in one process; memory is allocated on demand (above).
             # test_gpu_check.py runs gpu.py --tiny, which the gpu step below covers for real;
             # test_xla_cpu.py skips itself off the CPU backend. The multi-device tests run on
             # the 4 virtual CPU devices that tests/conftest.py asks XLA for.
             # shellcheck disable=SC2086 # GPU_CHECK_TESTS is a list of paths
-            step tests "${TIMEOUT_TESTS:-200}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q -p no:cacheprovider \
-                -m "not slow" -n "${GPU_CHECK_WORKERS:-4}" --maxfail="${GPU_CHECK_MAXFAIL:-10}" \
-                -rfE --tb=short --durations=15 --junitxml="$OUT/tests.xml" \
-                --ignore=tests/test_gpu_check.py
+            step tests "${TIMEOUT_TESTS:-180}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q \
+                -p no:cacheprovider -m "not slow" -n "${GPU_CHECK_WORKERS:-4}" \
+                --maxfail="${GPU_CHECK_MAXFAIL:-10}" -rfE --tb=short --durations=15 \
+                --junitxml="$OUT/tests.xml" --ignore=tests/test_gpu_check.py
             ;;
         bench)
             # No torch here: benchmarks/layer.py runs torch on the CPU; gpu.py times it on CUDA.
-            step bench "${TIMEOUT_BENCH:-110}" "$PY" -m benchmarks "$SIZE" --out "$OUT/bench" \
+            step bench "${TIMEOUT_BENCH:-100}" "$PY" -m benchmarks "$SIZE" --out "$OUT/bench" \
                 --impls jbn jbn_out flax flax_slowvar naive
             ;;
         gpu)
             # shellcheck disable=SC2046 # --tiny or nothing
-            step gpu "${TIMEOUT_GPU:-150}" "$PY" -m benchmarks.gpu --out "$OUT/gpu" \
-                $([ "$SIZE" = --tiny ] && echo --tiny) ${GPU_CHECK_BATCH:+--batch "$GPU_CHECK_BATCH"}
+            step gpu "${TIMEOUT_GPU:-180}" "$PY" -m benchmarks.gpu --out "$OUT/gpu" \
+                $([ "$SIZE" = --tiny ] && echo --tiny) \
+                ${GPU_CHECK_BATCH:+--batch "$GPU_CHECK_BATCH"}
             ;;
         *)
             echo "unknown step '$s' in GPU_CHECK_STEPS (expected env, tests, bench, gpu)" |
