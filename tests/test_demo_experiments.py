@@ -18,6 +18,7 @@ def tiny_dir(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("tiny_mnist"))
 
 
+@pytest.mark.slow  # ~40-75 s on 2 cores: run with -m slow
 def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     argv = ["--domain-shift", "--data-dir", str(tiny_dir), *TINY, "--out", str(tmp_path)]
     with pytest.warns(UserWarning, match="verification is OFF"):
@@ -51,6 +52,7 @@ def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     assert "domain_shift.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~40-75 s on 2 cores: run with -m slow
 def test_compare_smoke(tiny_dir, tmp_path, capsys):
     argv = ["--compare", "--data-dir", str(tiny_dir), *TINY, "--train-limit", "128"]
     with pytest.warns(UserWarning, match="verification is OFF"):

@@ -288,6 +288,7 @@ def _final(out):
     return history
 
 
+@pytest.mark.slow  # ~40-75 s on 2 cores: run with -m slow
 def test_kill_and_resume(tmp_path, tiny_dir):
     # One device keeps the subprocesses' start-up and compilation short.
     env = dict(
@@ -326,6 +327,7 @@ def test_kill_and_resume(tmp_path, tiny_dir):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~40-75 s on 2 cores: run with -m slow
 def test_fig1_and_sweep_tiny(tmp_path, tiny_splits):
     config = Config(
         mode="fig1",
