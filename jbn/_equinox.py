@@ -1,15 +1,4 @@
-"""``jbn.equinox.BatchNorm``: batch normalization for Equinox on the jbn core.
-
-``jbn.equinox.BatchNorm`` is a drop-in replacement for ``eqx.nn.BatchNorm(...,
-mode="batch")``: the same constructor and call, an ``eqx.nn.StatefulLayer`` whose
-running statistics live in an ``eqx.nn.State``, called on one example under
-``jax.vmap(..., axis_name=...)``, ``jax.pmap`` or ``shard_map``. Its math is
-:func:`jbn.bn_forward`'s (exact statistics, the analytic backward pass, masks,
-renorm, torch's conventions). ``jbn.equinox.convert`` swaps every
-``eqx.nn.BatchNorm`` of a model for this one.
-
-This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` does not.
-"""
+"""``jbn.equinox.BatchNorm``, the layer: see :mod:`jbn.equinox`. Needs ``equinox``."""
 
 from __future__ import annotations
 
@@ -24,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from . import _checks as checks
 from ._batch_norm import bn_forward, bn_init
 
 _EMA_MODES = ("ema", "legacy")
@@ -57,22 +47,6 @@ def _real(value: Any, name: str, low: float, *, strict: bool = False, high: floa
         bounds = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
-
-
-def _mask_like(mask: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-    """The mask as a boolean array of x's shape, or a clear error."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.integer):
-        raise TypeError(f"mask must be boolean (True counts), got dtype {mask.dtype}")
-    try:
-        ok = jnp.broadcast_shapes(mask.shape, shape) == shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to x of shape {shape} (one example)"
-        )
-    return jnp.broadcast_to(mask != 0, shape)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -324,7 +298,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 except NameError:
                     raise _no_axis_error(self.axis_name, name) from None
         if mask is not None:
-            mask = _mask_like(mask, x.shape)
+            mask = checks.mask(mask, x.shape)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
             x = x[:, None]

@@ -28,15 +28,13 @@ def update_running(
 
     The batch statistics may carry a leading axis of groups (ghost batches):
     each group's variance is corrected on its own count, then the groups are
-    pooled by count (:func:`jbn._stats.pool_groups`).
+    pooled by count (:func:`jbn._stats.pool_groups`; one group pools to itself,
+    exactly, since its weight n/n is 1).
     """
     mean, var, n = (lax.stop_gradient(v).reshape((-1,) + feature_shape) for v in (mean, var, n))
     if unbiased_var:
         var = unbiased(var, n)
-    if mean.shape[0] == 1:
-        mean, var, n = mean[0], var[0], n[0]
-    else:
-        mean, var, n = pool_groups(mean, var, n)
+    mean, var, n = pool_groups(mean, var, n)
     old_mean, old_var = (lax.stop_gradient(state[k]) for k in ("mean", "var"))
     new = dict(state)
     if momentum is None:
