@@ -11,11 +11,9 @@ stats), drops the second term. The replicas are combined pairwise with Chan et
 al.'s formula (:func:`jbn._stats.combine`), so when each replica's statistics
 are exact for its data, the merged ones are exact for the concatenated data.
 
-:func:`sync_batch_stats` works on linen ``batch_stats`` trees (stacked with a
-leading replica axis, a list of trees, or one tree per device inside a mapped
-axis); :func:`sync_nnx_batch_stats` on NNX models (a list of replica models, a
-model with stacked ``BatchStat`` leaves such as an ``nnx.vmap`` ensemble, or one
-model per device inside a mapped axis).
+:func:`sync_batch_stats` works on ``batch_stats`` trees of nested dicts (stacked
+with a leading replica axis, a list of trees, or one tree per device inside a
+mapped axis); :func:`jbn.nnx.sync_batch_stats` applies it to NNX models.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -39,7 +36,7 @@ Path = tuple[Any, ...]
 _LAYER_KEYS = frozenset({"mean", "var", "count"})
 
 
-def _name(path: Path) -> str:
+def path_name(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
@@ -52,7 +49,7 @@ def _is_layer(node: Any) -> bool:
     )
 
 
-def _layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
+def layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
     """Paths of the layers (dicts with 'mean' and 'var') of a batch_stats tree.
 
     Anything else in the tree is an error: it is not clear how to merge it.
@@ -61,19 +58,19 @@ def _layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
         extra = sorted(str(k) for k in tree if k not in _LAYER_KEYS)
         if extra:
             raise ValueError(
-                f"{what}: the batch-norm layer at {_name(path)!r} holds {extra} besides "
+                f"{what}: the batch-norm layer at {path_name(path)!r} holds {extra} besides "
                 "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
             )
         return [path]
     if isinstance(tree, Mapping):
-        return [p for k, sub in tree.items() for p in _layer_paths(sub, what, path + (k,))]
+        return [p for k, sub in tree.items() for p in layer_paths(sub, what, path + (k,))]
     hint = (
         " (pass variables['batch_stats'], not the whole variables)"
         if path and path[0] == "params"
         else ""
     )
     raise ValueError(
-        f"{what}: {_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
+        f"{what}: {path_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
         f"(a dict with 'mean' and 'var'); only batch-norm running statistics can be "
         f"merged{hint}"
     )
@@ -146,13 +143,13 @@ def _check_layer(layer: Mapping, replicas: int, path: Path) -> dict[str, Array]:
     mean, var = arrays["mean"], arrays["var"]
     if mean.shape != var.shape:
         raise ValueError(
-            f"the layer at {_name(path)!r} has mean of shape {mean.shape} but var of shape "
+            f"the layer at {path_name(path)!r} has mean of shape {mean.shape} but var of shape "
             f"{var.shape}: they must match"
         )
     for key, value in arrays.items():
         if value.shape[:1] != (replicas,):
             raise ValueError(
-                f"the layer at {_name(path)!r} has {key} of shape {value.shape}, expected a "
+                f"the layer at {path_name(path)!r} has {key} of shape {value.shape}, expected a "
                 f"leading replica axis of size {replicas} (the stacked replicas' statistics)"
             )
     return arrays
@@ -191,8 +188,8 @@ def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
     return _rebuild(tree, dict(zip(paths, merged, strict=True)))
 
 
-def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
-    paths = _layer_paths(tree, what)
+def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
+    paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     replicas = {
@@ -200,7 +197,7 @@ def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dic
     }
     sizes = sorted(set(replicas.values()))
     if len(sizes) > 1:
-        detail = ", ".join(f"{_name(p)}: {r}" for p, r in replicas.items())
+        detail = ", ".join(f"{path_name(p)}: {r}" for p, r in replicas.items())
         raise ValueError(
             f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
             "has one leading axis of the number of replicas on every leaf"
@@ -214,7 +211,7 @@ def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dic
     return _merge(tree, paths, n, unbiased_var)
 
 
-def _stack(trees: Sequence[Any], what: str) -> Any:
+def stack(trees: Sequence[Any], what: str) -> Any:
     """A list of replicas' trees as one tree with a leading replica axis."""
     if not trees:
         raise ValueError(f"{what} is an empty list: give at least one replica's statistics")
@@ -237,7 +234,7 @@ def _stack(trees: Sequence[Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _check_axis(axis_name: Any, fn: str) -> None:
+def check_axis(axis_name: Any, fn: str) -> None:
     try:
         lax.axis_size(axis_name)
     except NameError:
@@ -265,9 +262,9 @@ def _gather(tree: Any, axis_name: Any) -> Any:
     return lax.psum(jax.tree.map(rows, tree), axis_name)
 
 
-def _merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
+def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
-    paths = _layer_paths(tree, what)
+    paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
@@ -338,102 +335,10 @@ def sync_batch_stats(
             raise ValueError(
                 "with axis_name, batch_stats is this device's own tree, not a list of replicas"
             )
-        _check_axis(axis_name, "jbn.sync_batch_stats")
-        return _merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
+        check_axis(axis_name, "jbn.sync_batch_stats")
+        return merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
     if isinstance(batch_stats, (list, tuple)):
         for i, t in enumerate(batch_stats):
-            _layer_paths(t, f"batch_stats[{i}]")
-        batch_stats = _stack(list(batch_stats), what)
-    return _merge_stacked(batch_stats, counts, unbiased, what)
-
-
-def _feature_ndim(module: Any) -> int | None:
-    features = getattr(module, "num_features", None)
-    if isinstance(features, int):
-        return 1
-    if isinstance(features, tuple):
-        return len(features)
-    return None
-
-
-def _check_stacked_model(model: nnx.Module, paths: list[Path]) -> None:
-    """A single model given without axis_name must carry a leading replica axis."""
-    modules = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-    for path in paths:
-        module = modules.get(path)
-        ndim = _feature_ndim(module)
-        mean = getattr(module, "mean", None)
-        if ndim is not None and mean is not None and jnp.ndim(mean[...]) != ndim + 1:
-            raise ValueError(
-                f"models is one model whose batch norm {_name(path)!r} has statistics of shape "
-                f"{jnp.shape(mean[...])}, i.e. no leading replica axis: give a list of replica "
-                "models, a model with stacked statistics (e.g. built under nnx.vmap), or "
-                "axis_name inside a mapped axis"
-            )
-
-
-def sync_nnx_batch_stats(
-    models: nnx.Module | Sequence[nnx.Module],
-    counts: ArrayLike | Sequence[float] | None = None,
-    *,
-    axis_name: Any = None,
-    unbiased: bool = False,
-) -> None:
-    """Merges, in place, the running statistics that NNX replica models kept separately.
-
-    The NNX counterpart of :func:`sync_batch_stats` (same formula and options):
-    afterwards every replica's batch norms hold the mean and variance of all the
-    replicas' data together. Works on the ``nnx.BatchStat`` ``mean`` / ``var`` (and
-    ``count``) of ``jbn.nnx.BatchNorm`` and ``flax.nnx.BatchNorm`` alike; a model
-    with any other ``nnx.BatchStat`` is an error. Three ways to call it:
-
-    * a list of replica models (the same architecture), e.g. copies trained on
-      different shards: each gets the merged statistics;
-    * one model whose statistics have a leading replica axis, as an ensemble
-      built with ``nnx.split_rngs`` and ``nnx.vmap`` has: every replica's slice
-      gets the merged statistics (the shape stays);
-    * inside ``nnx.vmap``, ``nnx.pmap`` or ``shard_map`` with ``axis_name``: the
-      device's own model and count.
-
-    Args:
-      models: the replica models, as above.
-      counts: how many values each replica's statistics summarize: shape
-        ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
-      axis_name: the named mapped axis whose devices hold the replicas, or None.
-      unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
-        needs ``counts``, see :func:`sync_batch_stats`.
-    """
-    fn = "jbn.nnx.sync_batch_stats"
-    if isinstance(models, nnx.Module):
-        replicas = [models]
-    elif isinstance(models, Sequence) and all(isinstance(m, nnx.Module) for m in models):
-        replicas = list(models)
-        if not replicas:
-            raise ValueError("models is an empty list: give at least one replica model")
-    else:
-        raise TypeError(
-            f"models must be an nnx.Module or a list of them, got {type(models).__name__}"
-        )
-    states = [nnx.state(m, nnx.BatchStat) for m in replicas]
-    trees = [nnx.to_pure_dict(s) for s in states]
-    for i, tree in enumerate(trees):
-        what = "models" if isinstance(models, nnx.Module) else f"models[{i}]"
-        if not _layer_paths(tree, f"{what}' batch stats"):
-            raise ValueError(f"{what} holds no batch norm (nnx.BatchStat 'mean' and 'var')")
-    if axis_name is not None:
-        if len(replicas) > 1 or not isinstance(models, nnx.Module):
-            raise ValueError("with axis_name, models is this device's own model, not a list")
-        _check_axis(axis_name, fn)
-        merged = _merge_over_axis(trees[0], counts, axis_name, unbiased, "models' batch stats")
-        new = [merged]
-    elif isinstance(models, nnx.Module):
-        _check_stacked_model(models, _layer_paths(trees[0], "models' batch stats"))
-        merged = _merge_stacked(trees[0], counts, unbiased, "models' batch stats")
-        stacked = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), merged, trees[0])
-        new = [stacked]
-    else:
-        merged = _merge_stacked(_stack(trees, "models' batch stats"), counts, unbiased, "models")
-        new = [merged] * len(replicas)
-    for model, state, tree in zip(replicas, states, new, strict=True):
-        nnx.replace_by_pure_dict(state, tree)
-        nnx.update(model, state)
+            layer_paths(t, f"batch_stats[{i}]")
+        batch_stats = stack(list(batch_stats), what)
+    return merge_stacked(batch_stats, counts, unbiased, what)

@@ -66,3 +66,14 @@ def batch_norm_layers(tree: Mapping, path: tuple[str, ...] = ()) -> list[tuple[s
         if isinstance(sub, Mapping)
         for p in batch_norm_layers(sub, path + (key,))
     ]
+
+
+def to_dicts(tree: Any) -> Any:
+    """``tree`` with every mapping (a dict, flax's ``FrozenDict``) rebuilt as a plain dict.
+
+    What ``flax.core.unfreeze`` does, without importing flax: the leaves are the
+    same objects, the dicts new ones, so the caller may change them freely.
+    """
+    if isinstance(tree, Mapping):
+        return {key: to_dicts(value) for key, value in tree.items()}
+    return tree

@@ -760,6 +760,6 @@ def test_import_jbn_without_equinox():
         "exec('try:\\n import jbn.equinox\\nexcept ImportError: pass\\n"
         'else: raise SystemExit("imported")\')'
     )
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env, cwd=root)

@@ -1,6 +1,6 @@
 """Two processes on localhost give what one process gives on the whole batch.
 
-Each process (tests/multiprocess_worker.py, 2 CPU devices each) joins JAX's
+Each process (tests/core/multiprocess_worker.py, 2 CPU devices each) joins JAX's
 distributed runtime over a free localhost port with CPU collectives over gloo,
 builds a global 'data' mesh of all 4 devices, feeds only its own rows of the
 global batch, and runs a shard_map'd ``jbn.bn_forward(..., axis_name="data")``
@@ -20,7 +20,7 @@ import pytest
 from multiprocess_worker import global_data, loss
 
 WORKER = pathlib.Path(__file__).resolve().parent / "multiprocess_worker.py"
-REPO = WORKER.parent.parent
+REPO = WORKER.parents[2]
 PROCESSES = 2
 TIMEOUT_S = 120
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import jbn
-from jbn._graph import replace_modules
+from jbn.nnx._graph import replace_modules
 
 convert = jbn.nnx.convert
 

@@ -17,9 +17,9 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from . import _checks as checks
-from . import _options as options
-from ._batch_norm import bn_forward
+from .. import _checks as checks
+from .. import _options as options
+from .._batch_norm import bn_forward
 
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "

@@ -18,9 +18,9 @@ from flax import linen as nn
 from flax.linen import dtypes, initializers
 from flax.typing import Dtype, Initializer
 
-from . import _checks as checks
-from . import _options as options
-from ._batch_norm import bn_forward
+from .. import _checks as checks
+from .. import _options as options
+from .._batch_norm import bn_forward
 
 
 class BatchNorm(nn.Module):

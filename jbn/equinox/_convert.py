@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._equinox import BatchNorm
+from ._batch_norm import BatchNorm
 
 # Step count given to running statistics converted from an Equinox mode="ema" layer,
 # whose state has no step counter: large enough that momentum**count is 0 in float32

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from . import _checks as checks
-from ._batch_norm import bn_forward, bn_init
+from .. import _checks as checks
+from .._batch_norm import bn_forward, bn_init
 
 _EMA_MODES = ("ema", "legacy")
 

@@ -8,12 +8,16 @@
 ``sync_batch_stats`` merges replicas' running statistics exactly.
 """
 
+from .._extras import require
+
+require("flax", "jbn.linen")
+
+from .._sync import sync_batch_stats as sync_batch_stats
+from ._batch_norm import BatchNorm as BatchNorm
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import frozen_batch_norms as frozen_batch_norms
 from ._intercept import intercept as intercept
-from ._linen import BatchNorm as BatchNorm
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
-from ._sync import sync_batch_stats as sync_batch_stats
 
 __all__ = (
     "BatchNorm",

@@ -8,14 +8,18 @@ fine-tuning; ``recalibrate_batch_stats`` recomputes running statistics from data
 and ``sync_batch_stats`` merges replicas' running statistics exactly.
 """
 
+from .._extras import require
+
+require("flax", "jbn.nnx")
+
+from ._batch_norm import BatchNorm as BatchNorm
+from ._convert import convert as convert
 from ._freeze import FrozenBatchNorm as FrozenBatchNorm
+from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import freeze_batch_norms as freeze_batch_norms
-from ._freeze import nnx_batch_norm_mask as batch_norm_mask
 from ._freeze import unfreeze_batch_norms as unfreeze_batch_norms
-from ._nnx import BatchNorm as BatchNorm
-from ._nnx_convert import convert as convert
-from ._recalibrate import recalibrate_nnx_batch_stats as recalibrate_batch_stats
-from ._sync import sync_nnx_batch_stats as sync_batch_stats
+from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+from ._sync import sync_batch_stats as sync_batch_stats
 
 __all__ = (
     "BatchNorm",

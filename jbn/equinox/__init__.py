@@ -11,7 +11,11 @@ renorm, torch's conventions). ``jbn.equinox.convert`` swaps every
 This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` does not.
 """
 
-from ._equinox import BatchNorm as BatchNorm
-from ._equinox_convert import convert as convert
+from .._extras import require
+
+require("equinox", "jbn.equinox")
+
+from ._batch_norm import BatchNorm as BatchNorm
+from ._convert import convert as convert
 
 __all__ = ("BatchNorm", "convert")

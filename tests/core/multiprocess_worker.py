@@ -1,4 +1,4 @@
-"""One process of tests/test_multiprocess.py: a shard_map'd bn_forward over a 2-process mesh.
+"""One process of tests/core/test_multiprocess.py: a shard_map'd bn_forward over a 2-process mesh.
 
 Run as ``python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz``
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment

@@ -19,8 +19,8 @@ from typing import Any
 
 from flax import linen as nn
 
-from ._linen import BatchNorm
-from ._linen_calls import SubclassCalls
+from ._batch_norm import BatchNorm
+from ._calls import SubclassCalls
 
 __all__ = ("intercept",)
 
@@ -139,7 +139,7 @@ def intercept(**options: Any) -> Iterator[None]:
     the reductions stay float32 with ``force_float32_reductions=False``)::
 
       >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> from jbn._intercept import intercept
+      >>> from jbn.linen import intercept
       >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False)])
       >>> x = jax.random.normal(jax.random.key(0), (8, 3))
       >>> with intercept():

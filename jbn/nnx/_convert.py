@@ -1,6 +1,6 @@
 """``convert``: swap flax's NNX batch norms for jbn's in a model graph, and back.
 
-The swap itself is :func:`jbn._graph.replace_modules`.
+The swap itself is :func:`jbn.nnx._graph.replace_modules`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from flax import nnx
 from flax.nnx import graph
 
-from . import _nnx as jbn_nnx
+from . import _batch_norm as jbn_nnx
 from ._graph import replace_modules
 
 __all__ = ("convert",)
@@ -141,7 +141,7 @@ def convert(model: Any, *, to: str = "jbn") -> Any:
 
       >>> import jax, jbn
       >>> from flax import nnx
-      >>> from jbn._nnx_convert import convert
+      >>> from jbn.nnx import convert
       >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
       ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
       >>> model = convert(model)
