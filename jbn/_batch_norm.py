@@ -19,6 +19,7 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
+from ._prior import prior_forward
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
@@ -153,6 +154,8 @@ def bn_forward(
     renorm: bool = False,
     rmax: float | ArrayLike = 3.0,
     dmax: float | ArrayLike = 5.0,
+    prior: float | ArrayLike | None = None,
+    prior_form: str = "pooled",
 ) -> tuple[Array, dict[str, Array]]:
     """Batch normalization: y = scale * (x - mean) / sqrt(var + epsilon) + bias.
 
@@ -160,7 +163,9 @@ def bn_forward(
     the batch, per feature, over every axis of ``x`` except ``axis`` (and over the
     devices of ``axis_name``); the running statistics are updated from them. In
     evaluation mode the running statistics are used and ``state`` is returned as
-    is. Statistics and arithmetic are float32 (float64 for float64 input); the
+    is. With ``train=False`` and a ``prior`` N (test-time adaptation), each call
+    normalizes with the running statistics, counted as N values, pooled with the
+    batch's own. Statistics and arithmetic are float32 (float64 for float64 input); the
     output has ``x``'s dtype unless ``dtype`` says otherwise.
 
     The training-mode gradient is the analytic batch-norm backward (a
@@ -221,6 +226,20 @@ def bn_forward(
       rmax: renorm's bound on r, >= 1 (default 3.0; inf: no bound). A Python float
         or a scalar array, so it can follow a schedule under jit.
       dmax: renorm's bound on |d|, >= 0 (default 5.0); like ``rmax``.
+      prior: test-time adaptation (Schneider et al. 2020), with ``train=False``:
+        the number N of values the running statistics count as when pooled with
+        the batch's n values per feature. With w = N / (N + n), ``prior_form=
+        "pooled"`` (default) normalizes with the exact statistics of both groups
+        together, μ = w μ_run + (1 - w) μ_B and σ² = w σ²_run + (1 - w) σ²_B +
+        w (1 - w) (μ_run - μ_B)² (Chan's formula); ``"linear"`` is the paper's mix,
+        without the last term. 0 is the batch statistics, ``inf`` the running
+        ones; a feature without a counted value uses the running ones. Masks and
+        ``axis_name`` (the whole synchronized batch's statistics) work as in
+        training; batches of one example work (for N > 0); the running statistics
+        are returned unchanged. The gradient flows through the batch's share
+        (plain JAX autodiff). A Python float or a scalar array (traceable).
+        None (default): plain evaluation with the running statistics.
+      prior_form: ``"pooled"`` (default) or ``"linear"``; see ``prior``.
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated running
@@ -228,6 +247,8 @@ def bn_forward(
     """
     x = checks.input_array(x)
     train = checks.train(train)
+    prior = checks.prior(prior, train)
+    prior_form = checks.prior_form(prior_form)
     stats_cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     cfg = _train_config(
         x, stats_cfg, epsilon=epsilon, residual=residual, min_scale=min_scale, dtype=dtype
@@ -248,6 +269,13 @@ def bn_forward(
     autodiff = checks.python_bool(autodiff, "autodiff") or jnp.iscomplexobj(x)
     scale = jnp.ones(bshape, rd) if scale is None else scale.reshape(bshape)
     bias = jnp.zeros(bshape, rd) if bias is None else bias.reshape(bshape)
+
+    if prior is not None:
+        checks.axis_size(stats_cfg.axis_name)
+        checks.batch_not_empty(x.shape, stats_cfg.reduce_axes, stats_cfg.axis_name, "bn_forward")
+        running = tuple(state[k].reshape(bshape) for k in ("mean", "var"))
+        y, _, _ = prior_forward(x, scale, bias, mask, running, prior, cfg, prior_form)
+        return y, dict(state)
 
     if not train:
         mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)

@@ -21,6 +21,7 @@ from jax.typing import ArrayLike
 Array = jax.Array
 
 RESIDUALS = ("input", "output")
+PRIOR_FORMS = ("pooled", "linear")
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count")
 
@@ -338,4 +339,39 @@ def renorm(value: Any, rmax: Any, dmax: Any) -> bool:
 def passes(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"passes must be a positive int, got {value!r}")
+    return value
+
+
+def prior(value: Any, train: bool) -> Array | None:
+    """The prior count N of test-time adaptation: None, a number >= 0 (inf allowed), a scalar."""
+    if value is None:
+        return None
+    if train:
+        raise ValueError(
+            f"prior={value!r} selects prior-weighted statistics, a mode of evaluation: pass "
+            "train=False with it (training normalizes with the batch statistics alone)"
+        )
+    if isinstance(value, bool) or not isinstance(
+        value, (numbers.Real, np.ndarray, np.generic, jax.Array)
+    ):
+        raise TypeError(
+            f"prior must be a number of values >= 0 (inf: the running statistics alone) or a "
+            f"scalar array, got {value!r}"
+        )
+    if jnp.shape(value) != ():
+        raise ValueError(f"prior must be a scalar, got shape {jnp.shape(value)}")
+    if not isinstance(value, jax.core.Tracer) and not float(value) >= 0.0:
+        raise ValueError(
+            f"prior must be >= 0 (0: the batch statistics, inf: the running statistics), got "
+            f"{float(value)}"
+        )
+    return jnp.asarray(value, jnp.float32)
+
+
+def prior_form(value: Any) -> str:
+    if value not in PRIOR_FORMS:
+        raise ValueError(
+            f"prior_form must be one of {PRIOR_FORMS} ('pooled': Chan's exact pooling of the "
+            f"running and batch statistics; 'linear': the paper's mix), got {value!r}"
+        )
     return value
