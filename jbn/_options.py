@@ -23,6 +23,8 @@ JBN = {
     "renorm": False,
     "rmax": 3.0,
     "dmax": 5.0,
+    "prior": None,
+    "prior_form": "pooled",
 }
 
 # Settings a call may override (renorm's bounds, e.g. from a schedule).

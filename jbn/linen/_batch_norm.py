@@ -81,6 +81,12 @@ class BatchNorm(nn.Module):
       rmax: renorm's bound on r (default 3.0); ``__call__(..., rmax=...)``
         overrides it, e.g. with a schedule.
       dmax: renorm's bound on |d| (default 5.0); overridable per call likewise.
+      prior: test-time adaptation: None (default) or N >= 0, which makes every
+        call, whatever ``use_running_average``, normalize with the running
+        statistics counted as N values pooled with the batch's own (see
+        :func:`jbn.bn_forward`), updating nothing. :func:`jbn.linen.use_prior`
+        sets it on every batch norm of a model for a while.
+      prior_form: ``"pooled"`` (default, exact) or ``"linear"`` (the paper's mix).
     """
 
     use_running_average: bool | None = None
@@ -105,6 +111,8 @@ class BatchNorm(nn.Module):
     renorm: bool = False
     rmax: float = 3.0
     dmax: float = 5.0
+    prior: float | None = None
+    prior_form: str = "pooled"
 
     @nn.compact
     def __call__(
@@ -149,7 +157,8 @@ class BatchNorm(nn.Module):
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
         dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-        train = not use_running_average
+        # A prior selects test-time adaptation: evaluation with pooled statistics.
+        train = not use_running_average and self.prior is None
         state = {k: v.value for k, v in running.items()}
 
         if self.is_initializing():

@@ -82,6 +82,12 @@ class BatchNorm(nnx.Module):
       renorm: batch renormalization (Ioffe 2017) in training.
       rmax: renorm's bound on r (default 3.0); overridable per call.
       dmax: renorm's bound on |d| (default 5.0); overridable per call.
+      prior: test-time adaptation: None (default) or N >= 0, which makes every
+        call, in training or evaluation mode, normalize with the running
+        statistics counted as N values pooled with the batch's own (see
+        :func:`jbn.bn_forward`), updating nothing. :func:`jbn.nnx.use_prior`
+        sets it on every batch norm of a model.
+      prior_form: ``"pooled"`` (default, exact) or ``"linear"`` (the paper's mix).
     """
 
     def __init__(
@@ -113,6 +119,8 @@ class BatchNorm(nnx.Module):
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
+        prior: float | None = None,
+        prior_form: str = "pooled",
     ):
         feature_shape = checks.feature_shape(num_features, "num_features")
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -154,6 +162,8 @@ class BatchNorm(nnx.Module):
         self.renorm = renorm
         self.rmax = rmax
         self.dmax = dmax
+        self.prior = prior
+        self.prior_form = prior_form
 
     def __call__(
         self,
@@ -181,7 +191,8 @@ class BatchNorm(nnx.Module):
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
         x, params, state = self.prepare(x)
-        train = not use_running_average
+        # A prior selects test-time adaptation: evaluation with pooled statistics.
+        train = not use_running_average and self.prior is None
         y, new_state = bn_forward(
             params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
         )
