@@ -37,6 +37,15 @@ def _split(tree: Any, mask: Any) -> tuple[list, list, Any]:
     return leaves, [bool(f) for f in flags], treedef
 
 
+def check_tx(tx: Any) -> None:
+    for method in ("init", "update"):
+        if not callable(getattr(tx, method, None)):
+            raise TypeError(
+                f"tx must be an optax GradientTransformation (with init and update), got "
+                f"{type(tx).__name__}"
+            )
+
+
 def check_mask(params: Any, mask: Any) -> None:
     _, flags, _ = _split(params, mask)
     if not any(flags):
@@ -68,12 +77,7 @@ class TentLoop:
     ):
         if not isinstance(episodic, bool):
             raise TypeError(f"episodic must be a bool, got {episodic!r}")
-        for method in ("init", "update"):
-            if not callable(getattr(tx, method, None)):
-                raise TypeError(
-                    f"tx must be an optax GradientTransformation (with init and update), got "
-                    f"{type(tx).__name__}"
-                )
+        check_tx(tx)
         check_mask(params, mask)
         self.source = params
         self.mask = mask

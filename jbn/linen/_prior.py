@@ -23,7 +23,7 @@ from flax.linen import dtypes as linen_dtypes
 from .. import _checks as checks
 from .._batch_norm import bn_forward
 from .._optimize import optimize_only
-from .._tent import TentLoop
+from .._tent import TentLoop, check_tx
 from ._batch_norm import BatchNorm
 from ._calls import SubclassCalls
 from ._freeze import batch_norm_mask
@@ -211,6 +211,7 @@ class Tent(TentLoop):
                 return apply_fn({**others, "params": params}, x)
 
         tx = _default_tx() if tx is None else tx
+        check_tx(tx)
         self._others = others
         super().__init__(
             logits_fn, variables["params"], mask, optimize_only(tx, mask), episodic=episodic
