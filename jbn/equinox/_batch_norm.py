@@ -129,6 +129,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dmax: renorm's bound on |d|, >= 0 (default 5.0).
       autodiff: differentiate the plain reference with JAX instead of the
         analytic backward (slower; allows forward mode).
+      prior: test-time adaptation: None (default) or N >= 0, which makes every
+        call, in training or inference mode, normalize with the running
+        statistics counted as N values pooled with the statistics of the
+        batch along ``axis_name`` (see :func:`jbn.bn_forward`), updating
+        nothing. :func:`jbn.equinox.use_prior` sets it on every batch norm of a
+        model.
+      prior_form: ``"pooled"`` (default, exact) or ``"linear"`` (the paper's mix).
     """
 
     weight: jax.Array | None
@@ -150,6 +157,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     rmax: float = eqx.field(static=True)
     dmax: float = eqx.field(static=True)
     autodiff: bool = eqx.field(static=True)
+    prior: float | None = eqx.field(static=True)
+    prior_form: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -171,6 +180,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         rmax: float = 3.0,
         dmax: float = 5.0,
         autodiff: bool = False,
+        prior: float | None = None,
+        prior_form: str = "pooled",
     ):
         if mode in _EMA_MODES:
             raise ValueError(
@@ -248,6 +259,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.rmax = rmax
         self.dmax = dmax
         self.autodiff = autodiff
+        if prior is not None:
+            checks.prior(prior, False)
+            prior = float(prior)
+        self.prior = prior
+        self.prior_form = checks.prior_form(prior_form)
 
     def __call__(
         self,
@@ -278,6 +294,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             enclosing vmap, pmap or shard_map.
         """
         del key
+        if self.prior is not None:
+            return self._with_prior(x, state, mask)
         inference = self.inference if inference is None else inference
         if not isinstance(inference, (bool, jnp.bool_)):
             raise TypeError(
@@ -345,6 +363,40 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 new["count"] = count + 1
             state = state.set(self.state_index, new)
         return y, state
+
+    def _with_prior(self, x, state, mask):
+        """Prior-weighted statistics over the named axes; the state is returned as it is."""
+        for name in _names(self.axis_name):
+            try:
+                lax.axis_size(name)
+            except NameError:
+                raise _no_axis_error(self.axis_name, name) from None
+        x = jnp.asarray(x)
+        if x.ndim < 1 or x.shape[0] != self.input_size:
+            raise ValueError(
+                f"x has shape {x.shape}, but jbn.equinox.BatchNorm(input_size="
+                f"{self.input_size}) takes one example of shape ({self.input_size}, *spatial)"
+            )
+        mask = None if mask is None else checks.mask(mask, x.shape)
+        squeeze = x.ndim == 1
+        if squeeze:
+            x = x[:, None]
+            mask = None if mask is None else mask[:, None]
+        params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else None
+        running = state.get(self.state_index)
+        y, _ = bn_forward(
+            params,
+            {k: running[k] for k in ("mean", "var")},
+            x,
+            False,
+            axis=0,
+            epsilon=self.eps,
+            mask=mask,
+            axis_name=self.axis_name,
+            prior=self.prior,
+            prior_form=self.prior_form,
+        )
+        return (y[:, 0] if squeeze else y), state
 
     def _ghost(self, params, running, x, momentum, mask, options):
         """Training with ghost batches: one bn_forward over G masked copies of the example.

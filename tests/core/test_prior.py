@@ -17,36 +17,9 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jbn
-from tests.np_reference import np_eval, np_stats
+from tests.np_reference import np_eval, np_prior
 
 PRIORS = (0.0, 1.0, 4.5, 64.0, math.inf)
-
-
-def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, mask=None):
-    """y in float64 with prior-weighted statistics: the groups pooled by their values."""
-    x = np.asarray(x, np.float64)
-    mean_b, var_b, n = np_stats(x, axis, mask)
-    bshape = mean_b.shape
-    rm = np.asarray(run_mean, np.float64).reshape(bshape)
-    rv = np.asarray(run_var, np.float64).reshape(bshape)
-    if math.isinf(prior):
-        w = np.ones_like(n)
-    else:
-        w = np.where(n > 0, prior / np.maximum(prior + n, 1e-300), 1.0)
-    mean_b = np.where(n > 0, mean_b, 0.0)
-    var_b = np.where(n > 0, var_b, 0.0)
-    if form == "pooled" and not math.isinf(prior):
-        # Pool all the values: N copies of the running statistics' "values", n of the batch.
-        total = prior + n
-        mean = np.where(total > 0, (prior * rm + n * mean_b) / np.maximum(total, 1e-300), rm)
-        m2 = prior * rv + n * var_b + prior * n / np.maximum(total, 1e-300) * (rm - mean_b) ** 2
-        var = np.where(total > 0, m2 / np.maximum(total, 1e-300), rv)
-    else:
-        mean = w * rm + (1 - w) * mean_b
-        var = w * rv + (1 - w) * var_b
-    s = np.asarray(scale, np.float64).reshape(bshape)
-    b = np.asarray(bias, np.float64).reshape(bshape)
-    return s * (x - mean) / np.sqrt(var + eps) + b
 
 
 def setup(shape, axis, seed=0, dtype=jnp.float32):
