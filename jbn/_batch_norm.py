@@ -24,7 +24,7 @@ from ._checks import Residual
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
-from ._variants import renorm_affine, split_ghost_batches
+from ._variants import renorm_affine, split_ghost_batches, split_named_ghost_batches
 
 Array = jax.Array
 Params = Mapping[str, ArrayLike] | None
@@ -252,7 +252,13 @@ def bn_forward(
     values = math.prod(x.shape[a] for a in stats_cfg.reduce_axes)
     values *= checks.axis_size(stats_cfg.axis_name)
     x_shape = x.shape
-    if virtual_batch_size is not None:
+    group = None
+    if virtual_batch_size is not None and stats_cfg.axis_name is not None:
+        x, scale, bias, mask, cfg, group = split_named_ghost_batches(
+            x, scale, bias, mask, cfg, virtual_batch_size
+        )
+        values = values // x.shape[0]
+    elif virtual_batch_size is not None:
         x, scale, bias, mask, cfg = split_ghost_batches(
             x, scale, bias, mask, cfg, virtual_batch_size
         )
@@ -275,4 +281,6 @@ def bn_forward(
         debias=debias,
         feature_shape=feature_shape,
     )
+    if group is not None:  # this device's own group
+        y = lax.dynamic_index_in_dim(y, group, 0, keepdims=False)
     return y.reshape(x_shape), new_state

@@ -266,15 +266,33 @@ def dmax(value: Any, name: str = "dmax") -> Any:
     return bound(value, name, 0.0)
 
 
-def positive_int(value: Any, name: str) -> int | None:
-    """A positive Python int, or None."""
-    if value is None:
+def positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    """A positive Python int (or None where allowed)."""
+    if value is None and allow_none:
         return None
+    what = "a positive int" + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+        raise TypeError(f"{name} must be {what}, got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value}")
+        raise ValueError(f"{name} must be {what}, got {value}")
     return int(value)
+
+
+def named_axes(value: Any, name: str = "axis_name") -> Any:
+    """The named batch axis (or a tuple of names) a layer reduces over: hashable, not None."""
+    value = tuple(value) if isinstance(value, list) else value
+    if value is None or (isinstance(value, tuple) and not value):
+        raise ValueError(
+            f"{name} must name the batch axis of the vmap / pmap / shard_map the layer runs "
+            f"under (e.g. 'batch'), or a tuple of names; got {value!r}"
+        )
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (a name or a tuple of names), got {value!r}"
+        ) from None
+    return value
 
 
 def python_bool(value: Any, name: str, hint: str = "") -> bool:
@@ -374,15 +392,10 @@ def virtual_batch_size(value: Any, axes: tuple[int, ...], name: Any) -> int | No
     value = positive_int(value, "virtual_batch_size")
     if value is None:
         return None
-    if 0 in axes:
+    if 0 in axes and name is None:
         raise ValueError(
             "virtual_batch_size splits axis 0 (the batch) into ghost batches, but axis 0 is a "
             f"feature axis here (feature axes {axes})"
-        )
-    if name is not None:
-        raise ValueError(
-            "virtual_batch_size cannot be combined with axis_name: ghost batches are split "
-            "from each device's own batch, so leave axis_name=None"
         )
     return value
 

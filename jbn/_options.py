@@ -74,7 +74,7 @@ OPTIONS: tuple[Option, ...] = (
         "Residual",
         checks.residual,
         'what the backward pass keeps: "input" (x) or "output" (y, the In-Place Activated '
-        "BatchNorm trick: free when the next layer keeps y anyway). With \"output\", x̂ is "
+        'BatchNorm trick: free when the next layer keeps y anyway). With "output", x̂ is '
         "rebuilt as (y - β)/γ, so the forward pass uses ±min_scale where |γ| < min_scale.",
     ),
     Option(
