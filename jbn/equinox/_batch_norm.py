@@ -73,35 +73,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
     the analytic batch-norm backward of :func:`jbn.bn_forward`. Inference normalizes
     with the running statistics and needs no named axis.
 
-    The running statistics (in ``state``) are the exponentially weighted average
-    of the batch statistics seen, normalized by the total weight: after ``t``
-    steps, ``Σ_i m^(t-i) s_i (1 - m) / (1 - m^t)`` for both the mean and the
-    (biased) variance, so after one step they equal that batch's. This is
-    Equinox's zero-debiasing, which jbn applies to the variance too: Equinox
-    starts its hidden variance at 1 and divides it by ``1 - m^t``, which
-    overstates the variance by ``m^t / (1 - m^t)`` (+9.4 after 10 steps at
-    momentum 0.99, +0.58 after 100); its running mean is the same as jbn's. jbn
-    stores the debiased values and a step ``count``; each step updates them with
-    :func:`jbn.bn_forward` at momentum ``(m - m^t) / (1 - m^t)``.
+    The running statistics (in ``state``) are Equinox's zero-debiased average,
+    ``Σ_i m^(t-i) s_i (1 - m) / (1 - m^t)`` after ``t`` steps, for the mean and
+    the variance alike (:func:`jbn.bn_forward` with ``debias=True``). Equinox's
+    hidden variance starts at 1, which overstates its variance by ``m^t / (1 -
+    m^t)`` (+9.4 after 10 steps at momentum 0.99); its mean is the same. The
+    state is one dict under ``bn.state_index``: ``mean``, ``var``, the step
+    ``count`` and each channel's ``feature_count`` (the steps it counted: a
+    channel with non-finite or fully masked batch statistics keeps its
+    statistics and count, so the initial 0 and 1 never enter the average).
 
-    Other differences from ``eqx.nn.BatchNorm``:
-
-    - ``mode`` must be ``"batch"`` (the default): ``"ema"`` and ``"legacy"``
-      (Equinox's default, which means ``"ema"``) normalize training batches with
-      a running average of past batches, which jbn does not implement; they raise.
-    - ``axis_name`` is a static field (a list becomes a tuple), so a model is a
-      valid ``jax.jit`` argument and ``eqx.tree_at`` cannot change it.
-    - The output has ``x``'s dtype (Equinox promotes ``x`` with the parameters'
-      dtype); statistics are computed in float32 (float64 for float64 input).
-    - The state is one dict ``{"mean", "var", "count"}`` under one
-      ``eqx.nn.StateIndex`` (``bn.state_index``), not Equinox's two entries.
-    - Real inputs only (Equinox also accepts complex ones).
-    - Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) cannot pass the
-      custom backward; use ``autodiff=True`` for it.
-    - Ghost batches (``virtual_batch_size``) group consecutive examples along the
-      named axes (``lax.axis_index(axis_name) // virtual_batch_size``); the layer
-      then works on a ``(G, C, *spatial)`` copy of each example, one slice per
-      group, so its cost grows G-fold.
+    Other differences from ``eqx.nn.BatchNorm``: ``mode`` must be ``"batch"``
+    (``"ema"`` and ``"legacy"`` raise); ``axis_name`` is a static field (a list
+    becomes a tuple); the output has ``x``'s dtype, with float32 statistics
+    (float64 for float64 input); real inputs only; forward-mode differentiation
+    needs ``autodiff=True``. Ghost batches group consecutive examples along the
+    named axes (``lax.axis_index(axis_name) // virtual_batch_size``), on a
+    ``(G, C, *spatial)`` copy of each example, so their cost grows G-fold.
 
     Args:
       input_size: the number of channels, ``x.shape[0]``.
