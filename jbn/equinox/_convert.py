@@ -59,6 +59,7 @@ def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bo
         "mean": mean.astype(dtype),
         "var": jnp.maximum(var, 0.0).astype(dtype),
         "count": count,
+        "feature_count": jnp.broadcast_to(count, mean.shape),
     }
 
 
