@@ -169,7 +169,7 @@ def bn_forward(
     devices of ``axis_name``); the running statistics are updated from them. In
     evaluation mode the running statistics are used and ``state`` is returned as
     is. With ``train=False`` and a ``prior`` N (test-time adaptation), each call
-    normalizes with the running statistics, counted as N values, pooled with the
+    normalizes with the running statistics, counted as N examples, pooled with the
     batch's own. Statistics and arithmetic are float32 (float64 for float64 input); the
     output has ``x``'s dtype unless ``dtype`` says otherwise.
 

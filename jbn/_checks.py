@@ -428,7 +428,7 @@ def prior(value: Any, train: bool) -> Array | None:
         value, (numbers.Real, np.ndarray, np.generic, jax.Array)
     ):
         raise TypeError(
-            f"prior must be a number of values >= 0 (inf: the running statistics alone) or a "
+            f"prior must be a number of examples >= 0 (inf: the running statistics alone) or a "
             f"scalar array, got {value!r}"
         )
     if jnp.shape(value) != ():

@@ -1,9 +1,13 @@
 """Prior-weighted statistics: test-time adaptation of batch norm (Schneider et al. 2020).
 
-At test time a batch of ``n`` values per feature is normalized with statistics
-that pool the running statistics, counted as ``N`` values (the *prior*), with
-the batch's own. With w = N / (N + n), the exact pooled form is Chan's
-combination of the two groups,
+At test time a batch of ``n`` examples is normalized with statistics that pool
+the running statistics, counted as ``N`` examples (the *prior*), with the
+batch's own. An example is a slice along axis 0 when axis 0 is reduced (the
+batch axis), and the whole local array otherwise (one example per device, as
+under Equinox's vmap); it gives each feature ``v`` values (e.g. H·W for a
+convolution's NHWC output, 1 for a dense layer's), and a batch with ``c``
+counted values per feature (masks, ``axis_name``) has n = c / v examples. With
+w = N / (N + n), the exact pooled form is Chan's combination of the two groups,
 
     μ = w μ_run + (1 - w) μ_B,
     σ² = w σ²_run + (1 - w) σ²_B + w (1 - w) (μ_run - μ_B)²,
@@ -26,14 +30,14 @@ from ._stats import abs_sq, batch_stats, compute_dtype, real_dtype
 Array = jax.Array
 
 
-def prior_weight(prior: Array, n: Array) -> Array:
-    """w = N / (N + n): the running statistics' share; 1 where the batch has no value.
+def prior_weight(prior: Array, n: Array, per_example: int) -> Array:
+    """w = N / (N + n) for n = count / per_example examples; 1 where the batch has no value.
 
     Written as 1 / (1 + n / N), so N = ∞ gives 1 and N = 0 gives 0 (n > 0).
     """
-    n_safe = jnp.maximum(n, 1)
+    examples = jnp.maximum(n, 1) / per_example
     with jax.numpy_dtype_promotion("standard"):
-        ratio = n_safe / prior.astype(n.dtype)
+        ratio = examples / prior.astype(n.dtype)
     return jnp.where(n > 0, 1.0 / (1.0 + ratio), 1.0).astype(n.dtype)
 
 
@@ -46,6 +50,15 @@ def prior_stats(run_mean, run_var, mean, var, w, form: str):
     return pooled_mean, jnp.maximum(pooled_var, 0.0)
 
 
+def examples_size(x_shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:
+    """Values one example gives each feature: the reduced axes but the batch axis 0."""
+    size = 1
+    for a in reduce_axes:
+        if a != 0:
+            size *= x_shape[a]
+    return size
+
+
 def prior_forward(x, scale, bias, mask, running, prior, cfg, form: str):
     """y = γ (x - μ) / √(σ² + ε) + β with prior-weighted statistics.
 
@@ -54,7 +67,7 @@ def prior_forward(x, scale, bias, mask, running, prior, cfg, form: str):
       scale, bias: already in the broadcast feature shape.
       mask: boolean of ``x``'s shape, or None.
       running: ``(mean, var)`` running statistics in the broadcast feature shape.
-      prior: N, a float32 scalar (inf allowed).
+      prior: N examples, a float32 scalar (inf allowed).
       cfg: the call's ``TrainConfig`` (statistics settings, epsilon, dtypes).
       form: ``"pooled"`` or ``"linear"``.
 
@@ -66,7 +79,8 @@ def prior_forward(x, scale, bias, mask, running, prior, cfg, form: str):
     mean_b, var_b, n = batch_stats(x, mask, cfg.stats)
     run_mean = lax.stop_gradient(running[0]).astype(cd)
     run_var = lax.stop_gradient(running[1]).astype(rd)
-    w = prior_weight(lax.stop_gradient(prior), n.astype(rd))
+    per_example = examples_size(x.shape, cfg.stats.reduce_axes)
+    w = prior_weight(lax.stop_gradient(prior), n.astype(rd), per_example)
     # Where the batch has no say (w = 1) its statistics may be NaN (an empty or
     # non-finite feature): keep them out of the result and of the gradient.
     mean_b = jnp.where(w < 1, mean_b, run_mean)

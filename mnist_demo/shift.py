@@ -16,7 +16,7 @@ inverted) :func:`run_domain_shift` measures per domain:
 - ``prior`` and ``prior_linear``: test-time adaptation with prior-weighted
   statistics (:func:`jbn.linen.use_prior`; Schneider et al. 2020), each test
   batch of 1, 8 or 128 images normalized with the running statistics, counted
-  as N values, pooled exactly with the batch's own (``prior``), or mixed
+  as N images, pooled exactly with the batch's own (``prior``), or mixed
   linearly as in the paper (``prior_linear``), for N in 0, 1, 4, ..., 256;
 - ``tent`` and ``tent_prior``: TENT (:class:`jbn.linen.Tent`; Wang et al. 2021),
   entropy minimization on the batch-norm scales and biases over the adaptation
@@ -386,7 +386,7 @@ def prior_table(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {form} | {size} | {n:g} | {values} | {100 * mean:.2f} % |")
     lines.append(
         "\n(prior-weighted statistics: each test batch is normalized with the running "
-        "statistics, counted as N images' worth of values, pooled with the batch's own; "
+        "statistics, counted as N images, pooled with the batch's own; "
         "'pooled' is the exact pooled variance (Chan), 'linear' the paper's mix without the "
         "between-groups term. N = 0 is the batch statistics.)\n"
     )

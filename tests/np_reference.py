@@ -85,10 +85,16 @@ def np_running(old_mean, old_var, mean, var, momentum):
 
 
 def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, mask=None):
-    """y in float64 with prior-weighted statistics: the groups pooled by their values."""
+    """y in float64 with prior-weighted statistics: N examples' statistics pooled with n examples'.
+
+    An example is a slice along axis 0 when axis 0 is reduced, else the whole array;
+    n = the counted values per feature / the values one example gives each feature.
+    """
     x = np.asarray(x, np.float64)
     mean_b, var_b, n = np_stats(x, axis, mask)
     bshape = mean_b.shape
+    reduce, _, _ = _axes(x, axis)
+    n = n / math.prod(x.shape[a] for a in reduce if a != 0)  # examples
     rm = np.asarray(run_mean, np.float64).reshape(bshape)
     rv = np.asarray(run_var, np.float64).reshape(bshape)
     if math.isinf(prior):
@@ -98,7 +104,7 @@ def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, 
     mean_b = np.where(n > 0, mean_b, 0.0)
     var_b = np.where(n > 0, var_b, 0.0)
     if form == "pooled" and not math.isinf(prior):
-        # Pool all the values: N copies of the running statistics' "values", n of the batch.
+        # Pool the two groups by their sizes (Chan): N examples of the running statistics.
         total = prior + n
         mean = np.where(total > 0, (prior * rm + n * mean_b) / np.maximum(total, 1e-300), rm)
         m2 = prior * rv + n * var_b + prior * n / np.maximum(total, 1e-300) * (rm - mean_b) ** 2

@@ -111,7 +111,7 @@ def use_prior(
     """Test-time adaptation of every linen batch norm while the context is active.
 
     Each ``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` normalizes with its
-    running statistics, counted as ``prior`` values, pooled with the statistics
+    running statistics, counted as ``prior`` examples, pooled with the statistics
     of the batch it is given (:func:`jbn.bn_forward`'s ``prior``), whatever
     ``use_running_average`` the model passes, and updates nothing. Serving one
     image at a time on shifted data::
@@ -131,7 +131,7 @@ def use_prior(
     :func:`jbn.linen.intercept` work too; ``init`` is left as it is.
 
     Args:
-      prior: N, the number of values the running statistics count as (>= 0,
+      prior: N, the number of examples the running statistics count as (>= 0,
         ``inf`` allowed, a Python float or a scalar array); None: no adaptation.
       prior_form: ``"pooled"`` (default: Chan's exact pooling) or ``"linear"``
         (Schneider et al.'s mix, without the between-groups term).

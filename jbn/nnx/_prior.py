@@ -30,7 +30,7 @@ def use_prior(
     """Sets, in place, the prior of every batch norm of an NNX model (test-time adaptation).
 
     Each ``jbn.nnx.BatchNorm`` then normalizes with its running statistics,
-    counted as ``prior`` values, pooled with the statistics of the batch it is
+    counted as ``prior`` examples, pooled with the statistics of the batch it is
     given (:func:`jbn.bn_forward`'s ``prior``), in training and evaluation mode
     alike, and updates nothing; ``prior=None`` takes the layers out again. A
     ``flax.nnx.BatchNorm`` is first converted to ``jbn.nnx.BatchNorm`` (as by

@@ -128,11 +128,12 @@ def plain_reference(params, state, x, prior, form, mask=None, axis=-1, eps=1e-5)
     red = tuple(a for a in range(x.ndim) if a not in axes)
     m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
     n = jnp.sum(m, red, keepdims=True).astype(x.dtype)
+    examples = n / math.prod(x.shape[a] for a in red if a != 0)
     mean_b = jnp.sum(jnp.where(m, x, 0), red, keepdims=True) / n
     var_b = jnp.sum(jnp.where(m, (x - mean_b) ** 2, 0), red, keepdims=True) / n
     bshape = mean_b.shape
     rm, rv = state["mean"].reshape(bshape), state["var"].reshape(bshape)
-    w = prior / (prior + n)
+    w = prior / (prior + examples)
     mean = w * rm + (1 - w) * mean_b
     var = w * rv + (1 - w) * var_b
     if form == "pooled":

@@ -49,7 +49,7 @@ class RefPriorBN(nn.Module):
         rm, rv, scale, bias = (v.reshape((1,) * (x.ndim - 1) + (c,)) for v in (rm, rv, scale, bias))
         mb = x.mean(axes, keepdims=True)
         vb = ((x - mb) ** 2).mean(axes, keepdims=True)
-        n = x.size // c
+        n = x.shape[0]  # examples
         w = self.prior / (self.prior + n) if np.isfinite(self.prior) else 1.0
         mean = w * rm + (1 - w) * mb
         var = w * rv + (1 - w) * vb
