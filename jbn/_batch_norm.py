@@ -19,6 +19,7 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
+from ._checks import Residual
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
@@ -39,7 +40,9 @@ def eval_affine(x: Array, mean: Array, multiplier: Array, bias: Array) -> Array:
     return (x - mean) * multiplier + bias
 
 
-def _stats_config(x: Array, axis: Any, axis_name: Any, axis_index_groups: Any):
+def _stats_config(
+    x: Array, axis: Any, axis_name: Any, axis_index_groups: Any
+) -> tuple[StatsConfig, tuple[int, ...]]:
     axes = checks.feature_axes(axis, x.shape)
     axis_name = checks.axis_name(axis_name)
     cfg = StatsConfig(
@@ -50,7 +53,15 @@ def _stats_config(x: Array, axis: Any, axis_name: Any, axis_index_groups: Any):
     return cfg, axes
 
 
-def _train_config(x, stats: StatsConfig, *, epsilon, residual, min_scale, dtype) -> TrainConfig:
+def _train_config(
+    x: Array,
+    stats: StatsConfig,
+    *,
+    epsilon: float,
+    residual: Residual,
+    min_scale: float,
+    dtype: DTypeLike | None,
+) -> TrainConfig:
     residual = checks.residual(residual)
     out_dtype = checks.floating_dtype(dtype, allow_none=True, allow_complex=jnp.iscomplexobj(x))
     return TrainConfig(
@@ -145,7 +156,7 @@ def bn_forward(
     axis_index_groups: Any = None,
     unbiased_running_var: bool = False,
     finite_running_stats: bool = True,
-    residual: str = "input",
+    residual: Residual = "input",
     min_scale: float = 1e-3,
     dtype: DTypeLike | None = None,
     autodiff: bool = False,

@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 Array = jax.Array
 
-RESIDUALS = ("input", "output")
+# What the backward pass keeps: the input x or the output y.
+Residual = Literal["input", "output"]
+RESIDUALS: tuple[Residual, ...] = get_args(Residual)
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count")
 
@@ -33,7 +36,7 @@ def feature_shape(value: Any, name: str = "feature_shape") -> tuple[int, ...]:
     except TypeError:
         shape = ()
     if not shape or not all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) > 0 for s in shape
     ):
         raise ValueError(f"{name} must be a positive int or tuple of positive ints, got {value!r}")
     return tuple(int(s) for s in shape)
@@ -52,7 +55,7 @@ def feature_axes(axis: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= a < ndim:
+        if not -ndim <= int(a) < ndim:
             raise ValueError(
                 f"axis {a} is out of range for x of shape {shape} ({ndim} dimensions); "
                 f"expected -{ndim} <= axis < {ndim}"
@@ -125,10 +128,11 @@ def params(
         raise ValueError(
             f"{name} has unknown keys {unknown}; expected 'scale' and/or 'bias' (flax's names)"
         )
-    return tuple(
+    scale, bias = (
         None if value.get(k) is None else vector(value[k], f"{name}[{k!r}]", shape, needs)
         for k in PARAM_KEYS
     )
+    return scale, bias
 
 
 def state(
@@ -184,7 +188,7 @@ def mask(value: ArrayLike | None, x_shape: tuple[int, ...]) -> Array | None:
 
 def momentum(value: Any) -> None:
     """A running-average decay in [0, 1], None (cumulative) or a traced value."""
-    if value is None or isinstance(value, jax.core.Tracer):
+    if value is None or isinstance(value, Tracer):
         return
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {value!r}")
@@ -222,8 +226,12 @@ def train(value: Any) -> bool:
     )
 
 
-def residual(value: Any) -> str:
-    if value not in RESIDUALS:
+def _is_residual(value: object) -> TypeGuard[Residual]:
+    return value in RESIDUALS
+
+
+def residual(value: Any) -> Residual:
+    if not _is_residual(value):
         raise ValueError(f"residual must be one of {RESIDUALS}, got {value!r}")
     return value
 
@@ -248,7 +256,9 @@ def axis_index_groups(value: Any, name: Any) -> tuple[tuple[int, ...], ...] | No
         ) from None
 
 
-def batch_not_empty(x_shape, reduce_axes, name: Any, what: str) -> None:
+def batch_not_empty(
+    x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], name: Any, what: str
+) -> None:
     """An empty local batch is only meaningful when other devices share the statistics."""
     if name is None and any(x_shape[a] == 0 for a in reduce_axes):
         raise ValueError(
@@ -282,7 +292,12 @@ def bound_axis_name(name: Any) -> Any:
     return name
 
 
-def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> None:
+def values_per_feature(
+    values: int,
+    x_shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    virtual_batch_size: int | None = None,
+) -> None:
     """Training needs more than one value per feature (per ghost batch)."""
     if values > 1:
         return
@@ -299,7 +314,7 @@ def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> N
     )
 
 
-def virtual_batch_size(value: Any, axes, name: Any) -> int | None:
+def virtual_batch_size(value: Any, axes: tuple[int, ...], name: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -328,9 +343,10 @@ def renorm(value: Any, rmax: Any, dmax: Any) -> bool:
             raise TypeError(
                 f"{name} must be a float (or a scalar array, e.g. from a schedule), got {bound!r}"
             )
-        if jnp.shape(bound) != ():
-            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(bound)}")
-        if not isinstance(bound, jax.core.Tracer) and not float(bound) >= low:
+        shape = () if isinstance(bound, numbers.Real) else jnp.shape(bound)
+        if shape != ():
+            raise ValueError(f"{name} must be a scalar, got shape {shape}")
+        if not isinstance(bound, Tracer) and not float(bound) >= low:
             raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(bound)}")
     return flag
 

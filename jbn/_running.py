@@ -12,9 +12,12 @@ anyway, as flax and torch do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from ._stats import pool_groups, unbiased
 
@@ -22,7 +25,15 @@ Array = jax.Array
 
 
 def update_running(
-    state, mean, var, n, *, momentum, unbiased_var: bool, feature_shape, finite_only: bool = True
+    state: Mapping[str, Array],
+    mean: Array,
+    var: Array,
+    n: Array,
+    *,
+    momentum: ArrayLike | None,
+    unbiased_var: bool,
+    feature_shape: tuple[int, ...],
+    finite_only: bool = True,
 ) -> dict[str, Array]:
     """New running statistics from a batch's ``(mean, biased var, count)``.
 

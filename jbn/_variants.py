@@ -13,10 +13,12 @@ Renormalization (Ioffe 2017): with r and d constants for differentiation,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from ._stats import batch_stats, compute_dtype
 from ._train import TrainConfig
@@ -24,7 +26,14 @@ from ._train import TrainConfig
 Array = jax.Array
 
 
-def split_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_size: int):
+def split_ghost_batches(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    cfg: TrainConfig,
+    virtual_batch_size: int,
+) -> tuple[Array, Array, Array, Array | None, TrainConfig]:
     """``(x, scale, bias, mask, cfg)`` regrouped into ghost batches along a new axis 0."""
     groups, rest = divmod(x.shape[0], virtual_batch_size)
     if rest:
@@ -40,7 +49,16 @@ def split_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_si
     return x, scale, bias, mask, dataclasses.replace(cfg, stats=stats)
 
 
-def renorm_affine(x, scale, bias, mask, running, cfg: TrainConfig, rmax, dmax):
+def renorm_affine(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    running: Mapping[str, Array],
+    cfg: TrainConfig,
+    rmax: ArrayLike,
+    dmax: ArrayLike,
+) -> tuple[Array, Array]:
     """Renormalization's ``(γ r, β + γ d)`` from this batch and the running statistics.
 
     ``running`` holds the running mean and var before this step's update, in a

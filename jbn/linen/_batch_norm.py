@@ -21,6 +21,7 @@ from flax.typing import Dtype, Initializer
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
+from .._checks import Residual
 
 
 class BatchNorm(nn.Module):
@@ -99,7 +100,7 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
     finite_running_stats: bool = True
-    residual: str = "input"
+    residual: Residual = "input"
     min_scale: float = 1e-3
     virtual_batch_size: int | None = None
     renorm: bool = False

@@ -20,6 +20,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
+from .._checks import Residual
 
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
@@ -107,13 +108,13 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         unbiased_running_var: bool = False,
         finite_running_stats: bool = True,
-        residual: str = "input",
+        residual: Residual = "input",
         min_scale: float = 1e-3,
         virtual_batch_size: int | None = None,
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
-    ):
+    ) -> None:
         feature_shape = checks.feature_shape(num_features, "num_features")
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -190,7 +191,9 @@ class BatchNorm(nnx.Module):
                 getattr(self, k)[...] = v
         return y
 
-    def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
+    def prepare(
+        self, x: jax.typing.ArrayLike
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
         """``(x, params, state)`` as the core takes them, after flax's dtype promotion."""
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
@@ -199,7 +202,7 @@ class BatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-        return x, params, self.running_stats()
+        return jnp.asarray(x), params, self.running_stats()
 
     def running_stats(self) -> dict[str, jax.Array]:
         """The running statistics ``{"mean", "var"}`` (and ``"count"``) as the core takes them."""
@@ -208,7 +211,7 @@ class BatchNorm(nnx.Module):
             state["count"] = self.count[...]
         return state
 
-    def set_view(self, use_running_average: bool | None = None):
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``.
 
         Args:
