@@ -26,7 +26,8 @@ from ._train import TrainConfig, bn_train, bn_train_reference
 from ._variants import renorm_affine, split_ghost_batches
 
 Array = jax.Array
-Params = Mapping[str, ArrayLike] | None
+# A missing or None entry means no scale (bias); None means neither.
+Params = Mapping[str, ArrayLike | None] | None
 State = Mapping[str, ArrayLike]
 
 
