@@ -11,9 +11,11 @@ option.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import pathlib
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -135,38 +137,52 @@ def test_unannotated_function_is_caught():
     assert _unannotated(next(_functions(tree))) == ["a", "b", "kw"]
 
 
-def _resolve(fn: Callable[..., Any], annotation: Any) -> Any:
+def _resolve(namespace: dict[str, Any], annotation: Any) -> Any:
     """An annotation as an object (annotations are strings under ``from __future__``)."""
     if not isinstance(annotation, str):
         return annotation
-    fn = inspect.unwrap(fn)
-    return eval(annotation, {**vars(typing), **fn.__globals__})  # noqa: S307
+    return eval(annotation, {**vars(typing), **namespace})  # noqa: S307
 
 
-def _string_options() -> Iterator[tuple[str, str, Any]]:
-    """``(function, parameter, annotation)`` for every parameter with a string default."""
+def _string_options() -> Iterator[tuple[str, str, Any, str]]:
+    """``(where, name, annotation, default)`` for every parameter or field with a string default."""
     for name, fn in sorted(PUBLIC.items()):
-        for param, p in inspect.signature(inspect.unwrap(fn)).parameters.items():
+        fn = inspect.unwrap(fn)
+        for param, p in inspect.signature(fn).parameters.items():
             if isinstance(p.default, str):
-                yield name, param, _resolve(fn, p.annotation)
+                yield name, param, _resolve(fn.__globals__, p.annotation), p.default
+    for namespace in NAMESPACES:
+        module = importlib.import_module(namespace)
+        for name in module.__all__:
+            cls = getattr(module, name)
+            if not (inspect.isclass(cls) and dataclasses.is_dataclass(cls)):
+                continue
+            for field in dataclasses.fields(cls):
+                owner = next(
+                    k for k in cls.__mro__ if field.name in vars(k).get("__annotations__", {})
+                )
+                if isinstance(field.default, str) and owner.__module__.startswith("jbn."):
+                    globals_ = vars(sys.modules[owner.__module__])
+                    annotation = _resolve(globals_, owner.__annotations__[field.name])
+                    yield f"{namespace}.{name}", field.name, annotation, field.default
 
 
 STRING_OPTIONS = list(_string_options())
 
 
 def test_string_options_found():
-    found = {(name, param) for name, param, _ in STRING_OPTIONS}
+    found = {(name, param) for name, param, _, _ in STRING_OPTIONS}
     assert ("jbn.bn_forward", "residual") in found
     assert ("jbn.nnx.convert", "to") in found
+    assert ("jbn.linen.BatchNorm", "residual") in found  # a dataclass field
 
 
 @pytest.mark.parametrize(
-    "name, param, annotation",
+    "name, param, annotation, default",
     STRING_OPTIONS,
-    ids=[f"{name}-{param}" for name, param, _ in STRING_OPTIONS],
+    ids=[f"{name}-{param}" for name, param, _, _ in STRING_OPTIONS],
 )
-def test_string_option_is_literal(name, param, annotation):
-    default = inspect.signature(inspect.unwrap(PUBLIC[name])).parameters[param].default
+def test_string_option_is_literal(name, param, annotation, default):
     assert typing.get_origin(annotation) is typing.Literal, (
         f"{name}({param}=...) takes a string option: annotate it with Literal[...] of its "
         f"values, not {annotation!r}"
@@ -178,4 +194,8 @@ def test_residual_values():
     from jbn._checks import RESIDUALS
 
     annotation = inspect.signature(jbn.bn_forward).parameters["residual"].annotation
-    assert typing.get_args(_resolve(jbn.bn_forward, annotation)) == RESIDUALS == ("input", "output")
+    assert (
+        typing.get_args(_resolve(jbn.bn_forward.__globals__, annotation))
+        == RESIDUALS
+        == ("input", "output")
+    )
