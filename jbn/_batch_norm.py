@@ -150,7 +150,7 @@ def bn_forward(
     train: bool,
     *,
     axis: int | Sequence[int] = -1,
-    momentum: float | None = 0.99,
+    momentum: float | ArrayLike | None = 0.99,
     epsilon: float = 1e-5,
     mask: ArrayLike | None = None,
     axis_name: Any = None,

@@ -5,21 +5,22 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from .. import _checks as checks
 from .._batch_norm import bn_forward, bn_init
+from .._checks import Residual
 
 _EMA_MODES = ("ema", "legacy")
 
 
-def _default_dtype():
+def _default_dtype() -> DTypeLike:
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -38,7 +39,9 @@ def _no_axis_error(axis_name: Any, missing: Hashable) -> NameError:
     )
 
 
-def _real(value: Any, name: str, low: float, *, strict: bool = False, high: float = math.inf):
+def _real(
+    value: Any, name: str, low: float, *, strict: bool = False, high: float = math.inf
+) -> float:
     """A Python float in [low, high] (low excluded when strict), or a clear error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python float, got {value!r}")
@@ -140,10 +143,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float | None = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
+    mode: Literal["batch"] = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
     finite_running_stats: bool = eqx.field(static=True)
-    residual: str = eqx.field(static=True)
+    residual: Residual = eqx.field(static=True)
     min_scale: float = eqx.field(static=True)
     virtual_batch_size: int | None = eqx.field(static=True)
     renorm: bool = eqx.field(static=True)
@@ -160,18 +163,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
         momentum: float | None = 0.99,
         inference: bool = False,
         dtype: Any = None,
-        mode: str = "batch",
+        mode: Literal["batch"] = "batch",
         *,
         unbiased_running_var: bool = False,
         finite_running_stats: bool = True,
-        residual: str = "input",
+        residual: Residual = "input",
         min_scale: float = 1e-3,
         virtual_batch_size: int | None = None,
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
         autodiff: bool = False,
-    ):
+    ) -> None:
         if mode in _EMA_MODES:
             raise ValueError(
                 f"jbn.equinox.BatchNorm(mode={mode!r}) is not supported: Equinox's 'ema' mode "
@@ -313,7 +316,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             m = jnp.asarray(self.momentum, running["mean"].dtype)
             m_t = m ** (count + 1).astype(m.dtype)
             momentum = (m - m_t) / (1.0 - m_t)
-        options = dict(
+        options: dict[str, Any] = dict(
             epsilon=self.eps,
             unbiased_running_var=self.unbiased_running_var,
             finite_running_stats=self.finite_running_stats,
@@ -346,7 +349,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             state = state.set(self.state_index, new)
         return y, state
 
-    def _ghost(self, params, running, x, momentum, mask, options):
+    def _ghost(
+        self,
+        params: dict[str, jax.Array | None] | None,
+        running: dict[str, jax.Array],
+        x: jax.Array,
+        momentum: ArrayLike | None,
+        mask: jax.Array | None,
+        options: dict[str, Any],
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Training with ghost batches: one bn_forward over G masked copies of the example.
 
         The group becomes a leading feature axis: copy g of the example counts
@@ -354,6 +365,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         with its own, and this example keeps the slice of its own group.
         """
         vbs = self.virtual_batch_size
+        assert vbs is not None  # __call__ takes this path only with ghost batches
         size = math.prod(lax.axis_size(name) for name in _names(self.axis_name))
         groups, rest = divmod(size, vbs)
         if rest:
@@ -374,7 +386,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if mask is not None:
             in_group = in_group & jnp.broadcast_to(mask, copies.shape)
         if params is not None:
-            params = {k: jnp.broadcast_to(v, (groups, *v.shape)) for k, v in params.items()}
+            params = {
+                k: jnp.broadcast_to(v, (groups, *v.shape))
+                for k, v in params.items()
+                if v is not None  # a None entry is no parameter, as a missing one
+            }
         stats = {k: v for k, v in running.items() if k != "count" or momentum is None}
         stats.update(
             {k: jnp.broadcast_to(running[k], (groups, *running[k].shape)) for k in ("mean", "var")}

@@ -30,8 +30,12 @@ def _index_with(init: Any, marker: Any) -> eqx.nn.StateIndex:
     return index
 
 
-def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str):
+def _converted_stats(
+    layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str
+) -> dict[str, jax.Array]:
+    # Equinox types each mode's state indices as optional: a layer has its mode's only.
     if layer.mode == "batch":
+        assert layer.batch_counter is not None and layer.batch_state_index is not None
         t = state.get(layer.batch_counter)
         hidden_mean, hidden_var = state.get(layer.batch_state_index)
         decay = jnp.asarray(layer.momentum, hidden_mean.dtype) ** jnp.asarray(t, hidden_mean.dtype)
@@ -49,6 +53,7 @@ def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bo
                 "the batch statistics (mode='batch'), so training changes after conversion. "
                 "Pass allow_ema=True to convert anyway (the running statistics are kept)"
             )
+        assert layer.ema_first_time_index is not None and layer.ema_state_index is not None
         first_time = state.get(layer.ema_first_time_index)
         ema_mean, ema_var = state.get(layer.ema_state_index)
         mean = jnp.where(first_time, 0.0, ema_mean)
