@@ -61,7 +61,8 @@ def recalibrated(old: Mapping[str, Any], acc: Mapping[str, jax.Array], n_batches
     for key in ("mean", "var"):
         new[key] = jnp.where(seen, acc[key], old[key]).astype(jnp.asarray(old[key]).dtype)
     if "count" in old and old["count"] is not None:
-        new["count"] = jnp.asarray(n_batches, jnp.asarray(old["count"]).dtype)
+        count = jnp.asarray(old["count"])
+        new["count"] = jnp.full(count.shape, n_batches, count.dtype)
     return new
 
 
