@@ -170,6 +170,7 @@ def recalibrate_batch_stats(
         step,
         finish,
         "Only jbn.BatchNorm layers recalibrate (replace flax.linen.BatchNorm with "
-        "jbn.BatchNorm), apply_fn must call each, and each needs at least one unmasked value",
+        "jbn.BatchNorm), apply_fn must call each, and each needs at least one unmasked, finite "
+        "value (a feature whose batch statistics are NaN or inf skips that batch)",
     )
     return {**others, "batch_stats": holder["stats"]}

@@ -113,7 +113,8 @@ def recalibrate_batch_stats(
             begin,
             lambda batch: step(model, batch),
             finish,
-            "forward must call each, and each needs at least one unmasked value",
+            "forward must call each, and each needs at least one unmasked, finite value (a "
+            "feature whose batch statistics are NaN or inf skips that batch)",
         )
     except BaseException:
         for layer, running in zip(layers, saved, strict=True):
