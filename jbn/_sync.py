@@ -18,7 +18,7 @@ mapped axis); :func:`jbn.nnx.sync_batch_stats` applies it to NNX models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._stats import combine, compute_dtype, unbiased
+from ._tree import batch_norm_layers, lookup, replace, to_dicts
 
 Array = jax.Array
 Path = tuple[Any, ...]
@@ -40,53 +41,41 @@ def path_name(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def _is_layer(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and "mean" in node
-        and "var" in node
-        and not isinstance(node["mean"], Mapping)
-    )
-
-
-def layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
+def layer_paths(tree: Any, what: str) -> list[Path]:
     """Paths of the layers (dicts with 'mean' and 'var') of a batch_stats tree.
 
     Anything else in the tree is an error: it is not clear how to merge it.
     """
-    if _is_layer(tree):
-        extra = sorted(str(k) for k in tree if k not in _LAYER_KEYS)
+
+    def other(path: Path, node: Any) -> None:
+        hint = (
+            " (pass variables['batch_stats'], not the whole variables)"
+            if path and path[0] == "params"
+            else ""
+        )
+        raise ValueError(
+            f"{what}: {path_name(path)!r} is a {type(node).__name__}, not part of a batch-norm "
+            "layer (a dict with 'mean' and 'var'); only batch-norm running statistics can be "
+            f"merged{hint}"
+        )
+
+    paths = batch_norm_layers(tree, other)
+    for path in paths:
+        extra = sorted(str(k) for k in lookup(tree, path) if k not in _LAYER_KEYS)
         if extra:
             raise ValueError(
                 f"{what}: the batch-norm layer at {path_name(path)!r} holds {extra} besides "
                 "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
             )
-        return [path]
-    if isinstance(tree, Mapping):
-        return [p for k, sub in tree.items() for p in layer_paths(sub, what, path + (k,))]
-    hint = (
-        " (pass variables['batch_stats'], not the whole variables)"
-        if path and path[0] == "params"
-        else ""
-    )
-    raise ValueError(
-        f"{what}: {path_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
-        f"(a dict with 'mean' and 'var'); only batch-norm running statistics can be "
-        f"merged{hint}"
-    )
+    return paths
 
 
-def _lookup(tree: Any, path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _rebuild(tree: Any, merged: dict[Path, dict], path: Path = ()) -> Any:
+def _rebuild(tree: Any, merged: dict[Path, dict]) -> dict:
     """``tree`` as plain dicts, with each layer replaced by its merged statistics."""
-    if path in merged:
-        return merged[path]
-    return {k: _rebuild(sub, merged, path + (k,)) for k, sub in tree.items()}
+    tree = to_dicts(tree)
+    for path, layer in merged.items():
+        tree = replace(tree, path, layer)
+    return tree
 
 
 def _is_concrete(value: Any) -> bool:
@@ -160,18 +149,24 @@ def _merge_layer(layer: Mapping[str, Array], n: Array, unbiased_var: bool) -> di
     mean, var = layer["mean"], layer["var"]
     replicas = n.shape[0]
     cd = compute_dtype(jnp.promote_types(mean.dtype, var.dtype))
+    counted = n > 0  # a replica without values contributes nothing, whatever it holds
     n = n.astype(cd).reshape((replicas,) + (1,) * (mean.ndim - 1))
-    v = var.astype(cd)
+    # Zeros, not just a zero weight: Chan's formula multiplies the mean by n_b / n,
+    # and NaN * 0 or inf * 0 is NaN.
+    m = jnp.where(n > 0, mean.astype(cd), 0)
+    v = jnp.where(n > 0, var.astype(cd), 0)
     if unbiased_var:  # back to the biased variance M2/n of each replica
         v = v * (jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
-    total, merged_mean, m2 = _reduce(n, mean.astype(cd), v * n)
+    total, merged_mean, m2 = _reduce(n, m, v * n)
     merged_var = jnp.maximum(0.0, m2 / jnp.maximum(total, 1))
     if unbiased_var:
         merged_var = unbiased(merged_var, total)
     out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
     if "count" in layer:
-        # The merged statistics average all the replicas' batches.
-        out["count"] = jnp.sum(layer["count"], axis=0).astype(layer["count"].dtype)
+        # The merged statistics average all the counted replicas' batches.
+        count = layer["count"]
+        counted = counted.reshape((replicas,) + (1,) * (count.ndim - 1))
+        out["count"] = jnp.sum(jnp.where(counted, count, 0), axis=0).astype(count.dtype)
     return out
 
 
@@ -183,7 +178,7 @@ def _merge_layers(layers: list[dict[str, Array]], n: Array, unbiased_var: bool) 
 
 def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
     """``tree`` with each stacked layer at ``paths`` replaced by the merged one."""
-    layers = [_check_layer(_lookup(tree, p), n.shape[0], p) for p in paths]
+    layers = [_check_layer(lookup(tree, p), n.shape[0], p) for p in paths]
     merged = _merge_layers(layers, n, unbiased_var=unbiased_var)
     return _rebuild(tree, dict(zip(paths, merged, strict=True)))
 
@@ -193,7 +188,7 @@ def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     replicas = {
-        p: np.shape(_lookup(tree, p)["mean"])[0] for p in paths if np.ndim(_lookup(tree, p)["mean"])
+        p: np.shape(lookup(tree, p)["mean"])[0] for p in paths if np.ndim(lookup(tree, p)["mean"])
     }
     sizes = sorted(set(replicas.values()))
     if len(sizes) > 1:
@@ -209,6 +204,30 @@ def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict
         )
     n = _counts(counts, sizes[0], unbiased_var)
     return _merge(tree, paths, n, unbiased_var)
+
+
+def check_replica_axis(
+    tree: Any,
+    paths: list[Path],
+    one: str,
+    remedy: str,
+    feature_ndim: Callable[[Path], int | None] = lambda path: None,
+) -> None:
+    """One tree given without ``axis_name`` must carry a leading replica axis on every layer.
+
+    A layer's stacked statistics have the replica axis, then its feature axes:
+    ``feature_ndim(path)`` of them where the caller knows (an NNX module's
+    ``num_features``), else at least one. Without this check, an unstacked
+    tree's features would be merged as if they were replicas.
+    """
+    for path in paths:
+        shape = np.shape(lookup(tree, path)["mean"])
+        ndim = feature_ndim(path)
+        if len(shape) < 2 if ndim is None else len(shape) != ndim + 1:
+            raise ValueError(
+                f"{one} whose batch norm {path_name(path)!r} has statistics of shape {shape}, "
+                f"i.e. no leading replica axis: give {remedy}, or axis_name inside a mapped axis"
+            )
 
 
 def stack(trees: Sequence[Any], what: str) -> Any:
@@ -268,7 +287,7 @@ def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, 
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
-    layers, n = _gather(([dict(_lookup(tree, p)) for p in paths], n), axis_name)
+    layers, n = _gather(([dict(lookup(tree, p)) for p in paths], n), axis_name)
     return _merge(_rebuild(tree, dict(zip(paths, layers, strict=True))), paths, n, unbiased_var)
 
 
@@ -341,4 +360,12 @@ def sync_batch_stats(
         for i, t in enumerate(batch_stats):
             layer_paths(t, f"batch_stats[{i}]")
         batch_stats = stack(list(batch_stats), what)
+    else:
+        check_replica_axis(
+            batch_stats,
+            layer_paths(batch_stats, what),
+            "batch_stats is one tree",
+            "the replicas' statistics stacked (a leading replica axis on every leaf, as a "
+            "pmap'd step returns them) or a list of trees, one per replica",
+        )
     return merge_stacked(batch_stats, counts, unbiased, what)
