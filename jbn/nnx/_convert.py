@@ -145,8 +145,8 @@ def convert(model: Any, *, to: str = "jbn") -> Any:
       >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
       ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
       >>> model = convert(model)
-      >>> type(model.layers[1]).__module__
-      'jbn.nnx'
+      >>> type(model.layers[1]) is jbn.nnx.BatchNorm
+      True
 
     Subclasses are not converted silently: a subclass of the source class, or a
     layer with attributes of its own, raises a ``TypeError``; a jbn layer with
