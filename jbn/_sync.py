@@ -24,14 +24,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import ArrayLike
 
-from ._stats import combine, compute_dtype, unbiased
+from . import _checks as checks
+from ._stats import StatsConfig, combine, compute_dtype, gather, unbiased
 from ._tree import batch_norm_layers, lookup, replace, to_dicts
 
 Array = jax.Array
 Path = tuple[Any, ...]
+
+# What to do instead of calling sync_batch_stats with an axis_name that is not bound.
+UNMAPPED = "leave axis_name=None and give the stacked replicas"
 
 # The entries a batch-norm layer's running statistics may hold.
 _LAYER_KEYS = frozenset({"mean", "var", "count"})
@@ -253,41 +256,13 @@ def stack(trees: Sequence[Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def check_axis(axis_name: Any, fn: str) -> None:
-    try:
-        lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound here: call {fn} inside pmap, shard_map or "
-            "vmap with that axis_name, or leave axis_name=None and give the stacked replicas"
-        ) from None
-
-
-def _gather(tree: Any, axis_name: Any) -> Any:
-    """Every device's leaves stacked on a new leading axis, the same on every device.
-
-    A psum of each device's leaf placed in its own row of zeros: one collective
-    for the whole tree, exact (x + 0 = x), and its result is invariant over the
-    axis (``lax.all_gather``'s is typed as varying), so ``shard_map`` can return
-    the merged statistics replicated, with ``out_specs=P()``.
-    """
-    size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
-
-    def rows(leaf):
-        leaf = jnp.asarray(leaf)
-        own = (jnp.arange(size) == index).reshape((size,) + (1,) * leaf.ndim)
-        return jnp.where(own, leaf[None], jnp.zeros((), leaf.dtype))
-
-    return lax.psum(jax.tree.map(rows, tree), axis_name)
-
-
 def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
     paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
-    layers, n = _gather(([dict(lookup(tree, p)) for p in paths], n), axis_name)
+    layers, n = gather(([dict(lookup(tree, p)) for p in paths], n), StatsConfig((), axis_name))
     return _merge(_rebuild(tree, dict(zip(paths, layers, strict=True))), paths, n, unbiased_var)
 
 
@@ -354,7 +329,7 @@ def sync_batch_stats(
             raise ValueError(
                 "with axis_name, batch_stats is this device's own tree, not a list of replicas"
             )
-        check_axis(axis_name, "jbn.sync_batch_stats")
+        checks.axis_size(axis_name, "jbn.sync_batch_stats", UNMAPPED)
         return merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
     if isinstance(batch_stats, (list, tuple)):
         for i, t in enumerate(batch_stats):

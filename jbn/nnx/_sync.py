@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from .. import _checks as checks
 from .._sync import (
+    UNMAPPED,
     Path,
-    check_axis,
     check_replica_axis,
     layer_paths,
     merge_over_axis,
@@ -97,7 +98,7 @@ def sync_batch_stats(
     if axis_name is not None:
         if len(replicas) > 1 or not isinstance(models, nnx.Module):
             raise ValueError("with axis_name, models is this device's own model, not a list")
-        check_axis(axis_name, fn)
+        checks.axis_size(axis_name, fn, UNMAPPED)
         merged = merge_over_axis(trees[0], counts, axis_name, unbiased, "models' batch stats")
         new = [merged]
     elif isinstance(models, nnx.Module):
