@@ -122,5 +122,7 @@ def run_passes(
         missing = finish(n_batches)
         if missing:
             raise ValueError(
-                f"these batch-norm layers were not recalibrated: {missing}. {not_recalibrated}"
+                f"these batch-norm layers were not recalibrated: {missing}. {not_recalibrated}; "
+                "each needs at least one unmasked, finite value (a feature whose batch "
+                "statistics are NaN or inf skips that batch)"
             )

@@ -170,7 +170,6 @@ def recalibrate_batch_stats(
         step,
         finish,
         "Only jbn.BatchNorm layers recalibrate (replace flax.linen.BatchNorm with "
-        "jbn.BatchNorm), apply_fn must call each, and each needs at least one unmasked, finite "
-        "value (a feature whose batch statistics are NaN or inf skips that batch)",
+        "jbn.BatchNorm), and apply_fn must call each",
     )
     return {**others, "batch_stats": holder["stats"]}

@@ -113,8 +113,7 @@ def recalibrate_batch_stats(
             begin,
             lambda batch: step(model, batch),
             finish,
-            "forward must call each, and each needs at least one unmasked, finite value (a "
-            "feature whose batch statistics are NaN or inf skips that batch)",
+            "forward must call each",
         )
     except BaseException:
         for layer, running in zip(layers, saved, strict=True):
