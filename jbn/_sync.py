@@ -292,10 +292,11 @@ def sync_batch_stats(
 
     * a stacked tree, every leaf with a leading replica axis (e.g. the
       ``batch_stats`` a ``jax.pmap``'d train step returns): returns one tree
-      without that axis;
+      without that axis. A tree whose statistics have fewer than two axes has
+      none (one replica's tree) and is an error;
     * a list of trees, one per replica: the same;
     * inside ``pmap``, ``shard_map`` or ``vmap`` with ``axis_name``: each device's
-      own tree and count; every device gets the merged tree (one ``psum``).
+      own tree and count; every device gets the merged tree (one gather).
 
     Every layer (a dict with ``"mean"`` and ``"var"``, as ``jbn.BatchNorm`` and
     ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32
@@ -308,7 +309,9 @@ def sync_batch_stats(
         whole variables).
       counts: how many values each replica's statistics summarize (e.g. its
         number of examples): shape ``(replicas,)``, or this device's scalar with
-        ``axis_name``. None (default): all equal.
+        ``axis_name``. None (default): all equal. A replica with count 0
+        contributes nothing, whatever its statistics hold (NaN, inf), its
+        ``"count"`` of batches included.
       axis_name: the named mapped axis whose devices hold the replicas, or None
         (default) for stacked statistics or a list.
       unbiased: the variances are Bessel-corrected, ``M2 / (n - 1)`` with n the

@@ -92,7 +92,10 @@ def recalibrate_batch_stats(
       makes all of them exact.
 
     The running statistics stay as they were until a pass ends; a cumulative
-    layer (``momentum=None``) gets ``count`` = the number of batches.
+    layer (``momentum=None``) gets ``count`` = the number of batches. As in
+    training (``finite_running_stats``, on by default), a feature whose
+    statistics in a batch are not finite (a NaN or inf) leaves that batch out,
+    and one that never had a finite batch keeps its running statistics.
     ``apply_fn`` is traced under :func:`jax.jit` (once per batch shape).
 
     Args:

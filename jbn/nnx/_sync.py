@@ -74,6 +74,7 @@ def sync_batch_stats(
       models: the replica models, as above.
       counts: how many values each replica's statistics summarize: shape
         ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
+        A replica with count 0 contributes nothing, whatever it holds.
       axis_name: the named mapped axis whose devices hold the replicas, or None.
       unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
         needs ``counts``, see :func:`jbn.sync_batch_stats`.
