@@ -187,23 +187,18 @@ def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
 
 
 def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
+    """The merged statistics of a stacked tree (its layers' replica axis checked by
+    :func:`check_replica_axis`, or made by :func:`stack`)."""
     paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
-    replicas = {
-        p: np.shape(lookup(tree, p)["mean"])[0] for p in paths if np.ndim(lookup(tree, p)["mean"])
-    }
+    replicas = {p: np.shape(lookup(tree, p)["mean"])[0] for p in paths}
     sizes = sorted(set(replicas.values()))
     if len(sizes) > 1:
         detail = ", ".join(f"{path_name(p)}: {r}" for p, r in replicas.items())
         raise ValueError(
             f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
             "has one leading axis of the number of replicas on every leaf"
-        )
-    if not sizes:
-        raise ValueError(
-            f"{what}: the statistics are scalars, with no leading replica axis; give the "
-            "replicas' statistics stacked, a list of them, or axis_name inside a mapped axis"
         )
     n = _counts(counts, sizes[0], unbiased_var)
     return _merge(tree, paths, n, unbiased_var)
