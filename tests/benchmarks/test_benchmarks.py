@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks import layer, run  # noqa: E402
+from benchmarks import _timing, layer, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,23 @@ def test_writes_json_markdown_png(results):
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for key in ("cpu", "cores", "jax", "backend", "load_average_start"):
         assert key in data["machine"]
+
+
+@pytest.mark.parametrize("missing", ["attribute", "oserror"])
+def test_load_average_absent(monkeypatch, missing):
+    # Windows has no os.getloadavg (AttributeError); elsewhere it may raise OSError.
+    if missing == "attribute":
+        monkeypatch.delattr(os, "getloadavg", raising=False)
+    else:
+
+        def unavailable():
+            raise OSError("load average unobtainable")
+
+        monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert _timing.load_average() is None
+    info = _timing.machine_info()
+    assert info["load_average_start"] is None
+    assert "load average" not in _timing.describe_machine(info)
 
 
 def test_layer_records_are_complete(results):

@@ -214,6 +214,19 @@ def test_atomic_write_gets_the_umask_mode(tmp_path, umask):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_atomic_write_without_fchmod(tmp_path, monkeypatch):
+    # Windows has no os.fchmod: the mode is set through the path.
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    old = os.umask(0o027)
+    try:
+        files.atomic_write(tmp_path / "a.bin", b"data")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").read_bytes() == b"data"
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
 def test_atomic_write_failure_keeps_old_file(tmp_path):
     path = tmp_path / "a.bin"
     path.write_bytes(b"old")
