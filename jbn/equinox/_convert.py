@@ -84,6 +84,7 @@ def _converted_stats(
         "mean": mean.astype(dtype),
         "var": jnp.maximum(var, 0.0).astype(dtype),
         "count": count,
+        "feature_count": jnp.broadcast_to(count, mean.shape),
     }
 
 

@@ -21,8 +21,10 @@ from flax.typing import Dtype, Initializer
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
+from .._checks import Residual
 
 
+@options.document
 class BatchNorm(nn.Module):
     """Batch normalization for Flax linen, with jbn's analytic backward pass.
 
@@ -56,7 +58,8 @@ class BatchNorm(nn.Module):
       axis: the feature axis or axes (default -1).
       momentum: running-average decay, ``new = momentum * old + (1 - momentum) *
         batch`` (default 0.99). None: cumulative average of all batches so far,
-        which adds an int32 ``batch_stats/count`` variable.
+        which adds an int32 ``batch_stats/count`` variable (per feature: the
+        batches each feature counted).
       epsilon: added to the variance (default 1e-5).
       dtype: output dtype (default: ``x`` promoted with the parameters, as flax).
       param_dtype: dtype of ``scale`` and ``bias`` (default float32).
@@ -69,18 +72,7 @@ class BatchNorm(nn.Module):
       use_fast_variance: accepted for compatibility; jbn is always exact.
       force_float32_reductions: True (default): float32 running statistics;
         False: ``param_dtype`` running statistics (reductions stay float32).
-      finite_running_stats: True (default): a feature whose batch statistics are
-        not finite (a NaN or inf in the batch) keeps its running statistics;
-        False: update them anyway, as flax does.
-      unbiased_running_var: store the running variance with Bessel's correction.
-      residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
-      min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
-      virtual_batch_size: ghost batch norm: normalize groups of this many
-        examples (axis 0) with their own statistics in training.
-      renorm: batch renormalization (Ioffe 2017) in training.
-      rmax: renorm's bound on r (default 3.0); ``__call__(..., rmax=...)``
-        overrides it, e.g. with a schedule.
-      dmax: renorm's bound on |d| (default 5.0); overridable per call likewise.
+      <jbn options>
     """
 
     use_running_average: bool | None = None
@@ -99,12 +91,19 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
     finite_running_stats: bool = True
-    residual: str = "input"
+    residual: Residual = "input"
     min_scale: float = 1e-3
     virtual_batch_size: int | None = None
     renorm: bool = False
     rmax: float = 3.0
     dmax: float = 5.0
+
+    def setup(self) -> None:
+        """Checks every setting once, when the module is bound (flax's setup)."""
+        checks.momentum(self.momentum)
+        checks.positive_float(self.epsilon, "epsilon")
+        checks.axis_index_groups(self.axis_index_groups, checks.axis_name(self.axis_name))
+        options.check_module(self)
 
     @nn.compact
     def __call__(
@@ -140,7 +139,7 @@ class BatchNorm(nn.Module):
         inits = {
             "mean": lambda: jnp.zeros(feature_shape, stats_dtype),
             "var": lambda: jnp.ones(feature_shape, stats_dtype),
-            "count": lambda: jnp.zeros((), jnp.int32),
+            "count": lambda: jnp.zeros(feature_shape, jnp.int32),
         }
         running = {k: self.variable("batch_stats", k, inits[k]) for k in names}
         params = {}

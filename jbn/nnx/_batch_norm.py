@@ -20,6 +20,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
+from .._checks import Residual
 
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
@@ -28,6 +29,7 @@ _NO_MODE = (
 )
 
 
+@options.document
 class BatchNorm(nnx.Module):
     """Batch normalization for Flax NNX, with jbn's analytic backward pass.
 
@@ -56,7 +58,8 @@ class BatchNorm(nnx.Module):
       axis: the feature axis or axes (default -1).
       momentum: running-average decay, ``new = momentum * old + (1 - momentum) *
         batch`` (default 0.99). None: cumulative average of all batches so far,
-        with an int32 ``count`` batch statistic.
+        with an int32 ``count`` batch statistic (per feature: the batches each
+        feature counted).
       epsilon: added to the variance (default 1e-5).
       dtype: output dtype (default: ``x`` promoted with the variables, as flax).
       param_dtype: dtype of ``scale`` and ``bias`` (default float32).
@@ -71,17 +74,7 @@ class BatchNorm(nnx.Module):
       rngs: random generators for the initializers.
       bias_metadata: metadata of the ``bias`` Param.
       scale_metadata: metadata of the ``scale`` Param.
-      finite_running_stats: True (default): a feature whose batch statistics are
-        not finite (a NaN or inf in the batch) keeps its running statistics;
-        False: update them anyway, as flax does.
-      unbiased_running_var: store the running variance with Bessel's correction.
-      residual: what the backward pass keeps, ``"input"`` (x) or ``"output"`` (y).
-      min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
-      virtual_batch_size: ghost batch norm: normalize groups of this many
-        examples (axis 0) with their own statistics in training.
-      renorm: batch renormalization (Ioffe 2017) in training.
-      rmax: renorm's bound on r (default 3.0); overridable per call.
-      dmax: renorm's bound on |d| (default 5.0); overridable per call.
+      <jbn options>
     """
 
     def __init__(
@@ -107,7 +100,7 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         unbiased_running_var: bool = False,
         finite_running_stats: bool = True,
-        residual: str = "input",
+        residual: Residual = "input",
         min_scale: float = 1e-3,
         virtual_batch_size: int | None = None,
         renorm: bool = False,
@@ -115,10 +108,15 @@ class BatchNorm(nnx.Module):
         dmax: float = 5.0,
     ):
         feature_shape = checks.feature_shape(num_features, "num_features")
+        checks.momentum(momentum)
+        checks.positive_float(epsilon, "epsilon")
+        checks.axis_index_groups(axis_index_groups, checks.axis_name(axis_name))
+        given = locals()
+        jbn_options = options.check_all({name: given[name] for name in options.JBN})
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
         if momentum is None:
-            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+            self.count = nnx.BatchStat(jnp.zeros(feature_shape, jnp.int32))
         else:
             self.count = nnx.data(None)
         if use_scale:
@@ -146,14 +144,8 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
-        self.unbiased_running_var = unbiased_running_var
-        self.finite_running_stats = finite_running_stats
-        self.residual = residual
-        self.min_scale = min_scale
-        self.virtual_batch_size = virtual_batch_size
-        self.renorm = renorm
-        self.rmax = rmax
-        self.dmax = dmax
+        for name, value in jbn_options.items():
+            setattr(self, name, value)
 
     def __call__(
         self,
@@ -187,7 +179,11 @@ class BatchNorm(nnx.Module):
         )
         if train:
             for k, v in new_state.items():
-                getattr(self, k)[...] = v
+                variable = getattr(self, k)
+                if variable.shape == v.shape:
+                    variable[...] = v
+                else:  # a scalar count (an older checkpoint) becomes per feature
+                    variable.value = v
         return y
 
     def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
