@@ -228,7 +228,7 @@ def launch(
     *,
     script: str | os.PathLike[str] | None = None,
     log=print,
-    grace_s: float = GRACE_S,
+    grace_s: float | None = None,
 ) -> int:
     """Runs ``argv`` in ``config.processes`` processes on localhost and waits for them.
 
@@ -237,7 +237,8 @@ def launch(
     process fails, the others are killed (they would wait for it forever).
 
     SIGTERM and SIGHUP are passed on to the processes; the launcher waits up to
-    ``grace_s`` seconds for them to end, kills those still running, and returns
+    ``grace_s`` seconds (default :data:`GRACE_S`) for them to end, kills those still
+    running, and returns
     128 + the signal's number (143 for SIGTERM). Each process ends at the signal;
     what it wrote before (its last complete checkpoint) stays, for ``--resume``.
     Ctrl-C (SIGINT, which reaches the whole process group) ends them too (130).
@@ -255,6 +256,7 @@ def launch(
     """
     if script is None:
         script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train_mnist.py")
+    grace_s = GRACE_S if grace_s is None else grace_s
     n, port = config.processes, free_port()
     log(f"starting {n} processes on localhost:{port} (CPU collectives over gloo)")
     procs: list[subprocess.Popen] = []

@@ -184,8 +184,9 @@ LAUNCHER = """
 import sys
 from mnist_demo import distributed
 from mnist_demo.config import parse_config
+distributed.GRACE_S = 2.0
 config = parse_config(["--processes", "2"])
-sys.exit(distributed.launch(config, ["--processes", "2"], script=sys.argv[1], grace_s=2.0))
+sys.exit(distributed.launch(config, ["--processes", "2"], script=sys.argv[1]))
 """
 
 
