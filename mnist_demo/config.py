@@ -462,11 +462,12 @@ class Config:
                 "every process (set how many CPU devices each has with XLA_FLAGS="
                 "--xla_force_host_platform_device_count=N)"
             )
-        if self.processes and self.batch_size % self.processes:
+        n_proc = self.processes or self.num_processes
+        if n_proc and self.batch_size % n_proc:
+            name = "--processes" if self.processes else "--num-processes"
             raise ConfigError(
-                f"--batch-size {self.batch_size} is not divisible by --processes "
-                f"{self.processes}: each process takes an equal share of every batch; use a "
-                f"multiple of {self.processes}"
+                f"--batch-size {self.batch_size} is not divisible by {name} {n_proc}: each "
+                f"process takes an equal share of every batch; use a multiple of {n_proc}"
             )
         if self.num_processes and self.process_id is not None:
             if self.process_id >= self.num_processes:
