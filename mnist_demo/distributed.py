@@ -237,17 +237,17 @@ def launch(
     process fails, the others are killed (they would wait for it forever).
 
     SIGTERM and SIGHUP are passed on to the processes; the launcher waits up to
-    ``grace_s`` seconds (default :data:`GRACE_S`) for them to end, kills those still
-    running, and returns
-    128 + the signal's number (143 for SIGTERM). Each process ends at the signal;
-    what it wrote before (its last complete checkpoint) stays, for ``--resume``.
-    Ctrl-C (SIGINT, which reaches the whole process group) ends them too (130).
+    ``grace_s`` seconds (default :data:`GRACE_S`) for them to end, kills those
+    still running, and returns 128 + the signal's number (143 for SIGTERM). Each
+    process ends at the signal; what it wrote before (its last complete
+    checkpoint) stays, for ``--resume``. Ctrl-C (SIGINT, which reaches the whole
+    process group) ends them too (130).
 
     Args:
       config: The parsed ``argv``; uses ``processes``.
       argv: The command line of ``train_mnist.py``, without the program name.
       script: The entry point to run (default: ``train_mnist.py`` beside the package).
-      log: Called with one line about the launch.
+      log: Called with a line about the launch, and one with the processes' ids.
       grace_s: Seconds to wait for the processes after passing on a signal.
 
     Returns:

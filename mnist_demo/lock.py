@@ -39,6 +39,10 @@ if sys.platform == "win32":
             return False
         return True
 
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, _LOCKED_BYTE, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
 else:
     import fcntl
 
@@ -118,7 +122,10 @@ class OutLock:
         if fd is None:
             return
         if sys.platform == "win32":
-            os.close(fd)  # releases the lock; the file cannot be removed while open
+            try:
+                _unlock(fd)
+            finally:
+                os.close(fd)  # the file cannot be removed while open
             try:
                 os.unlink(self.path)  # fails (and stays) if another run opened it meanwhile
             except OSError:
