@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -243,8 +244,6 @@ def _run_processes(tiny_dir, out, *extra, **popen):
 
 @pytest.mark.slow  # ~60-100 s on 2 cores: run with -m slow
 def test_sigterm_to_two_processes_then_resume(tmp_path, tiny_dir):
-    from mnist_demo.lock import LOCK_NAME
-
     out = tmp_path / "run"
     launcher = _run_processes(tiny_dir, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pids: list[int] = []
@@ -258,7 +257,7 @@ def test_sigterm_to_two_processes_then_resume(tmp_path, tiny_dir):
         while not ckpt.exists() and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         # Process 0, and it alone, holds the lock of --out.
-        assert (out / LOCK_NAME).read_text().split()[0] == str(pids[0])
+        assert (out / ".lock").read_text().split()[0] == str(pids[0])
         t0 = time.time()
         launcher.send_signal(signal.SIGTERM)
         _, err = launcher.communicate(timeout=distributed.GRACE_S + 30)
@@ -324,8 +323,7 @@ def fail_writes(monkeypatch, out, name: str, code: int, after: int = 0) -> list[
     "name,code,after",
     [
         (CHECKPOINT_NAME, errno.ENOSPC, 1),  # the second checkpoint, at step 10 of 16
-        ("metrics.json", errno.EACCES, 0),
-        ("curves.png", errno.ENOSPC, 0),
+        ("curves.png", errno.EACCES, 0),  # the last file of the run
     ],
 )
 def test_write_error_mid_run_is_one_line_and_keeps_the_checkpoint(
@@ -344,13 +342,26 @@ def test_write_error_mid_run_is_one_line_and_keeps_the_checkpoint(
     assert "--resume" in err
     assert not list(out.glob("*.tmp"))
     progress = json.loads(checkpoints.read_payload(out / CHECKPOINT_NAME)["progress"])
-    if name == CHECKPOINT_NAME:  # the checkpoint of step 5 is kept, and resumed from
+    if name == CHECKPOINT_NAME:  # the checkpoint of step 5 is kept
         assert (progress["epoch"], progress["step_in_epoch"]) == (0, 5)
-        assert cli.main([*argv, "--resume"]) == 0
-        assert "resuming from" in capsys.readouterr().out
-        assert len(json.loads((out / "metrics.json").read_text())) == 1
-    else:  # the end-of-epoch checkpoint was written before
+    else:  # the end-of-epoch checkpoint and the metrics were written before
         assert (progress["epoch"], progress["step_in_epoch"]) == (1, 0)
+        assert len(json.loads((out / "metrics.json").read_text())) == 1
+
+
+def test_metrics_write_error_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    history = [{"epoch": 1, "test_accuracy": 0.5}]
+    train.write_metrics(tmp_path, history)
+    before = (tmp_path / "metrics.json").read_bytes()
+    fail_writes(monkeypatch, tmp_path, "metrics.json", errno.ENOSPC)
+    with pytest.raises(OSError) as info:
+        train.write_metrics(tmp_path, [*history, {"epoch": 2, "test_accuracy": 0.6}])
+    assert (
+        str(info.value) == f"could not write {tmp_path / 'metrics.json'}: No space left on device"
+    )
+    assert info.value.errno == errno.ENOSPC
+    assert (tmp_path / "metrics.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.json"]
 
 
 def test_unreadable_data_is_one_line(tmp_path, tiny_dir, monkeypatch, capsys):
@@ -378,12 +389,16 @@ def test_path_flags_expanded_once(tmp_path, tiny_dir, monkeypatch, capsys):
     config = parse_config(["--out=~/x", "--data-dir=$TINY_MNIST"])
     assert (config.out, config.data_dir) == (str(home / "x"), str(tiny_dir))
 
+    # The run writes where the checks looked (the training itself is left out).
+    def train_and_evaluate(config, **kwargs):
+        assert len(kwargs["datasets"][0]) == 512  # the data came from $TINY_MNIST
+        (pathlib.Path(config.out) / "metrics.json").write_text("[]")
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
     # Written "--out=~/x", the shell leaves the "~" to the program.
-    args = ["--data-dir=$TINY_MNIST", *QUIET, "--model", "mlp", "--epochs", "1"]
-    args += ["--batch-size", "32", "--train-limit", "64", "--out=~/x"]
+    args = ["--data-dir=$TINY_MNIST", *QUIET, "--model", "mlp", "--out=~/x"]
     assert cli.main(args) == 0, capsys.readouterr().err
-    assert f"results in {home / 'x'}" in capsys.readouterr().out
-    assert sorted(p.name for p in (home / "x").iterdir()) == sorted(train.RESULT_FILES)
+    assert sorted(p.name for p in (home / "x").iterdir()) == ["metrics.json"]
     assert list(cwd.iterdir()) == []  # no literal ./~/x
 
 
