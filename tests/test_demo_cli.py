@@ -211,7 +211,9 @@ def test_cli_checkpoint_of_another_width(tiny_dir, tmp_path, capsys):
     args = ["--data-dir", str(tiny_dir), "--no-verify", "--no-download", "--no-progress"]
     args += ["--model", "mlp", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path)]
     config = demo_config.parse_config([*args, "--resume"])
-    state = train.create_train_state(jax.random.key(0), config, models.create_model(config), 2)
+    model = models.create_model(config)
+    shapes = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, 2))
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # no compilation
     state = state.replace(params={**state.params, "Dense_0": {"kernel": np.zeros((784, 300))}})
     checkpoints.save_checkpoint(tmp_path, state, checkpoints.Progress(), config)
     with pytest.warns(UserWarning):
