@@ -364,28 +364,34 @@ def batch_not_empty(
         )
 
 
-def axis_size(name: Any) -> int:
-    """The number of devices along ``name`` (1 for None); a clear error if it is not bound."""
+def _bound(name: Any) -> bool:
+    """Whether ``name`` (a name or a tuple of names) is bound here by pmap, shard_map or vmap."""
+    try:
+        lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
+def axis_size(name: Any, fn: str = "bn_forward", otherwise: str = "leave axis_name=None") -> int:
+    """The number of devices along ``name`` (1 for None); a clear error if it is not bound.
+
+    The one axis check: ``fn`` is the function the message tells to call inside
+    a mapped axis, ``otherwise`` what to do instead.
+    """
     if name is None:
         return 1
-    try:
-        return int(lax.axis_size(name))
-    except NameError:
+    if not _bound(name):
         raise ValueError(
-            f"axis_name={name!r} is not bound here: call bn_forward inside pmap, shard_map "
-            "or vmap with that axis_name, or leave axis_name=None"
-        ) from None
+            f"axis_name={name!r} is not bound here: call {fn} inside pmap, shard_map or vmap "
+            f"with that axis_name, or {otherwise}"
+        )
+    return int(lax.axis_size(name))
 
 
 def bound_axis_name(name: Any) -> Any:
     """``name`` if it is bound here (pmap, shard_map, vmap), else None."""
-    if name is None:
-        return None
-    try:
-        lax.axis_size(name)
-    except NameError:
-        return None
-    return name
+    return name if name is not None and _bound(name) else None
 
 
 def values_per_feature(

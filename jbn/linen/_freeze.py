@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 from flax.linen.module import InterceptorContext
 
+from .. import _tree as tree
 from .._batch_norm import bn_forward
 from ._batch_norm import BatchNorm
 from ._calls import SubclassCalls
@@ -140,17 +141,6 @@ def frozen_batch_norms(*, stop_gradient: bool = False) -> Iterator[None]:
         _state.stop_gradient.pop()
 
 
-def _batch_norm_paths(batch_stats: Any, prefix: tuple = ()) -> set[tuple]:
-    """Paths of the modules whose batch_stats hold ``mean`` and ``var`` (batch norms)."""
-    paths = set()
-    if isinstance(batch_stats, Mapping):
-        if "mean" in batch_stats and "var" in batch_stats:
-            paths.add(prefix)
-        for key, value in batch_stats.items():
-            paths |= _batch_norm_paths(value, (*prefix, key))
-    return paths
-
-
 def batch_norm_mask(variables: Mapping[str, Any]) -> Any:
     """A bool pytree over ``variables["params"]``: True on the batch-norm parameters.
 
@@ -178,7 +168,7 @@ def batch_norm_mask(variables: Mapping[str, Any]) -> Any:
             "variables has no 'batch_stats' collection: batch-norm layers are found by "
             "their running statistics, so pass the whole variables dict (model.init's output)"
         )
-    paths = _batch_norm_paths(variables["batch_stats"])
+    paths = set(tree.batch_norm_layers(variables["batch_stats"]))
 
     def is_batch_norm(path: tuple[Any, ...], _: Any) -> bool:
         keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)

@@ -98,7 +98,10 @@ def recalibrate_batch_stats(
       makes all of them exact.
 
     The running statistics stay as they were until a pass ends; a cumulative
-    layer (``momentum=None``) gets ``count`` = the number of batches.
+    layer (``momentum=None``) gets ``count`` = the number of batches. As in
+    training (``finite_running_stats``, on by default), a feature whose
+    statistics in a batch are not finite (a NaN or inf) leaves that batch out,
+    and one that never had a finite batch keeps its running statistics.
     ``apply_fn`` is traced under :func:`jax.jit` (once per batch shape).
 
     Args:
@@ -176,6 +179,6 @@ def recalibrate_batch_stats(
         step,
         finish,
         "Only jbn.BatchNorm layers recalibrate (replace flax.linen.BatchNorm with "
-        "jbn.BatchNorm), apply_fn must call each, and each needs at least one unmasked value",
+        "jbn.BatchNorm), and apply_fn must call each",
     )
     return {**others, "batch_stats": holder["stats"]}

@@ -59,7 +59,9 @@ def recalibrate_batch_stats(
     suffices); after ``model.eval()`` with the running statistics of the
     previous pass, so ``passes`` = the depth in batch-norm layers makes every
     layer exact for evaluation. A cumulative layer (``momentum=None``) gets
-    ``count`` = the number of batches. If anything fails, the model's running
+    ``count`` = the number of batches. A feature whose statistics in a batch
+    are not finite leaves that batch out (``finite_running_stats``, as in
+    training). If anything fails, the model's running
     statistics are left exactly as they were.
 
     Args:
@@ -120,7 +122,7 @@ def recalibrate_batch_stats(
             begin,
             lambda batch: step(model, batch),
             finish,
-            "forward must call each, and each needs at least one unmasked value",
+            "forward must call each",
         )
     except BaseException:
         for layer, running in zip(layers, saved, strict=True):
