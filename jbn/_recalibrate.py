@@ -24,16 +24,23 @@ from ._stats import combine, unbiased
 
 
 def new_accumulator(mean: jax.Array) -> dict[str, jax.Array]:
-    """An empty accumulator for a layer whose running mean is ``mean``."""
+    """An empty accumulator for a layer whose running mean is ``mean``.
+
+    ``count`` is the number of values per feature, ``batches`` the number of
+    batches that each feature took in.
+    """
     zeros = jnp.zeros(mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
-    return {"count": zeros, "mean": zeros, "m2": zeros, "var": zeros}
+    return {"count": zeros, "mean": zeros, "m2": zeros, "var": zeros, "batches": zeros}
 
 
 def accumulate(acc: Mapping[str, jax.Array], x: jax.Array, layer: Any, mask: Any) -> dict:
     """Adds the batch ``x`` that ``layer`` (a jbn batch norm) sees to the accumulator.
 
     ``acc["var"]`` is the variance the layer stores: M2/n, with Bessel's
-    correction if the layer has ``unbiased_running_var``.
+    correction if the layer has ``unbiased_running_var``. As in training
+    (``finite_running_stats``, on by default), a feature whose statistics in
+    this batch are not finite (a NaN or inf in it) skips the batch: it adds no
+    value, so the other batches' statistics of that feature stay exact.
     """
     batch = bn_stats(
         x,
@@ -43,18 +50,25 @@ def accumulate(acc: Mapping[str, jax.Array], x: jax.Array, layer: Any, mask: Any
         axis_index_groups=layer.axis_index_groups,
     )
     mean_b, var_b, n_b = (lax.stop_gradient(v).astype(acc["mean"].dtype) for v in batch)
+    if getattr(layer, "finite_running_stats", True):
+        # Zeros, not just a zero count: Chan's formula weighs the batch's mean by
+        # n_b / n, and NaN * 0 is NaN.
+        counted = (n_b > 0) & jnp.isfinite(mean_b) & jnp.isfinite(var_b)
+        mean_b, var_b, n_b = (jnp.where(counted, v, 0) for v in (mean_b, var_b, n_b))
     n, mean, m2 = combine((acc["count"], acc["mean"], acc["m2"]), (n_b, mean_b, var_b * n_b))
     var = m2 / jnp.maximum(n, 1)
     if layer.unbiased_running_var:
         var = unbiased(var, n)
-    return {"count": n, "mean": mean, "m2": m2, "var": var}
+    batches = acc["batches"] + (n_b > 0)
+    return {"count": n, "mean": mean, "m2": m2, "var": var, "batches": batches}
 
 
 def recalibrated(old: Mapping[str, Any], acc: Mapping[str, jax.Array], n_batches: int) -> dict:
     """A layer's new running statistics from its accumulator.
 
-    A feature that never had a value keeps its statistics; a cumulative layer
-    (with ``count``) gets ``count`` = the number of batches.
+    A feature that never had a (finite) value keeps its statistics; a cumulative
+    layer (with ``count``) gets ``count`` = the number of batches: ``n_batches``
+    for a scalar count, the batches each feature took in for a count per feature.
     """
     new = dict(old)
     seen = acc["count"] > 0
@@ -62,7 +76,11 @@ def recalibrated(old: Mapping[str, Any], acc: Mapping[str, jax.Array], n_batches
         new[key] = jnp.where(seen, acc[key], old[key]).astype(jnp.asarray(old[key]).dtype)
     if "count" in old and old["count"] is not None:
         count = jnp.asarray(old["count"])
-        new["count"] = jnp.full(count.shape, n_batches, count.dtype)
+        if count.ndim == 0:
+            new["count"] = jnp.asarray(n_batches, count.dtype)
+        else:
+            batches = jnp.where(seen, acc["batches"], count).astype(count.dtype)
+            new["count"] = jnp.broadcast_to(batches, count.shape)
     return new
 
 
@@ -104,5 +122,7 @@ def run_passes(
         missing = finish(n_batches)
         if missing:
             raise ValueError(
-                f"these batch-norm layers were not recalibrated: {missing}. {not_recalibrated}"
+                f"these batch-norm layers were not recalibrated: {missing}. {not_recalibrated}; "
+                "each needs at least one unmasked, finite value (a feature whose batch "
+                "statistics are NaN or inf skips that batch)"
             )

@@ -18,19 +18,24 @@ mapped axis); :func:`jbn.nnx.sync_batch_stats` applies it to NNX models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
-from ._stats import combine, compute_dtype, unbiased
+from . import _checks as checks
+from ._stats import StatsConfig, combine, compute_dtype, gather, unbiased
+from ._tree import batch_norm_layers, lookup, replace, to_dicts
 
 Array = jax.Array
 Path = tuple[Any, ...]
+
+# What to do instead of calling sync_batch_stats with an axis_name that is not bound.
+UNMAPPED = "leave axis_name=None and give the stacked replicas"
 
 # The entries a batch-norm layer's running statistics may hold.
 _LAYER_KEYS = frozenset({"mean", "var", "count"})
@@ -40,57 +45,45 @@ def path_name(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def _is_layer(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and "mean" in node
-        and "var" in node
-        and not isinstance(node["mean"], Mapping)
-    )
-
-
-def layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
+def layer_paths(tree: Any, what: str) -> list[Path]:
     """Paths of the layers (dicts with 'mean' and 'var') of a batch_stats tree.
 
     Anything else in the tree is an error: it is not clear how to merge it.
     """
-    if _is_layer(tree):
-        extra = sorted(str(k) for k in tree if k not in _LAYER_KEYS)
+
+    def other(path: Path, node: Any) -> None:
+        hint = (
+            " (pass variables['batch_stats'], not the whole variables)"
+            if path and path[0] == "params"
+            else ""
+        )
+        raise ValueError(
+            f"{what}: {path_name(path)!r} is a {type(node).__name__}, not part of a batch-norm "
+            "layer (a dict with 'mean' and 'var'); only batch-norm running statistics can be "
+            f"merged{hint}"
+        )
+
+    paths = batch_norm_layers(tree, other)
+    for path in paths:
+        extra = sorted(str(k) for k in lookup(tree, path) if k not in _LAYER_KEYS)
         if extra:
             raise ValueError(
                 f"{what}: the batch-norm layer at {path_name(path)!r} holds {extra} besides "
                 "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
             )
-        return [path]
-    if isinstance(tree, Mapping):
-        return [p for k, sub in tree.items() for p in layer_paths(sub, what, path + (k,))]
-    hint = (
-        " (pass variables['batch_stats'], not the whole variables)"
-        if path and path[0] == "params"
-        else ""
-    )
-    raise ValueError(
-        f"{what}: {path_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
-        f"(a dict with 'mean' and 'var'); only batch-norm running statistics can be "
-        f"merged{hint}"
-    )
+    return paths
 
 
-def _lookup(tree: Any, path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
+def _rebuild(tree: Any, merged: dict[Path, dict]) -> dict:
+    """``tree`` as plain dicts, with each layer replaced by its merged statistics."""
+    tree = to_dicts(tree)
+    for path, layer in merged.items():
+        tree = replace(tree, path, layer)
     return tree
 
 
-def _rebuild(tree: Any, merged: dict[Path, dict], path: Path = ()) -> Any:
-    """``tree`` as plain dicts, with each layer replaced by its merged statistics."""
-    if path in merged:
-        return merged[path]
-    return {k: _rebuild(sub, merged, path + (k,)) for k, sub in tree.items()}
-
-
 def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
+    return not isinstance(value, Tracer)
 
 
 def _counts(counts: Any, replicas: int | None, unbiased_var: bool) -> Array:
@@ -130,8 +123,8 @@ def _reduce(n: Array, mean: Array, m2: Array) -> tuple[Array, Array, Array]:
     """Combines the (count, mean, M2) of axis 0 pairwise, in log2(replicas) vectorized steps."""
     while n.shape[0] > 1:
         half = n.shape[0] // 2
-        a = tuple(v[:half] for v in (n, mean, m2))
-        b = tuple(v[half : 2 * half] for v in (n, mean, m2))
+        a = (n[:half], mean[:half], m2[:half])
+        b = (n[half : 2 * half], mean[half : 2 * half], m2[half : 2 * half])
         rest = tuple(v[2 * half :] for v in (n, mean, m2))
         n, mean, m2 = (jnp.concatenate([c, r]) for c, r in zip(combine(a, b), rest, strict=True))
     return n[0], mean[0], m2[0]
@@ -160,18 +153,24 @@ def _merge_layer(layer: Mapping[str, Array], n: Array, unbiased_var: bool) -> di
     mean, var = layer["mean"], layer["var"]
     replicas = n.shape[0]
     cd = compute_dtype(jnp.promote_types(mean.dtype, var.dtype))
+    counted = n > 0  # a replica without values contributes nothing, whatever it holds
     n = n.astype(cd).reshape((replicas,) + (1,) * (mean.ndim - 1))
-    v = var.astype(cd)
+    # Zeros, not just a zero weight: Chan's formula multiplies the mean by n_b / n,
+    # and NaN * 0 or inf * 0 is NaN.
+    m = jnp.where(n > 0, mean.astype(cd), 0)
+    v = jnp.where(n > 0, var.astype(cd), 0)
     if unbiased_var:  # back to the biased variance M2/n of each replica
         v = v * (jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
-    total, merged_mean, m2 = _reduce(n, mean.astype(cd), v * n)
+    total, merged_mean, m2 = _reduce(n, m, v * n)
     merged_var = jnp.maximum(0.0, m2 / jnp.maximum(total, 1))
     if unbiased_var:
         merged_var = unbiased(merged_var, total)
     out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
     if "count" in layer:
-        # The merged statistics average all the replicas' batches.
-        out["count"] = jnp.sum(layer["count"], axis=0).astype(layer["count"].dtype)
+        # The merged statistics average all the counted replicas' batches.
+        count = layer["count"]
+        counted = counted.reshape((replicas,) + (1,) * (count.ndim - 1))
+        out["count"] = jnp.sum(jnp.where(counted, count, 0), axis=0).astype(count.dtype)
     return out
 
 
@@ -183,18 +182,18 @@ def _merge_layers(layers: list[dict[str, Array]], n: Array, unbiased_var: bool) 
 
 def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
     """``tree`` with each stacked layer at ``paths`` replaced by the merged one."""
-    layers = [_check_layer(_lookup(tree, p), n.shape[0], p) for p in paths]
+    layers = [_check_layer(lookup(tree, p), n.shape[0], p) for p in paths]
     merged = _merge_layers(layers, n, unbiased_var=unbiased_var)
     return _rebuild(tree, dict(zip(paths, merged, strict=True)))
 
 
 def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
+    """The merged statistics of a stacked tree (its layers' replica axis checked by
+    :func:`check_replica_axis`, or made by :func:`stack`)."""
     paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
-    replicas = {
-        p: np.shape(_lookup(tree, p)["mean"])[0] for p in paths if np.ndim(_lookup(tree, p)["mean"])
-    }
+    replicas = {p: np.shape(lookup(tree, p)["mean"])[0] for p in paths}
     sizes = sorted(set(replicas.values()))
     if len(sizes) > 1:
         detail = ", ".join(f"{path_name(p)}: {r}" for p, r in replicas.items())
@@ -202,13 +201,32 @@ def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict
             f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
             "has one leading axis of the number of replicas on every leaf"
         )
-    if not sizes:
-        raise ValueError(
-            f"{what}: the statistics are scalars, with no leading replica axis; give the "
-            "replicas' statistics stacked, a list of them, or axis_name inside a mapped axis"
-        )
     n = _counts(counts, sizes[0], unbiased_var)
     return _merge(tree, paths, n, unbiased_var)
+
+
+def check_replica_axis(
+    tree: Any,
+    paths: list[Path],
+    one: str,
+    remedy: str,
+    feature_ndim: Callable[[Path], int | None] = lambda path: None,
+) -> None:
+    """One tree given without ``axis_name`` must carry a leading replica axis on every layer.
+
+    A layer's stacked statistics have the replica axis, then its feature axes:
+    ``feature_ndim(path)`` of them where the caller knows (an NNX module's
+    ``num_features``), else at least one. Without this check, an unstacked
+    tree's features would be merged as if they were replicas.
+    """
+    for path in paths:
+        shape = np.shape(lookup(tree, path)["mean"])
+        ndim = feature_ndim(path)
+        if len(shape) < 2 if ndim is None else len(shape) != ndim + 1:
+            raise ValueError(
+                f"{one} whose batch norm {path_name(path)!r} has statistics of shape {shape}, "
+                f"i.e. no leading replica axis: give {remedy}, or axis_name inside a mapped axis"
+            )
 
 
 def stack(trees: Sequence[Any], what: str) -> Any:
@@ -234,41 +252,13 @@ def stack(trees: Sequence[Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def check_axis(axis_name: Any, fn: str) -> None:
-    try:
-        lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound here: call {fn} inside pmap, shard_map or "
-            "vmap with that axis_name, or leave axis_name=None and give the stacked replicas"
-        ) from None
-
-
-def _gather(tree: Any, axis_name: Any) -> Any:
-    """Every device's leaves stacked on a new leading axis, the same on every device.
-
-    A psum of each device's leaf placed in its own row of zeros: one collective
-    for the whole tree, exact (x + 0 = x), and its result is invariant over the
-    axis (``lax.all_gather``'s is typed as varying), so ``shard_map`` can return
-    the merged statistics replicated, with ``out_specs=P()``.
-    """
-    size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
-
-    def rows(leaf):
-        leaf = jnp.asarray(leaf)
-        own = (jnp.arange(size) == index).reshape((size,) + (1,) * leaf.ndim)
-        return jnp.where(own, leaf[None], jnp.zeros((), leaf.dtype))
-
-    return lax.psum(jax.tree.map(rows, tree), axis_name)
-
-
-def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
+def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str) -> dict:
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
     paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
-    layers, n = _gather(([dict(_lookup(tree, p)) for p in paths], n), axis_name)
+    layers, n = gather(([dict(lookup(tree, p)) for p in paths], n), StatsConfig((), axis_name))
     return _merge(_rebuild(tree, dict(zip(paths, layers, strict=True))), paths, n, unbiased_var)
 
 
@@ -298,10 +288,11 @@ def sync_batch_stats(
 
     * a stacked tree, every leaf with a leading replica axis (e.g. the
       ``batch_stats`` a ``jax.pmap``'d train step returns): returns one tree
-      without that axis;
+      without that axis. A tree whose statistics have fewer than two axes has
+      none (one replica's tree) and is an error;
     * a list of trees, one per replica: the same;
     * inside ``pmap``, ``shard_map`` or ``vmap`` with ``axis_name``: each device's
-      own tree and count; every device gets the merged tree (one ``psum``).
+      own tree and count; every device gets the merged tree (one gather).
 
     Every layer (a dict with ``"mean"`` and ``"var"``, as ``jbn.BatchNorm`` and
     ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32
@@ -314,7 +305,9 @@ def sync_batch_stats(
         whole variables).
       counts: how many values each replica's statistics summarize (e.g. its
         number of examples): shape ``(replicas,)``, or this device's scalar with
-        ``axis_name``. None (default): all equal.
+        ``axis_name``. None (default): all equal. A replica with count 0
+        contributes nothing, whatever its statistics hold (NaN, inf), its
+        ``"count"`` of batches included.
       axis_name: the named mapped axis whose devices hold the replicas, or None
         (default) for stacked statistics or a list.
       unbiased: the variances are Bessel-corrected, ``M2 / (n - 1)`` with n the
@@ -335,10 +328,18 @@ def sync_batch_stats(
             raise ValueError(
                 "with axis_name, batch_stats is this device's own tree, not a list of replicas"
             )
-        check_axis(axis_name, "jbn.sync_batch_stats")
+        checks.axis_size(axis_name, "jbn.sync_batch_stats", UNMAPPED)
         return merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
     if isinstance(batch_stats, (list, tuple)):
         for i, t in enumerate(batch_stats):
             layer_paths(t, f"batch_stats[{i}]")
         batch_stats = stack(list(batch_stats), what)
+    else:
+        check_replica_axis(
+            batch_stats,
+            layer_paths(batch_stats, what),
+            "batch_stats is one tree",
+            "the replicas' statistics stacked (a leading replica axis on every leaf, as a "
+            "pmap'd step returns them) or a list of trees, one per replica",
+        )
     return merge_stacked(batch_stats, counts, unbiased, what)

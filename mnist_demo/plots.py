@@ -1,11 +1,14 @@
-"""The demo's figures (matplotlib, drawn off-screen)."""
+"""The demo's figures (matplotlib, drawn off-screen, each written atomically)."""
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_write
 
 
 def _pyplot():
@@ -15,6 +18,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: pathlib.Path) -> None:
+    """Writes ``fig`` as a PNG to ``path`` atomically (:func:`~mnist_demo.files.atomic_write`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
 
 
 def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str) -> None:
@@ -33,8 +43,10 @@ def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
@@ -80,8 +92,10 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
         f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
@@ -113,8 +127,10 @@ def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_compare(
@@ -134,8 +150,10 @@ def plot_compare(
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
@@ -179,8 +197,10 @@ def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="lower left", ncols=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
@@ -205,7 +225,7 @@ def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
             ax.plot(x, ys, style, marker="o", color=f"C{k}", label=label)
     ax.set_xticks(x, [f"{n:g}" for n in priors])
     ax.set(
-        xlabel="prior N (values the running statistics count as)",
+        xlabel="prior N (images the running statistics count as)",
         ylabel="mean accuracy, shifted domains (%)",
         title="prior-weighted statistics",
     )

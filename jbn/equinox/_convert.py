@@ -30,10 +30,36 @@ def _index_with(init: Any, marker: Any) -> eqx.nn.StateIndex:
     return index
 
 
-def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str):
+def _get(state: eqx.nn.State, index: eqx.nn.StateIndex, where: str) -> Any:
+    """``state.get(index)``, or one error naming ``state`` where it has no such entry."""
+    try:
+        return state.get(index)
+    except KeyError:
+        raise ValueError(
+            f"state has no entry {index.marker!r}, which model's {where} needs: state must be "
+            "model's eqx.nn.State (what eqx.nn.make_with_state returned with it), not another "
+            "model's"
+        ) from None
+
+
+def _checked_shape(value: Any, layer: eqx.nn.BatchNorm, where: str) -> None:
+    if jnp.shape(value) != (layer.input_size,):
+        raise ValueError(
+            f"state holds running statistics of shape {jnp.shape(value)} for model's {where}, "
+            f"which has input_size={layer.input_size}: state must be model's eqx.nn.State, not "
+            "another model's"
+        )
+
+
+def _converted_stats(
+    layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str
+) -> dict[str, jax.Array]:
+    # Equinox types each mode's state indices as optional: a layer has its mode's only.
     if layer.mode == "batch":
-        t = state.get(layer.batch_counter)
-        hidden_mean, hidden_var = state.get(layer.batch_state_index)
+        assert layer.batch_counter is not None and layer.batch_state_index is not None
+        t = _get(state, layer.batch_counter, where)
+        hidden_mean, hidden_var = _get(state, layer.batch_state_index, where)
+        _checked_shape(hidden_mean, layer, where)
         decay = jnp.asarray(layer.momentum, hidden_mean.dtype) ** jnp.asarray(t, hidden_mean.dtype)
         weight = jnp.where(t == 0, 1.0, 1.0 - decay)
         # Equinox's hidden variance starts at 1 (weight m^t): remove it, keep the average.
@@ -49,8 +75,10 @@ def _converted_stats(layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bo
                 "the batch statistics (mode='batch'), so training changes after conversion. "
                 "Pass allow_ema=True to convert anyway (the running statistics are kept)"
             )
-        first_time = state.get(layer.ema_first_time_index)
-        ema_mean, ema_var = state.get(layer.ema_state_index)
+        assert layer.ema_first_time_index is not None and layer.ema_state_index is not None
+        first_time = _get(state, layer.ema_first_time_index, where)
+        ema_mean, ema_var = _get(state, layer.ema_state_index, where)
+        _checked_shape(ema_mean, layer, where)
         mean = jnp.where(first_time, 0.0, ema_mean)
         var = jnp.where(first_time, 1.0, ema_var)
         count = jnp.where(first_time, 0, _WARM_COUNT).astype(jnp.int32)
@@ -100,10 +128,10 @@ def convert(
     prefix = type(model).__name__
     new_leaves = []
     for path, leaf in leaves:
+        where = prefix + jax.tree_util.keystr(path)
         if isinstance(leaf, eqx.nn.StateIndex):
-            new_leaves.append(_index_with(state.get(leaf), leaf.marker))
+            new_leaves.append(_index_with(_get(state, leaf, where), leaf.marker))
         elif _is_eqx_bn(leaf):
-            where = prefix + jax.tree_util.keystr(path)
             running = _converted_stats(leaf, state, allow_ema, where)
             settings = dict(
                 eps=leaf.eps,

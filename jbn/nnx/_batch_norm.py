@@ -108,7 +108,7 @@ class BatchNorm(nnx.Module):
         dmax: float = 5.0,
         prior: float | None = None,
         prior_form: PriorForm = "pooled",
-    ):
+    ) -> None:
         feature_shape = checks.feature_shape(num_features, "num_features")
         checks.momentum(momentum)
         checks.positive_float(epsilon, "epsilon")
@@ -189,7 +189,9 @@ class BatchNorm(nnx.Module):
                     variable.value = v
         return y
 
-    def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
+    def prepare(
+        self, x: jax.typing.ArrayLike
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
         """``(x, params, state)`` as the core takes them, after flax's dtype promotion."""
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
@@ -198,7 +200,7 @@ class BatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-        return x, params, self.running_stats()
+        return jnp.asarray(x), params, self.running_stats()
 
     def running_stats(self) -> dict[str, jax.Array]:
         """The running statistics ``{"mean", "var"}`` (and ``"count"``) as the core takes them."""
@@ -207,7 +209,7 @@ class BatchNorm(nnx.Module):
             state["count"] = self.count[...]
         return state
 
-    def set_view(self, use_running_average: bool | None = None):
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``.
 
         Args:

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from .. import _checks as checks
 from .._sync import (
+    UNMAPPED,
     Path,
-    check_axis,
+    check_replica_axis,
     layer_paths,
     merge_over_axis,
     merge_stacked,
-    path_name,
     stack,
 )
 
@@ -34,20 +35,16 @@ def _feature_ndim(module: Any) -> int | None:
     return None
 
 
-def _check_stacked_model(model: nnx.Module, paths: list[Path]) -> None:
+def _check_stacked_model(model: nnx.Module, tree: Any, paths: list[Path]) -> None:
     """A single model given without axis_name must carry a leading replica axis."""
     modules = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-    for path in paths:
-        module = modules.get(path)
-        ndim = _feature_ndim(module)
-        mean = getattr(module, "mean", None)
-        if ndim is not None and mean is not None and jnp.ndim(mean[...]) != ndim + 1:
-            raise ValueError(
-                f"models is one model whose batch norm {path_name(path)!r} has statistics of shape "
-                f"{jnp.shape(mean[...])}, i.e. no leading replica axis: give a list of replica "
-                "models, a model with stacked statistics (e.g. built under nnx.vmap), or "
-                "axis_name inside a mapped axis"
-            )
+    check_replica_axis(
+        tree,
+        paths,
+        "models is one model",
+        "a list of replica models or a model with stacked statistics (e.g. built under nnx.vmap)",
+        lambda path: _feature_ndim(modules.get(path)),
+    )
 
 
 def sync_batch_stats(
@@ -77,6 +74,7 @@ def sync_batch_stats(
       models: the replica models, as above.
       counts: how many values each replica's statistics summarize: shape
         ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
+        A replica with count 0 contributes nothing, whatever it holds.
       axis_name: the named mapped axis whose devices hold the replicas, or None.
       unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
         needs ``counts``, see :func:`jbn.sync_batch_stats`.
@@ -101,11 +99,11 @@ def sync_batch_stats(
     if axis_name is not None:
         if len(replicas) > 1 or not isinstance(models, nnx.Module):
             raise ValueError("with axis_name, models is this device's own model, not a list")
-        check_axis(axis_name, fn)
+        checks.axis_size(axis_name, fn, UNMAPPED)
         merged = merge_over_axis(trees[0], counts, axis_name, unbiased, "models' batch stats")
         new = [merged]
     elif isinstance(models, nnx.Module):
-        _check_stacked_model(models, layer_paths(trees[0], "models' batch stats"))
+        _check_stacked_model(models, trees[0], layer_paths(trees[0], "models' batch stats"))
         merged = merge_stacked(trees[0], counts, unbiased, "models' batch stats")
         stacked = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), merged, trees[0])
         new = [stacked]

@@ -200,6 +200,45 @@ def test_vmap_with_axis_name():
     assert_close(per_device(merged)[0], reference(data))
 
 
+def _with_an_empty_replica(bad):
+    """Replica 2 has count 0 and holds ``bad`` (NaN or inf) in every statistic; the
+    reference is the float64 statistics of the other replicas' data."""
+    data = replica_data(seed=14)
+    stats = stacked_stats(data)
+    for layer in (stats["block"]["BatchNorm_0"], stats["BatchNorm_1"]):
+        layer["mean"][2] = bad
+        layer["var"][2] = bad
+    stats["BatchNorm_1"]["count"] = np.array([2, 5, 99, 4], np.int32)  # batches seen
+    counts = np.array(SIZES, np.float32)
+    counts[2] = 0
+    kept = {path: [r for i, r in enumerate(reps) if i != 2] for path, reps in data.items()}
+    return stats, counts, reference(kept)
+
+
+def _check_empty_replica_merge(merged, expected):
+    count = merged["BatchNorm_1"].pop("count")
+    assert_close(merged, expected)
+    assert int(count) == 2 + 5 + 4  # the empty replica's batches are left out too
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_replica_without_values_contributes_nothing(bad):
+    stats, counts, expected = _with_an_empty_replica(bad)
+    _check_empty_replica_merge(sync_batch_stats(stats, counts), expected)
+    _check_empty_replica_merge(sync_batch_stats(per_device(stats), list(counts)), expected)
+    f = jax.vmap(lambda s, n: sync_batch_stats(s, n, axis_name="r"), axis_name="r")
+    _check_empty_replica_merge(per_device(f(stats, jnp.asarray(counts)))[1], expected)
+
+
+def test_an_unstacked_tree_is_an_error():
+    # Without the check, the 5 features of one replica would be merged as 5 replicas.
+    one = {"bn": {"mean": np.arange(5.0), "var": np.ones(5)}}
+    with pytest.raises(ValueError, match=r"one tree whose batch norm 'bn' has statistics of "
+                       r"shape \(5,\), i.e. no leading replica axis"):  # fmt: skip
+        sync_batch_stats(one)
+    assert_close(sync_batch_stats([one, one]), jax.tree.map(np.asarray, one))  # a list is fine
+
+
 class MLP(nn.Module):
     unbiased: bool = False
 

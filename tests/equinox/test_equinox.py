@@ -753,6 +753,28 @@ def test_call_errors():
         je.convert(flat, flat_state, axis_name="x")
 
 
+def test_convert_with_another_models_state_names_state():
+    def seq(width):
+        layers = [
+            eqx.nn.Linear(3, width, key=jax.random.key(0)),
+            eqx.nn.BatchNorm(width, "b", mode="batch"),
+        ]
+        return eqx.nn.make_with_state(eqx.nn.Sequential)(layers)
+
+    bn, bn_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "b", mode="batch")
+    model, state = seq(3)
+    with pytest.raises(ValueError, match=r"state has no entry 'BatchNorm.batch_counter', which "
+                       r"model's BatchNorm needs: state must be model's eqx.nn.State"):  # fmt: skip
+        je.convert(bn, state)
+    with pytest.raises(ValueError, match=r"'Sequential.layers\[1\].batch_counter', which model's "
+                       r"Sequential.layers\[1\] needs"):  # fmt: skip
+        je.convert(model, bn_state)
+    _, wide_state = seq(5)
+    with pytest.raises(ValueError, match=r"running statistics of shape \(5,\) for model's "
+                       r"Sequential.layers\[1\], which has input_size=3"):  # fmt: skip
+        je.convert(model, wide_state)
+
+
 def test_import_jbn_without_equinox():
     code = (
         "import sys; sys.modules['equinox'] = None; import jbn; "
