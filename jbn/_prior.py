@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._stats import abs_sq, batch_stats, compute_dtype, real_dtype
+from ._train import TrainConfig
 
 Array = jax.Array
 
@@ -41,7 +42,9 @@ def prior_weight(prior: Array, n: Array, per_example: int) -> Array:
     return jnp.where(n > 0, 1.0 / (1.0 + ratio), 1.0).astype(n.dtype)
 
 
-def prior_stats(run_mean, run_var, mean, var, w, form: str):
+def prior_stats(
+    run_mean: Array, run_var: Array, mean: Array, var: Array, w: Array, form: str
+) -> tuple[Array, Array]:
     """The pooled (``form="pooled"``) or linearly mixed (``"linear"``) mean and variance."""
     pooled_mean = w * run_mean + (1.0 - w) * mean
     pooled_var = w * run_var + (1.0 - w) * var
@@ -59,7 +62,16 @@ def examples_size(x_shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int
     return size
 
 
-def prior_forward(x, scale, bias, mask, running, prior, cfg, form: str):
+def prior_forward(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    running: tuple[Array, Array],
+    prior: Array,
+    cfg: TrainConfig,
+    form: str,
+) -> tuple[Array, Array, Array]:
     """y = γ (x - μ) / √(σ² + ε) + β with prior-weighted statistics.
 
     Args:

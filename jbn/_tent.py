@@ -74,7 +74,7 @@ class TentLoop:
         tx: Any,
         *,
         episodic: bool = False,
-    ):
+    ) -> None:
         if not isinstance(episodic, bool):
             raise TypeError(f"episodic must be a bool, got {episodic!r}")
         check_tx(tx)
@@ -85,13 +85,13 @@ class TentLoop:
         self.episodic = episodic
         _, flags, treedef = _split(params, mask)
 
-        def adapted_loss(adapted, frozen, x):
+        def adapted_loss(adapted: list, frozen: list, x: Any) -> tuple[Array, Array]:
             it_a, it_f = iter(adapted), iter(frozen)
             leaves = [next(it_a) if f else next(it_f) for f in flags]
             logits = logits_fn(jax.tree.unflatten(treedef, leaves), x)
             return entropy(logits), logits
 
-        def step(params, opt_state, x):
+        def step(params: Any, opt_state: Any, x: Any) -> tuple[Any, Any, Array]:
             leaves = jax.tree.leaves(params)
             adapted = [v for v, f in zip(leaves, flags, strict=True) if f]
             frozen = [v for v, f in zip(leaves, flags, strict=True) if not f]

@@ -131,7 +131,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     dmax: float = eqx.field(static=True)
     autodiff: bool = eqx.field(static=True)
     prior: float | None = eqx.field(static=True)
-    prior_form: str = eqx.field(static=True)
+    prior_form: PriorForm = eqx.field(static=True)
 
     def __init__(
         self,

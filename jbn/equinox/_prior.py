@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 
 from .. import _checks as checks
+from .._checks import PriorForm
 from .._extras import require
 from .._optimize import optimize_only
 from .._tent import TentLoop, check_tx
@@ -28,7 +29,7 @@ def _is_bn(node: Any) -> bool:
     return isinstance(node, (BatchNorm, eqx.nn.BatchNorm))
 
 
-def use_prior(model: Any, prior: float | None, *, prior_form: str = "pooled") -> Any:
+def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "pooled") -> Any:
     """The model with every ``jbn.equinox.BatchNorm`` set to the prior ``prior``.
 
     Each then normalizes with its running statistics, counted as ``prior``
@@ -140,9 +141,9 @@ class Tent(TentLoop):
         apply_fn: Callable[[Any, Any, Any], Any] | None = None,
         tx: Any = None,
         prior: float = 0.0,
-        prior_form: str = "pooled",
+        prior_form: PriorForm = "pooled",
         episodic: bool = False,
-    ):
+    ) -> None:
         model = use_prior(model, prior, prior_form=prior_form)
         if tx is None:
             require("optax", "jbn.equinox.Tent")
@@ -153,14 +154,14 @@ class Tent(TentLoop):
         if apply_fn is None:
             axis_name = _axis_name(model)
 
-            def apply_fn(model, state, x):
+            def apply_fn(model: Any, state: eqx.nn.State, x: Any) -> Any:
                 run = jax.vmap(model, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
                 return run(x, state)[0]
 
         params, static = eqx.partition(model, eqx.is_inexact_array)
         mask = batch_norm_mask(model)
 
-        def logits_fn(params, x):
+        def logits_fn(params: Any, x: Any) -> Any:
             return apply_fn(eqx.combine(params, static), state, x)
 
         self._static = static

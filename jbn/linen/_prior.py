@@ -22,6 +22,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from .. import _checks as checks
 from .._batch_norm import bn_forward
+from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, check_tx
 from ._batch_norm import BatchNorm
@@ -30,7 +31,7 @@ from ._freeze import batch_norm_mask
 
 
 class _State(threading.local):
-    def __init__(self):
+    def __init__(self) -> None:
         self.settings: list[tuple[Any, str, Any]] = []  # (prior, form, where) per context
         self.calls = SubclassCalls()
 
@@ -69,7 +70,7 @@ def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: str) 
     return y
 
 
-def _interceptor(next_fun, args, kwargs, context):
+def _interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
     module = context.module
     if (
         not _state.settings
@@ -105,7 +106,7 @@ def _interceptor(next_fun, args, kwargs, context):
 def use_prior(
     prior: float | jax.typing.ArrayLike | None,
     *,
-    prior_form: str = "pooled",
+    prior_form: PriorForm = "pooled",
     where: Callable[[tuple[str, ...]], bool] | None = None,
 ) -> Iterator[None]:
     """Test-time adaptation of every linen batch norm while the context is active.
@@ -198,15 +199,15 @@ class Tent(TentLoop):
         *,
         tx: Any = None,
         prior: float | jax.typing.ArrayLike = 0.0,
-        prior_form: str = "pooled",
+        prior_form: PriorForm = "pooled",
         episodic: bool = False,
-    ):
+    ) -> None:
         checks.prior(prior, False)
         checks.prior_form(prior_form)
         mask = batch_norm_mask(variables)
         others = {k: v for k, v in variables.items() if k != "params"}
 
-        def logits_fn(params, x):
+        def logits_fn(params: Any, x: Any) -> Any:
             with use_prior(prior, prior_form=prior_form):
                 return apply_fn({**others, "params": params}, x)
 

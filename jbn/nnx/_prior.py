@@ -16,6 +16,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from .. import _checks as checks
+from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, check_tx
 from ._batch_norm import BatchNorm as JbnNnxBatchNorm
@@ -25,8 +26,8 @@ from ._graph import replace_modules
 
 
 def use_prior(
-    model: Any, prior: float | jax.typing.ArrayLike | None, *, prior_form: str = "pooled"
-):
+    model: Any, prior: float | jax.typing.ArrayLike | None, *, prior_form: PriorForm = "pooled"
+) -> Any:
     """Sets, in place, the prior of every batch norm of an NNX model (test-time adaptation).
 
     Each ``jbn.nnx.BatchNorm`` then normalizes with its running statistics,
@@ -102,9 +103,9 @@ class Tent(TentLoop):
         apply_fn: Callable[[Any, Any], Any] | None = None,
         tx: Any = None,
         prior: float | jax.typing.ArrayLike = 0.0,
-        prior_form: str = "pooled",
+        prior_form: PriorForm = "pooled",
         episodic: bool = False,
-    ):
+    ) -> None:
         checks.prior(prior, False)
         use_prior(model, prior, prior_form=prior_form)
         if tx is None:
@@ -118,7 +119,7 @@ class Tent(TentLoop):
         self.model = model
         rest = nnx.as_pure(rest)
 
-        def logits_fn(params, x):
+        def logits_fn(params: Any, x: Any) -> Any:
             return apply_fn(nnx.merge(graphdef, params, rest), x)
 
         super().__init__(
