@@ -106,9 +106,10 @@ def _mem_total_gib() -> float | None:
 
 
 def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the OS has none (Windows)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
+    except (AttributeError, OSError):  # AttributeError: no os.getloadavg on Windows
         return None
 
 

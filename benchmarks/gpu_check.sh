@@ -92,7 +92,7 @@ for s in $STEPS; do
             step tests "${TIMEOUT_TESTS:-180}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q \
                 -p no:cacheprovider -m "not slow" -n "${GPU_CHECK_WORKERS:-4}" \
                 --maxfail="${GPU_CHECK_MAXFAIL:-10}" -rfE --tb=short --durations=15 \
-                --junitxml="$OUT/tests.xml" --ignore=tests/test_gpu_check.py
+                --junitxml="$OUT/tests.xml" --ignore=tests/benchmarks/test_gpu_check.py
             ;;
         bench)
             # No torch here: benchmarks/layer.py runs torch on the CPU; gpu.py times it on CUDA.

@@ -1,23 +1,32 @@
 """jbn: batch normalization for JAX, Flax and Equinox, with an analytic backward pass.
 
-The functional core is ``bn_init``, ``bn_forward`` and ``bn_stats``; the
-frontends are ``jbn.linen`` (``jbn.BatchNorm`` is ``jbn.linen.BatchNorm``),
-``jbn.nnx`` and ``jbn.equinox`` (imported on its own, as equinox is optional).
+The functional core is ``bn_init``, ``bn_forward`` and ``bn_stats``; it needs
+jax alone. The frontends are subpackages loaded on first use: ``jbn.linen``
+(``jbn.BatchNorm`` is ``jbn.linen.BatchNorm``) and ``jbn.nnx`` need flax
+(``pip install "jbn[flax]"``), ``jbn.equinox`` needs equinox
+(``pip install "jbn[equinox]"``).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from . import linen as linen
-from . import nnx as nnx
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
 from ._batch_norm import bn_forward as bn_forward
 from ._batch_norm import bn_init as bn_init
 from ._batch_norm import bn_stats as bn_stats
 from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_variables as fold_batch_norm_variables
-from ._freeze import optimize_only as optimize_only
-from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+from ._optimize import optimize_only as optimize_only
 from ._sync import sync_batch_stats as sync_batch_stats
-from .linen import BatchNorm as BatchNorm
+
+if TYPE_CHECKING:
+    from . import equinox as equinox
+    from . import linen as linen
+    from . import nnx as nnx
+    from .linen import BatchNorm as BatchNorm
+    from .linen import recalibrate_batch_stats as recalibrate_batch_stats
 
 try:
     __version__ = version("jbn")
@@ -38,11 +47,18 @@ __all__ = (
     "sync_batch_stats",
 )
 
+# Names that load a frontend on first use (PEP 562), so `import jbn` needs jax alone.
+_SUBPACKAGES = ("linen", "nnx", "equinox")
+_FROM_LINEN = ("BatchNorm", "recalibrate_batch_stats")
 
-def __getattr__(name: str):
-    # jbn.equinox after a plain `import jbn`, without importing equinox eagerly.
-    if name == "equinox":
-        import importlib
 
-        return importlib.import_module(".equinox", __name__)
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _FROM_LINEN:
+        return getattr(importlib.import_module(".linen", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "equinox"})

@@ -19,10 +19,12 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
+from . import _options as options
+from ._checks import Residual
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
-from ._variants import renorm_affine, split_ghost_batches
+from ._variants import renorm_affine, split_ghost_batches, split_named_ghost_batches
 
 Array = jax.Array
 Params = Mapping[str, ArrayLike] | None
@@ -79,8 +81,9 @@ def bn_init(
         ``C`` for (N, C), NHWC or NCHW input, ``(H, W, C)`` for per-activation
         batch norm of NHWC input with ``axis=(1, 2, 3)``.
       dtype: dtype of the parameters and statistics (default float32).
-      cumulative: also create ``state["count"]`` (int32 scalar), the number of
-        batches seen, which ``bn_forward(..., momentum=None)`` needs.
+      cumulative: also create ``state["count"]`` (int32, of the feature shape), the
+        number of batches each feature has counted, which ``bn_forward(...,
+        momentum=None)`` and ``debias=True`` need.
 
     Returns:
       ``(params, state)``: ``params = {"scale": ones, "bias": zeros}`` and
@@ -91,7 +94,7 @@ def bn_init(
     params = {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
     state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
     if cumulative:
-        state["count"] = jnp.zeros((), jnp.int32)
+        state["count"] = jnp.zeros(shape, jnp.int32)
     return params, state
 
 
@@ -131,6 +134,7 @@ def bn_stats(
     return mean.reshape(feature_shape), var.reshape(feature_shape), n.reshape(feature_shape)
 
 
+@options.document
 def bn_forward(
     params: Params,
     state: State,
@@ -145,10 +149,11 @@ def bn_forward(
     axis_index_groups: Any = None,
     unbiased_running_var: bool = False,
     finite_running_stats: bool = True,
-    residual: str = "input",
+    residual: Residual = "input",
     min_scale: float = 1e-3,
     dtype: DTypeLike | None = None,
     autodiff: bool = False,
+    debias: bool = False,
     virtual_batch_size: int | None = None,
     renorm: bool = False,
     rmax: float | ArrayLike = 3.0,
@@ -175,7 +180,10 @@ def bn_forward(
       params: ``{"scale": γ, "bias": β}`` of the feature shape, either may be
         missing, or None for no affine part.
       state: ``{"mean", "var"}`` running statistics of the feature shape, plus
-        ``"count"`` for ``momentum=None`` (see :func:`bn_init`).
+        ``"count"`` for ``momentum=None`` or ``debias`` (see :func:`bn_init`): the
+        number of batches each feature counted (a feature whose update is skipped
+        keeps its count). A scalar count (an older checkpoint) is broadcast, and
+        the new state's count has the feature shape.
       x: input, floating point, e.g. (N, C), (N, H, W, C), (N, C, H, W) or (N, T, C).
       train: Python bool: batch statistics (True) or running statistics (False).
       axis: feature axis or axes (default -1). ``axis=1`` for NCHW; ``axis=(1, 2, 3)``
@@ -193,34 +201,16 @@ def bn_forward(
         statistics: each device's exact (count, mean, M2) is gathered in one
         collective and combined with Chan's formula, so unequal counts are exact.
       axis_index_groups: groups of devices along ``axis_name`` (pmap only).
-      finite_running_stats: True (default): a feature whose batch statistics are
-        not finite (a NaN or inf in the batch) keeps its running statistics;
-        False: update them anyway, as flax does.
-      unbiased_running_var: store the running variance with Bessel's correction
-        n/(n-1) while normalizing with the biased batch variance, as torch does.
-      residual: what the backward pass keeps: ``"input"`` (x) or ``"output"`` (y,
-        the In-Place Activated BatchNorm trick: free when the next layer keeps y
-        anyway). With ``"output"``, x̂ is rebuilt as (y - β)/γ, so the forward pass
-        uses ±``min_scale`` where |γ| < ``min_scale``, and γ's gradient passes
-        straight through.
-      min_scale: smallest |γ| used with ``residual="output"`` (default 1e-3).
       dtype: output dtype (default: ``x``'s dtype).
       autodiff: use the plain two-pass reference and JAX's own differentiation
         instead of the custom_vjp: slower, keeps more memory, but allows forward
         mode.
-      virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training mode,
-        split axis 0 of ``x`` into groups of this many examples, each normalized
-        with its own statistics. The running statistics are updated with the
-        count-weighted means over the groups of their means and variances. Axis 0
-        must be reduced and divisible by it; not with ``axis_name``.
-      renorm: batch renormalization (Ioffe 2017): in training mode
-        y = γ((x - μ_B)/σ_B · r + d) + β with r = clip(σ_B/σ, 1/rmax, rmax) and
-        d = clip((μ_B - μ)/σ, -dmax, dmax) held constant for differentiation,
-        where μ, σ = √(var + ε) are the running statistics before this step's
-        update. rmax=1, dmax=0 is plain batch norm.
-      rmax: renorm's bound on r, >= 1 (default 3.0; inf: no bound). A Python float
-        or a scalar array, so it can follow a schedule under jit.
-      dmax: renorm's bound on |d|, >= 0 (default 5.0); like ``rmax``.
+      debias: Equinox's zero-debiased running average: a feature's t-th update
+        uses the decay (m - m^t) / (1 - m^t) for ``momentum`` m (0 at t = 1), so
+        the running statistics are Σ m^(t-i) s_i (1 - m) / (1 - m^t) over the
+        batches that feature counted, with no weight on the initial mean 0 and
+        variance 1. Counts in ``state["count"]``, like ``momentum=None``.
+      <jbn options>
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated running
@@ -228,6 +218,10 @@ def bn_forward(
     """
     x = checks.input_array(x)
     train = checks.train(train)
+    checks.momentum(momentum)
+    given = locals()
+    jbn_options = options.check_all({name: given[name] for name in options.JBN})
+    residual, renorm = jbn_options["residual"], jbn_options["renorm"]
     stats_cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     cfg = _train_config(
         x, stats_cfg, epsilon=epsilon, residual=residual, min_scale=min_scale, dtype=dtype
@@ -236,12 +230,11 @@ def bn_forward(
     bshape = broadcast_shape(x.shape, stats_cfg.reduce_axes)
     needs = f"x of shape {x.shape} with feature axes {axes}"
     scale, bias = checks.params(params, feature_shape, needs)
-    checks.momentum(momentum)
-    state = checks.state(state, feature_shape, needs, need_count=train and momentum is None)
+    debias = checks.python_bool(debias, "debias")
+    need_count = train and (momentum is None or debias)
+    state = checks.state(state, feature_shape, needs, need_count=need_count)
     mask = checks.mask(mask, x.shape)
     virtual_batch_size = checks.virtual_batch_size(virtual_batch_size, axes, stats_cfg.axis_name)
-    renorm = checks.renorm(renorm, rmax, dmax)
-    finite_running_stats = checks.python_bool(finite_running_stats, "finite_running_stats")
     cd = compute_dtype(x.dtype)
     rd = real_dtype(cd)
     # Complex inputs take the plain reference, differentiated by JAX (documented).
@@ -259,7 +252,13 @@ def bn_forward(
     values = math.prod(x.shape[a] for a in stats_cfg.reduce_axes)
     values *= checks.axis_size(stats_cfg.axis_name)
     x_shape = x.shape
-    if virtual_batch_size is not None:
+    group = None
+    if virtual_batch_size is not None and stats_cfg.axis_name is not None:
+        x, scale, bias, mask, cfg, group = split_named_ghost_batches(
+            x, scale, bias, mask, cfg, virtual_batch_size
+        )
+        values = values // x.shape[0]
+    elif virtual_batch_size is not None:
         x, scale, bias, mask, cfg = split_ghost_batches(
             x, scale, bias, mask, cfg, virtual_batch_size
         )
@@ -277,8 +276,11 @@ def bn_forward(
         var,
         n,
         momentum=momentum,
-        unbiased_var=unbiased_running_var,
-        finite_only=finite_running_stats,
+        unbiased_var=jbn_options["unbiased_running_var"],
+        finite_only=jbn_options["finite_running_stats"],
+        debias=debias,
         feature_shape=feature_shape,
     )
+    if group is not None:  # this device's own group
+        y = lax.dynamic_index_in_dim(y, group, 0, keepdims=False)
     return y.reshape(x_shape), new_state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ from jax.typing import ArrayLike
 
 Array = jax.Array
 
-RESIDUALS = ("input", "output")
+Residual = Literal["input", "output"]
+RESIDUALS: tuple[str, ...] = get_args(Residual)
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count")
 
@@ -151,15 +152,15 @@ def state(
         out[key] = vector(value[key], f"{name}[{key!r}]", shape, needs, complex_ok=key == "mean")
     if "count" in value:
         count = jnp.asarray(value["count"])
-        if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+        if count.shape not in ((), shape) or not jnp.issubdtype(count.dtype, jnp.integer):
             raise ValueError(
-                f"{name}['count'] must be an integer scalar, got shape {count.shape} "
-                f"dtype {count.dtype}"
+                f"{name}['count'] must be an integer array of the feature shape {shape} (or a "
+                f"scalar, from an older checkpoint), got shape {count.shape} dtype {count.dtype}"
             )
         out["count"] = count
     elif need_count:
         raise ValueError(
-            "momentum=None (cumulative moving average) needs state['count']; "
+            "momentum=None (cumulative moving average) and debias=True need state['count']; "
             "create the state with jbn.bn_init(feature_shape, cumulative=True)"
         )
     return out
@@ -182,32 +183,120 @@ def mask(value: ArrayLike | None, x_shape: tuple[int, ...]) -> Array | None:
     return jnp.broadcast_to(value, x_shape)
 
 
-def momentum(value: Any) -> None:
-    """A running-average decay in [0, 1], None (cumulative) or a traced value."""
-    if value is None or isinstance(value, jax.core.Tracer):
+def real(
+    value: Any,
+    name: str,
+    *,
+    low: float,
+    strict: bool = False,
+    high: float = math.inf,
+    finite: bool = False,
+    hint: str = "",
+) -> float:
+    """A Python float in [low, high] (low excluded when ``strict``; finite when asked)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic)):
+        raise TypeError(f"{name} must be a Python float, got {value!r}")
+    value = float(value)
+    bounds = f"{'>' if strict else '>='} {float(low)}"
+    if high < math.inf:
+        bounds += f" and <= {float(high)}"
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value}{hint}")
+    if not (value > low if strict else value >= low) or not value <= high:
+        raise ValueError(f"{name} must be {bounds}, got {value}{hint}")
+    return value
+
+
+def momentum(value: Any, name: str = "momentum") -> None:
+    """A running-average decay in [0, 1], None (cumulative) or a traced scalar."""
+    if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
-        raise TypeError(f"momentum must be a float in [0, 1] or None, got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(
+        value, (numbers.Real, np.ndarray, np.generic, jax.Array)
+    ):
+        raise TypeError(f"{name} must be a Python float in [0, 1] or None, got {value!r}")
+    if jnp.ndim(value) != 0:
         raise ValueError(
-            "momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * batch), "
-            f"got {value}"
+            f"{name} must be a scalar (one decay for every feature) in [0, 1] or None, got an "
+            f"array of shape {jnp.shape(value)}"
         )
+    if isinstance(value, jax.core.Tracer):
+        return
+    real(
+        float(value),
+        name,
+        low=0.0,
+        high=1.0,
+        hint=" (new = momentum * old + (1 - momentum) * batch)",
+    )
 
 
 def static_float(value: Any, name: str, *, positive: bool) -> float:
     """A finite Python float, > 0 (``positive``) or >= 0: a static setting."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic)):
-        raise TypeError(f"{name} must be a Python float, got {value!r}")
-    value = float(value)
-    if not (value > 0.0 if positive else value >= 0.0) or not math.isfinite(value):
-        raise ValueError(
-            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
+    return real(value, name, low=0.0, strict=positive, finite=True)
+
+
+def positive_float(value: Any, name: str) -> float:
+    """A finite Python float > 0 (``epsilon``, ``min_scale``)."""
+    return real(value, name, low=0.0, strict=True, finite=True)
+
+
+def bound(value: Any, name: str, low: float) -> Any:
+    """A bound >= ``low`` (inf: none): a float or a scalar array (e.g. a schedule's)."""
+    if isinstance(value, bool) or not isinstance(
+        value, (numbers.Real, np.ndarray, np.generic, jax.Array)
+    ):
+        raise TypeError(
+            f"{name} must be a float (or a scalar array, e.g. from a schedule), got {value!r}"
         )
+    if jnp.shape(value) != ():
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
+        raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(value)}")
+    return value
+
+
+def rmax(value: Any, name: str = "rmax") -> Any:
+    """Renorm's bound on r: >= 1."""
+    return bound(value, name, 1.0)
+
+
+def dmax(value: Any, name: str = "dmax") -> Any:
+    """Renorm's bound on |d|: >= 0."""
+    return bound(value, name, 0.0)
+
+
+def positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    """A positive Python int (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    what = "a positive int" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return int(value)
+
+
+def named_axes(value: Any, name: str = "axis_name") -> Any:
+    """The named batch axis (or a tuple of names) a layer reduces over: hashable, not None."""
+    value = tuple(value) if isinstance(value, list) else value
+    if value is None or (isinstance(value, tuple) and not value):
+        raise ValueError(
+            f"{name} must name the batch axis of the vmap / pmap / shard_map the layer runs "
+            f"under (e.g. 'batch'), or a tuple of names; got {value!r}"
+        )
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (a name or a tuple of names), got {value!r}"
+        ) from None
     return value
 
 
 def python_bool(value: Any, name: str, hint: str = "") -> bool:
+    """A Python (or NumPy) bool: any other value, even a truthy one, is an error."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool, got {value!r}{hint}")
     return bool(value)
@@ -222,10 +311,10 @@ def train(value: Any) -> bool:
     )
 
 
-def residual(value: Any) -> str:
-    if value not in RESIDUALS:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {value!r}")
-    return value
+def residual(value: Any, name: str = "residual") -> Residual:
+    if not isinstance(value, str) or value not in RESIDUALS:
+        raise ValueError(f"{name} must be 'input' or 'output', got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def axis_name(value: Any) -> Any:
@@ -258,28 +347,34 @@ def batch_not_empty(x_shape, reduce_axes, name: Any, what: str) -> None:
         )
 
 
-def axis_size(name: Any) -> int:
-    """The number of devices along ``name`` (1 for None); a clear error if it is not bound."""
+def _bound(name: Any) -> bool:
+    """Whether ``name`` (a name or a tuple of names) is bound here by pmap, shard_map or vmap."""
+    try:
+        lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
+def axis_size(name: Any, fn: str = "bn_forward", otherwise: str = "leave axis_name=None") -> int:
+    """The number of devices along ``name`` (1 for None); a clear error if it is not bound.
+
+    The one axis check: ``fn`` is the function the message tells to call inside
+    a mapped axis, ``otherwise`` what to do instead.
+    """
     if name is None:
         return 1
-    try:
-        return int(lax.axis_size(name))
-    except NameError:
+    if not _bound(name):
         raise ValueError(
-            f"axis_name={name!r} is not bound here: call bn_forward inside pmap, shard_map "
-            "or vmap with that axis_name, or leave axis_name=None"
-        ) from None
+            f"axis_name={name!r} is not bound here: call {fn} inside pmap, shard_map or vmap "
+            f"with that axis_name, or {otherwise}"
+        )
+    return int(lax.axis_size(name))
 
 
 def bound_axis_name(name: Any) -> Any:
     """``name`` if it is bound here (pmap, shard_map, vmap), else None."""
-    if name is None:
-        return None
-    try:
-        lax.axis_size(name)
-    except NameError:
-        return None
-    return name
+    return name if name is not None and _bound(name) else None
 
 
 def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> None:
@@ -299,39 +394,22 @@ def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> N
     )
 
 
-def virtual_batch_size(value: Any, axes, name: Any) -> int | None:
+def virtual_batch_size(value: Any, axes: tuple[int, ...], name: Any) -> int | None:
+    value = positive_int(value, "virtual_batch_size")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"virtual_batch_size must be a positive int or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"virtual_batch_size must be a positive int or None, got {value}")
-    if 0 in axes:
+    if 0 in axes and name is None:
         raise ValueError(
             "virtual_batch_size splits axis 0 (the batch) into ghost batches, but axis 0 is a "
             f"feature axis here (feature axes {axes})"
         )
-    if name is not None:
-        raise ValueError(
-            "virtual_batch_size cannot be combined with axis_name: ghost batches are split "
-            "from each device's own batch, so leave axis_name=None"
-        )
-    return int(value)
+    return value
 
 
-def renorm(value: Any, rmax: Any, dmax: Any) -> bool:
+def renorm(value: Any, rmax_value: Any, dmax_value: Any) -> bool:
     flag = python_bool(value, "renorm")
-    for bound, name, low in ((rmax, "rmax", 1.0), (dmax, "dmax", 0.0)):
-        if isinstance(bound, bool) or not isinstance(
-            bound, (numbers.Real, np.ndarray, np.generic, jax.Array)
-        ):
-            raise TypeError(
-                f"{name} must be a float (or a scalar array, e.g. from a schedule), got {bound!r}"
-            )
-        if jnp.shape(bound) != ():
-            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(bound)}")
-        if not isinstance(bound, jax.core.Tracer) and not float(bound) >= low:
-            raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(bound)}")
+    rmax(rmax_value)
+    dmax(dmax_value)
     return flag
 
 

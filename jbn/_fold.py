@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -129,7 +128,7 @@ def fold_batch_norm_variables(
         rtol = checks.static_float(rtol, "rtol", positive=True)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a linen model's variables with a 'params' collection")
-    variables = flax.core.unfreeze(variables)
+    variables = tree.to_dicts(variables)
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     pairs = list(pairs)

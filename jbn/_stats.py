@@ -93,28 +93,41 @@ def varying_axes(x: Array) -> frozenset:
     return frozenset(getattr(mat, "varying", ()))
 
 
-def gather(values: Array, cfg: StatsConfig) -> Array:
-    """``values`` of every device of ``cfg.axis_name``, stacked on a new axis 0: one collective.
+def gather(values: Any, cfg: StatsConfig) -> Any:
+    """``values`` (an array or a pytree of them) of every device of ``cfg.axis_name``,
+    each leaf stacked on a new axis 0: one all-gather per leaf, exact.
 
-    Every device receives the same array in the same order. Under shard_map,
-    where ``values`` varies along the axis, the result is typed invariant
-    (replicated), as a psum's would be.
+    The one gather of jbn. Every device receives the same arrays in the same
+    order, and under shard_map the result is typed invariant (replicated), as a
+    psum's would be, so a function can return it with ``out_specs=P()``.
     """
     names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
-    to = "invarying" if set(names) <= varying_axes(values) else "varying"
-    try:
-        return lax.all_gather(values, cfg.axis_name, axis_index_groups=cfg.axis_index_groups, to=to)
-    except NotImplementedError:
-        psum(values, cfg)  # raises the clear error for axis_index_groups outside pmap
-        raise
-    except AssertionError:
-        if len(names) < 2:
+
+    def one(leaf: Any) -> Array:
+        leaf = jnp.asarray(leaf)
+        if not set(names) <= varying_axes(leaf):
+            # Typed the same on every device (shard_map) or untyped (pmap, vmap): the
+            # select on the device index types it varying, so that the gather can type
+            # its result invariant; the values are unchanged.
+            leaf = jnp.where(lax.axis_index(cfg.axis_name) >= 0, leaf, leaf)
+        to = "invarying" if set(names) <= varying_axes(leaf) else "varying"
+        try:
+            return lax.all_gather(
+                leaf, cfg.axis_name, axis_index_groups=cfg.axis_index_groups, to=to
+            )
+        except NotImplementedError:
+            psum(leaf, cfg)  # raises the clear error for axis_index_groups outside pmap
             raise
-    # jax 0.10's vmap cannot all_gather over several names at once: one name at a
-    # time (vmap has no real collectives), major name first, as the tuple orders them.
-    for name in reversed(names):
-        values = lax.all_gather(values, name)
-    return values.reshape((-1,) + values.shape[len(names) :])
+        except AssertionError:
+            if len(names) < 2:
+                raise
+        # jax 0.10's vmap cannot all_gather over several names at once: one name at a
+        # time (vmap has no real collectives), major name first, as the tuple orders them.
+        for name in reversed(names):
+            leaf = lax.all_gather(leaf, name)
+        return leaf.reshape((-1,) + leaf.shape[len(names) :])
+
+    return jax.tree.map(one, values)
 
 
 def combine_groups(n: Array, shift: Array, dmean: Array, m2: Array):

@@ -11,85 +11,74 @@ stats), drops the second term. The replicas are combined pairwise with Chan et
 al.'s formula (:func:`jbn._stats.combine`), so when each replica's statistics
 are exact for its data, the merged ones are exact for the concatenated data.
 
-:func:`sync_batch_stats` works on linen ``batch_stats`` trees (stacked with a
-leading replica axis, a list of trees, or one tree per device inside a mapped
-axis); :func:`sync_nnx_batch_stats` on NNX models (a list of replica models, a
-model with stacked ``BatchStat`` leaves such as an ``nnx.vmap`` ensemble, or one
-model per device inside a mapped axis).
+:func:`sync_batch_stats` works on ``batch_stats`` trees of nested dicts (stacked
+with a leading replica axis, a list of trees, or one tree per device inside a
+mapped axis); :func:`jbn.nnx.sync_batch_stats` applies it to NNX models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax import lax
 from jax.typing import ArrayLike
 
-from ._stats import combine, compute_dtype, unbiased
+from . import _checks as checks
+from ._stats import StatsConfig, combine, compute_dtype, gather, unbiased
+from ._tree import batch_norm_layers, lookup, replace, to_dicts
 
 Array = jax.Array
 Path = tuple[Any, ...]
+
+# What to do instead of calling sync_batch_stats with an axis_name that is not bound.
+UNMAPPED = "leave axis_name=None and give the stacked replicas"
 
 # The entries a batch-norm layer's running statistics may hold.
 _LAYER_KEYS = frozenset({"mean", "var", "count"})
 
 
-def _name(path: Path) -> str:
+def path_name(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def _is_layer(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and "mean" in node
-        and "var" in node
-        and not isinstance(node["mean"], Mapping)
-    )
-
-
-def _layer_paths(tree: Any, what: str, path: Path = ()) -> list[Path]:
+def layer_paths(tree: Any, what: str) -> list[Path]:
     """Paths of the layers (dicts with 'mean' and 'var') of a batch_stats tree.
 
     Anything else in the tree is an error: it is not clear how to merge it.
     """
-    if _is_layer(tree):
-        extra = sorted(str(k) for k in tree if k not in _LAYER_KEYS)
+
+    def other(path: Path, node: Any) -> None:
+        hint = (
+            " (pass variables['batch_stats'], not the whole variables)"
+            if path and path[0] == "params"
+            else ""
+        )
+        raise ValueError(
+            f"{what}: {path_name(path)!r} is a {type(node).__name__}, not part of a batch-norm "
+            "layer (a dict with 'mean' and 'var'); only batch-norm running statistics can be "
+            f"merged{hint}"
+        )
+
+    paths = batch_norm_layers(tree, other)
+    for path in paths:
+        extra = sorted(str(k) for k in lookup(tree, path) if k not in _LAYER_KEYS)
         if extra:
             raise ValueError(
-                f"{what}: the batch-norm layer at {_name(path)!r} holds {extra} besides "
+                f"{what}: the batch-norm layer at {path_name(path)!r} holds {extra} besides "
                 "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
             )
-        return [path]
-    if isinstance(tree, Mapping):
-        return [p for k, sub in tree.items() for p in _layer_paths(sub, what, path + (k,))]
-    hint = (
-        " (pass variables['batch_stats'], not the whole variables)"
-        if path and path[0] == "params"
-        else ""
-    )
-    raise ValueError(
-        f"{what}: {_name(path)!r} is a {type(tree).__name__}, not part of a batch-norm layer "
-        f"(a dict with 'mean' and 'var'); only batch-norm running statistics can be "
-        f"merged{hint}"
-    )
+    return paths
 
 
-def _lookup(tree: Any, path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _rebuild(tree: Any, merged: dict[Path, dict], path: Path = ()) -> Any:
+def _rebuild(tree: Any, merged: dict[Path, dict]) -> dict:
     """``tree`` as plain dicts, with each layer replaced by its merged statistics."""
-    if path in merged:
-        return merged[path]
-    return {k: _rebuild(sub, merged, path + (k,)) for k, sub in tree.items()}
+    tree = to_dicts(tree)
+    for path, layer in merged.items():
+        tree = replace(tree, path, layer)
+    return tree
 
 
 def _is_concrete(value: Any) -> bool:
@@ -146,13 +135,13 @@ def _check_layer(layer: Mapping, replicas: int, path: Path) -> dict[str, Array]:
     mean, var = arrays["mean"], arrays["var"]
     if mean.shape != var.shape:
         raise ValueError(
-            f"the layer at {_name(path)!r} has mean of shape {mean.shape} but var of shape "
+            f"the layer at {path_name(path)!r} has mean of shape {mean.shape} but var of shape "
             f"{var.shape}: they must match"
         )
     for key, value in arrays.items():
         if value.shape[:1] != (replicas,):
             raise ValueError(
-                f"the layer at {_name(path)!r} has {key} of shape {value.shape}, expected a "
+                f"the layer at {path_name(path)!r} has {key} of shape {value.shape}, expected a "
                 f"leading replica axis of size {replicas} (the stacked replicas' statistics)"
             )
     return arrays
@@ -163,18 +152,24 @@ def _merge_layer(layer: Mapping[str, Array], n: Array, unbiased_var: bool) -> di
     mean, var = layer["mean"], layer["var"]
     replicas = n.shape[0]
     cd = compute_dtype(jnp.promote_types(mean.dtype, var.dtype))
+    counted = n > 0  # a replica without values contributes nothing, whatever it holds
     n = n.astype(cd).reshape((replicas,) + (1,) * (mean.ndim - 1))
-    v = var.astype(cd)
+    # Zeros, not just a zero weight: Chan's formula multiplies the mean by n_b / n,
+    # and NaN * 0 or inf * 0 is NaN.
+    m = jnp.where(n > 0, mean.astype(cd), 0)
+    v = jnp.where(n > 0, var.astype(cd), 0)
     if unbiased_var:  # back to the biased variance M2/n of each replica
         v = v * (jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
-    total, merged_mean, m2 = _reduce(n, mean.astype(cd), v * n)
+    total, merged_mean, m2 = _reduce(n, m, v * n)
     merged_var = jnp.maximum(0.0, m2 / jnp.maximum(total, 1))
     if unbiased_var:
         merged_var = unbiased(merged_var, total)
     out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
     if "count" in layer:
-        # The merged statistics average all the replicas' batches.
-        out["count"] = jnp.sum(layer["count"], axis=0).astype(layer["count"].dtype)
+        # The merged statistics average all the counted replicas' batches.
+        count = layer["count"]
+        counted = counted.reshape((replicas,) + (1,) * (count.ndim - 1))
+        out["count"] = jnp.sum(jnp.where(counted, count, 0), axis=0).astype(count.dtype)
     return out
 
 
@@ -186,35 +181,54 @@ def _merge_layers(layers: list[dict[str, Array]], n: Array, unbiased_var: bool) 
 
 def _merge(tree: Any, paths: list[Path], n: Array, unbiased_var: bool) -> dict:
     """``tree`` with each stacked layer at ``paths`` replaced by the merged one."""
-    layers = [_check_layer(_lookup(tree, p), n.shape[0], p) for p in paths]
+    layers = [_check_layer(lookup(tree, p), n.shape[0], p) for p in paths]
     merged = _merge_layers(layers, n, unbiased_var=unbiased_var)
     return _rebuild(tree, dict(zip(paths, merged, strict=True)))
 
 
-def _merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
-    paths = _layer_paths(tree, what)
+def merge_stacked(tree: Any, counts: Any, unbiased_var: bool, what: str) -> dict:
+    """The merged statistics of a stacked tree (its layers' replica axis checked by
+    :func:`check_replica_axis`, or made by :func:`stack`)."""
+    paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
-    replicas = {
-        p: np.shape(_lookup(tree, p)["mean"])[0] for p in paths if np.ndim(_lookup(tree, p)["mean"])
-    }
+    replicas = {p: np.shape(lookup(tree, p)["mean"])[0] for p in paths}
     sizes = sorted(set(replicas.values()))
     if len(sizes) > 1:
-        detail = ", ".join(f"{_name(p)}: {r}" for p, r in replicas.items())
+        detail = ", ".join(f"{path_name(p)}: {r}" for p, r in replicas.items())
         raise ValueError(
             f"{what}: the layers' leading (replica) axes differ ({detail}); a stacked tree "
             "has one leading axis of the number of replicas on every leaf"
-        )
-    if not sizes:
-        raise ValueError(
-            f"{what}: the statistics are scalars, with no leading replica axis; give the "
-            "replicas' statistics stacked, a list of them, or axis_name inside a mapped axis"
         )
     n = _counts(counts, sizes[0], unbiased_var)
     return _merge(tree, paths, n, unbiased_var)
 
 
-def _stack(trees: Sequence[Any], what: str) -> Any:
+def check_replica_axis(
+    tree: Any,
+    paths: list[Path],
+    one: str,
+    remedy: str,
+    feature_ndim: Callable[[Path], int | None] = lambda path: None,
+) -> None:
+    """One tree given without ``axis_name`` must carry a leading replica axis on every layer.
+
+    A layer's stacked statistics have the replica axis, then its feature axes:
+    ``feature_ndim(path)`` of them where the caller knows (an NNX module's
+    ``num_features``), else at least one. Without this check, an unstacked
+    tree's features would be merged as if they were replicas.
+    """
+    for path in paths:
+        shape = np.shape(lookup(tree, path)["mean"])
+        ndim = feature_ndim(path)
+        if len(shape) < 2 if ndim is None else len(shape) != ndim + 1:
+            raise ValueError(
+                f"{one} whose batch norm {path_name(path)!r} has statistics of shape {shape}, "
+                f"i.e. no leading replica axis: give {remedy}, or axis_name inside a mapped axis"
+            )
+
+
+def stack(trees: Sequence[Any], what: str) -> Any:
     """A list of replicas' trees as one tree with a leading replica axis."""
     if not trees:
         raise ValueError(f"{what} is an empty list: give at least one replica's statistics")
@@ -237,41 +251,13 @@ def _stack(trees: Sequence[Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _check_axis(axis_name: Any, fn: str) -> None:
-    try:
-        lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound here: call {fn} inside pmap, shard_map or "
-            "vmap with that axis_name, or leave axis_name=None and give the stacked replicas"
-        ) from None
-
-
-def _gather(tree: Any, axis_name: Any) -> Any:
-    """Every device's leaves stacked on a new leading axis, the same on every device.
-
-    A psum of each device's leaf placed in its own row of zeros: one collective
-    for the whole tree, exact (x + 0 = x), and its result is invariant over the
-    axis (``lax.all_gather``'s is typed as varying), so ``shard_map`` can return
-    the merged statistics replicated, with ``out_specs=P()``.
-    """
-    size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
-
-    def rows(leaf):
-        leaf = jnp.asarray(leaf)
-        own = (jnp.arange(size) == index).reshape((size,) + (1,) * leaf.ndim)
-        return jnp.where(own, leaf[None], jnp.zeros((), leaf.dtype))
-
-    return lax.psum(jax.tree.map(rows, tree), axis_name)
-
-
-def _merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
+def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
-    paths = _layer_paths(tree, what)
+    paths = layer_paths(tree, what)
     if not paths:
         raise ValueError(f"{what} holds no batch-norm layer (a dict with 'mean' and 'var')")
     n = _counts(counts, None, unbiased_var)
-    layers, n = _gather(([dict(_lookup(tree, p)) for p in paths], n), axis_name)
+    layers, n = gather(([dict(lookup(tree, p)) for p in paths], n), StatsConfig((), axis_name))
     return _merge(_rebuild(tree, dict(zip(paths, layers, strict=True))), paths, n, unbiased_var)
 
 
@@ -301,10 +287,11 @@ def sync_batch_stats(
 
     * a stacked tree, every leaf with a leading replica axis (e.g. the
       ``batch_stats`` a ``jax.pmap``'d train step returns): returns one tree
-      without that axis;
+      without that axis. A tree whose statistics have fewer than two axes has
+      none (one replica's tree) and is an error;
     * a list of trees, one per replica: the same;
     * inside ``pmap``, ``shard_map`` or ``vmap`` with ``axis_name``: each device's
-      own tree and count; every device gets the merged tree (one ``psum``).
+      own tree and count; every device gets the merged tree (one gather).
 
     Every layer (a dict with ``"mean"`` and ``"var"``, as ``jbn.BatchNorm`` and
     ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32
@@ -317,7 +304,9 @@ def sync_batch_stats(
         whole variables).
       counts: how many values each replica's statistics summarize (e.g. its
         number of examples): shape ``(replicas,)``, or this device's scalar with
-        ``axis_name``. None (default): all equal.
+        ``axis_name``. None (default): all equal. A replica with count 0
+        contributes nothing, whatever its statistics hold (NaN, inf), its
+        ``"count"`` of batches included.
       axis_name: the named mapped axis whose devices hold the replicas, or None
         (default) for stacked statistics or a list.
       unbiased: the variances are Bessel-corrected, ``M2 / (n - 1)`` with n the
@@ -338,102 +327,18 @@ def sync_batch_stats(
             raise ValueError(
                 "with axis_name, batch_stats is this device's own tree, not a list of replicas"
             )
-        _check_axis(axis_name, "jbn.sync_batch_stats")
-        return _merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
+        checks.axis_size(axis_name, "jbn.sync_batch_stats", UNMAPPED)
+        return merge_over_axis(batch_stats, counts, axis_name, unbiased, what)
     if isinstance(batch_stats, (list, tuple)):
         for i, t in enumerate(batch_stats):
-            _layer_paths(t, f"batch_stats[{i}]")
-        batch_stats = _stack(list(batch_stats), what)
-    return _merge_stacked(batch_stats, counts, unbiased, what)
-
-
-def _feature_ndim(module: Any) -> int | None:
-    features = getattr(module, "num_features", None)
-    if isinstance(features, int):
-        return 1
-    if isinstance(features, tuple):
-        return len(features)
-    return None
-
-
-def _check_stacked_model(model: nnx.Module, paths: list[Path]) -> None:
-    """A single model given without axis_name must carry a leading replica axis."""
-    modules = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-    for path in paths:
-        module = modules.get(path)
-        ndim = _feature_ndim(module)
-        mean = getattr(module, "mean", None)
-        if ndim is not None and mean is not None and jnp.ndim(mean[...]) != ndim + 1:
-            raise ValueError(
-                f"models is one model whose batch norm {_name(path)!r} has statistics of shape "
-                f"{jnp.shape(mean[...])}, i.e. no leading replica axis: give a list of replica "
-                "models, a model with stacked statistics (e.g. built under nnx.vmap), or "
-                "axis_name inside a mapped axis"
-            )
-
-
-def sync_nnx_batch_stats(
-    models: nnx.Module | Sequence[nnx.Module],
-    counts: ArrayLike | Sequence[float] | None = None,
-    *,
-    axis_name: Any = None,
-    unbiased: bool = False,
-) -> None:
-    """Merges, in place, the running statistics that NNX replica models kept separately.
-
-    The NNX counterpart of :func:`sync_batch_stats` (same formula and options):
-    afterwards every replica's batch norms hold the mean and variance of all the
-    replicas' data together. Works on the ``nnx.BatchStat`` ``mean`` / ``var`` (and
-    ``count``) of ``jbn.nnx.BatchNorm`` and ``flax.nnx.BatchNorm`` alike; a model
-    with any other ``nnx.BatchStat`` is an error. Three ways to call it:
-
-    * a list of replica models (the same architecture), e.g. copies trained on
-      different shards: each gets the merged statistics;
-    * one model whose statistics have a leading replica axis, as an ensemble
-      built with ``nnx.split_rngs`` and ``nnx.vmap`` has: every replica's slice
-      gets the merged statistics (the shape stays);
-    * inside ``nnx.vmap``, ``nnx.pmap`` or ``shard_map`` with ``axis_name``: the
-      device's own model and count.
-
-    Args:
-      models: the replica models, as above.
-      counts: how many values each replica's statistics summarize: shape
-        ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
-      axis_name: the named mapped axis whose devices hold the replicas, or None.
-      unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
-        needs ``counts``, see :func:`sync_batch_stats`.
-    """
-    fn = "jbn.nnx.sync_batch_stats"
-    if isinstance(models, nnx.Module):
-        replicas = [models]
-    elif isinstance(models, Sequence) and all(isinstance(m, nnx.Module) for m in models):
-        replicas = list(models)
-        if not replicas:
-            raise ValueError("models is an empty list: give at least one replica model")
+            layer_paths(t, f"batch_stats[{i}]")
+        batch_stats = stack(list(batch_stats), what)
     else:
-        raise TypeError(
-            f"models must be an nnx.Module or a list of them, got {type(models).__name__}"
+        check_replica_axis(
+            batch_stats,
+            layer_paths(batch_stats, what),
+            "batch_stats is one tree",
+            "the replicas' statistics stacked (a leading replica axis on every leaf, as a "
+            "pmap'd step returns them) or a list of trees, one per replica",
         )
-    states = [nnx.state(m, nnx.BatchStat) for m in replicas]
-    trees = [nnx.to_pure_dict(s) for s in states]
-    for i, tree in enumerate(trees):
-        what = "models" if isinstance(models, nnx.Module) else f"models[{i}]"
-        if not _layer_paths(tree, f"{what}' batch stats"):
-            raise ValueError(f"{what} holds no batch norm (nnx.BatchStat 'mean' and 'var')")
-    if axis_name is not None:
-        if len(replicas) > 1 or not isinstance(models, nnx.Module):
-            raise ValueError("with axis_name, models is this device's own model, not a list")
-        _check_axis(axis_name, fn)
-        merged = _merge_over_axis(trees[0], counts, axis_name, unbiased, "models' batch stats")
-        new = [merged]
-    elif isinstance(models, nnx.Module):
-        _check_stacked_model(models, _layer_paths(trees[0], "models' batch stats"))
-        merged = _merge_stacked(trees[0], counts, unbiased, "models' batch stats")
-        stacked = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), merged, trees[0])
-        new = [stacked]
-    else:
-        merged = _merge_stacked(_stack(trees, "models' batch stats"), counts, unbiased, "models")
-        new = [merged] * len(replicas)
-    for model, state, tree in zip(replicas, states, new, strict=True):
-        nnx.replace_by_pure_dict(state, tree)
-        nnx.update(model, state)
+    return merge_stacked(batch_stats, counts, unbiased, what)

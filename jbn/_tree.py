@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Path = str | Sequence[str]
@@ -24,7 +24,7 @@ def parse_path(path: Path, what: str) -> tuple[str, ...]:
     return parts
 
 
-def lookup(tree: Any, path: tuple[str, ...]) -> Any:
+def lookup(tree: Any, path: tuple[Any, ...]) -> Any:
     """The entry at ``path``, or None where there is none."""
     for key in path:
         if not isinstance(tree, Mapping) or key not in tree:
@@ -33,7 +33,7 @@ def lookup(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def replace(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+def replace(tree: Any, path: tuple[Any, ...], value: Any) -> Any:
     """A copy of ``tree`` with the entry at ``path`` replaced (copies along the path only)."""
     if not path:
         return value
@@ -56,13 +56,44 @@ def remove(tree: Mapping, path: tuple[str, ...]) -> dict:
     return tree
 
 
-def batch_norm_layers(tree: Mapping, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Paths of the dicts in a ``batch_stats`` tree that hold a layer's 'mean' and 'var'."""
-    if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
+def is_batch_norm_layer(node: Any) -> bool:
+    """A batch-norm layer's running statistics: a dict that holds 'mean' and 'var' arrays."""
+    return (
+        isinstance(node, Mapping)
+        and "mean" in node
+        and "var" in node
+        and not isinstance(node["mean"], Mapping)
+    )
+
+
+def batch_norm_layers(
+    tree: Any,
+    other: Callable[[tuple[Any, ...], Any], None] | None = None,
+    path: tuple[Any, ...] = (),
+) -> list[tuple[Any, ...]]:
+    """Paths of the batch-norm layers (:func:`is_batch_norm_layer`) of a ``batch_stats`` tree.
+
+    The one walker of statistics trees. Every other node that is not a dict is
+    passed to ``other(path, node)``, which may raise (the tree may hold nothing
+    else); by default it is skipped.
+    """
+    if is_batch_norm_layer(tree):
         return [path]
-    return [
-        p
-        for key, sub in tree.items()
-        if isinstance(sub, Mapping)
-        for p in batch_norm_layers(sub, path + (key,))
-    ]
+    if isinstance(tree, Mapping):
+        return [
+            p for key, sub in tree.items() for p in batch_norm_layers(sub, other, path + (key,))
+        ]
+    if other is not None:
+        other(path, tree)
+    return []
+
+
+def to_dicts(tree: Any) -> Any:
+    """``tree`` with every mapping (a dict, flax's ``FrozenDict``) rebuilt as a plain dict.
+
+    What ``flax.core.unfreeze`` does, without importing flax: the leaves are the
+    same objects, the dicts new ones, so the caller may change them freely.
+    """
+    if isinstance(tree, Mapping):
+        return {key: to_dicts(value) for key, value in tree.items()}
+    return tree

@@ -13,11 +13,13 @@ Renormalization (Ioffe 2017): with r and d constants for differentiation,
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._checks import axis_size
 from ._stats import batch_stats, compute_dtype
 from ._train import TrainConfig
 
@@ -38,6 +40,43 @@ def split_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_si
     scale = jnp.broadcast_to(scale[None], (groups,) + scale.shape)
     bias = jnp.broadcast_to(bias[None], (groups,) + bias.shape)
     return x, scale, bias, mask, dataclasses.replace(cfg, stats=stats)
+
+
+def split_named_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_size: int):
+    """Ghost batches along the named axes: ``(x, scale, bias, mask, cfg, group)``.
+
+    Under ``cfg.stats.axis_name`` (e.g. a vmap over examples, as ``jbn.equinox``
+    runs), group g holds the indices ``g * virtual_batch_size ...`` along the
+    named axes. Every device makes G copies of its x along a new axis 0, a
+    feature axis; copy g counts (mask) only where this device is in group g, so
+    each group is normalized with its own statistics, and the device keeps the
+    slice ``group`` of the output.
+    """
+    name = cfg.stats.axis_name
+    size = axis_size(name)
+    groups, rest = divmod(size, virtual_batch_size)
+    if rest:
+        raise ValueError(
+            f"virtual_batch_size={virtual_batch_size} does not divide the batch: the named "
+            f"axes {name!r} map {size} examples"
+        )
+    per_feature = math.prod(x.shape[a] for a in cfg.stats.reduce_axes)
+    if virtual_batch_size * per_feature <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per feature when training: ghost batches of "
+            f"virtual_batch_size={virtual_batch_size} examples of shape {x.shape} have "
+            f"{virtual_batch_size * per_feature}"
+        )
+    group = lax.axis_index(name) // virtual_batch_size
+    mine = (jnp.arange(groups) == group).reshape((groups,) + (1,) * x.ndim)
+    copies = jnp.broadcast_to(x[None], (groups, *x.shape))
+    in_group = jnp.broadcast_to(mine, copies.shape)
+    if mask is not None:
+        in_group = in_group & mask[None]
+    scale = jnp.broadcast_to(scale[None], (groups,) + scale.shape)
+    bias = jnp.broadcast_to(bias[None], (groups,) + bias.shape)
+    stats = dataclasses.replace(cfg.stats, reduce_axes=tuple(a + 1 for a in cfg.stats.reduce_axes))
+    return copies, scale, bias, in_group, dataclasses.replace(cfg, stats=stats), group
 
 
 def renorm_affine(x, scale, bias, mask, running, cfg: TrainConfig, rmax, dmax):

@@ -43,7 +43,7 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        os.fchmod(fd, _default_mode())
+        os.chmod(tmp, _default_mode())  # by path: os.fchmod does not exist on Windows
         with os.fdopen(fd, "wb") as out:
             if isinstance(source, (bytes, bytearray)):
                 out.write(source)

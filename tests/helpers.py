@@ -1,6 +1,6 @@
 """Helpers shared by the tests.
 
-The MNIST demo (``tests/test_demo_*.py``): tiny synthetic IDX data sets and configurations.
+The MNIST demo (``tests/demo/test_demo_*.py``): tiny synthetic IDX data sets and configurations.
 """
 
 from __future__ import annotations

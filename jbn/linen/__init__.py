@@ -1,0 +1,29 @@
+"""``jbn.linen``: batch normalization for Flax linen.
+
+``BatchNorm`` is a drop-in replacement for ``flax.linen.BatchNorm``
+(``jbn.BatchNorm`` is the same class); ``intercept()`` runs every
+``flax.linen.BatchNorm`` of any model through jbn without editing it;
+``frozen_batch_norms()`` and ``batch_norm_mask`` are for fine-tuning;
+``recalibrate_batch_stats`` recomputes running statistics from data and
+``sync_batch_stats`` merges replicas' running statistics exactly.
+"""
+
+from .._extras import require
+
+require("flax", "jbn.linen")
+
+from .._sync import sync_batch_stats as sync_batch_stats
+from ._batch_norm import BatchNorm as BatchNorm
+from ._freeze import batch_norm_mask as batch_norm_mask
+from ._freeze import frozen_batch_norms as frozen_batch_norms
+from ._intercept import intercept as intercept
+from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+
+__all__ = (
+    "BatchNorm",
+    "batch_norm_mask",
+    "frozen_batch_norms",
+    "intercept",
+    "recalibrate_batch_stats",
+    "sync_batch_stats",
+)

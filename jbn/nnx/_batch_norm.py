@@ -1,0 +1,214 @@
+"""``jbn.nnx.BatchNorm``: a drop-in replacement for ``flax.nnx.BatchNorm`` on the jbn core.
+
+The same constructor, call signature and variables. The module only fetches
+variables, calls :func:`jbn.bn_forward` and stores what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
+
+from .. import _checks as checks
+from .. import _options as options
+from .._batch_norm import bn_forward
+from .._checks import Residual
+
+_NO_MODE = (
+    "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
+    "constructor (jbn.nnx.BatchNorm(..., use_running_average=True/False)), to the call "
+    "(bn(x, use_running_average=True/False)), or set it with model.train() / model.eval()"
+)
+
+
+@options.document
+class BatchNorm(nnx.Module):
+    """Batch normalization for Flax NNX, with jbn's analytic backward pass.
+
+    A drop-in replacement for :class:`flax.nnx.BatchNorm`: the same arguments,
+    ``model.train()`` / ``model.eval()`` (which set ``use_running_average``) and
+    ``nnx.view``, and the same variables ``scale``, ``bias`` (``nnx.Param``),
+    ``mean``, ``var`` (``nnx.BatchStat``, float32)::
+
+      >>> import jax, jbn
+      >>> from flax import nnx
+      >>> bn = jbn.nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4))
+      >>> y = bn(x)        # training mode: batch statistics, updates mean and var
+      >>> bn.eval()
+      >>> y = bn(x)        # running statistics
+
+    Differences from flax: the statistics are always exact (``use_fast_variance``
+    is accepted and ignored), and the running statistics are used in float32
+    even when ``dtype`` is lower.
+
+    Args:
+      num_features: the size of the feature axis (a tuple of sizes for several
+        feature axes, e.g. ``axis=(1, 2, 3)``).
+      use_running_average: True: running statistics (evaluation); False (default):
+        batch statistics, updating the running ones (training).
+      axis: the feature axis or axes (default -1).
+      momentum: running-average decay, ``new = momentum * old + (1 - momentum) *
+        batch`` (default 0.99). None: cumulative average of all batches so far,
+        with an int32 ``count`` batch statistic (per feature: the batches each
+        feature counted).
+      epsilon: added to the variance (default 1e-5).
+      dtype: output dtype (default: ``x`` promoted with the variables, as flax).
+      param_dtype: dtype of ``scale`` and ``bias`` (default float32).
+      use_bias: learn ``bias`` (β).
+      use_scale: learn ``scale`` (γ).
+      bias_init: initializer of ``bias``.
+      scale_init: initializer of ``scale``.
+      axis_name: named axis (pmap, shard_map) whose devices share statistics.
+      axis_index_groups: groups of devices along ``axis_name``.
+      use_fast_variance: accepted for compatibility; jbn is always exact.
+      promote_dtype: flax's dtype promotion of ``(x, mean, var, scale, bias)``.
+      rngs: random generators for the initializers.
+      bias_metadata: metadata of the ``bias`` Param.
+      scale_metadata: metadata of the ``scale`` Param.
+      <jbn options>
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros_init(),
+        scale_init: Initializer = initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        unbiased_running_var: bool = False,
+        finite_running_stats: bool = True,
+        residual: Residual = "input",
+        min_scale: float = 1e-3,
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+    ):
+        feature_shape = checks.feature_shape(num_features, "num_features")
+        checks.momentum(momentum)
+        checks.positive_float(epsilon, "epsilon")
+        checks.axis_index_groups(axis_index_groups, checks.axis_name(axis_name))
+        given = locals()
+        jbn_options = options.check_all({name: given[name] for name in options.JBN})
+        self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+        if momentum is None:
+            self.count = nnx.BatchStat(jnp.zeros(feature_shape, jnp.int32))
+        else:
+            self.count = nnx.data(None)
+        if use_scale:
+            self.scale = nnx.Param(
+                scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+            )
+        else:
+            self.scale = nnx.data(None)
+        if use_bias:
+            self.bias = nnx.Param(
+                bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        for name, value in jbn_options.items():
+            setattr(self, name, value)
+
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.typing.ArrayLike | None = None,
+        rmax: float | jax.typing.ArrayLike | None = None,
+        dmax: float | jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
+        """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
+
+        Args:
+          x: input, e.g. (N, C) or (N, H, W, C).
+          use_running_average: overrides the attribute for this call.
+          mask: boolean, broadcastable to ``x``; only True entries enter the
+            statistics.
+          rmax: renorm's bound on r for this call (default: the attribute).
+          dmax: renorm's bound on |d| for this call (default: the attribute).
+
+        Returns:
+          The normalized ``x``, same shape.
+        """
+        use_running_average = first_from(
+            use_running_average, self.use_running_average, error_msg=_NO_MODE
+        )
+        x, params, state = self.prepare(x)
+        train = not use_running_average
+        y, new_state = bn_forward(
+            params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
+        )
+        if train:
+            for k, v in new_state.items():
+                variable = getattr(self, k)
+                if variable.shape == v.shape:
+                    variable[...] = v
+                else:  # a scalar count (an older checkpoint) becomes per feature
+                    variable.value = v
+        return y
+
+    def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
+        """``(x, params, state)`` as the core takes them, after flax's dtype promotion."""
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        # flax promotes x with every variable first and normalizes the promoted x.
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        )
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+        return x, params, self.running_stats()
+
+    def running_stats(self) -> dict[str, jax.Array]:
+        """The running statistics ``{"mean", "var"}`` (and ``"count"``) as the core takes them."""
+        state = {"mean": self.mean[...], "var": self.var[...]}
+        if self.count is not None:
+            state["count"] = self.count[...]
+        return state
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view``.
+
+        Args:
+          use_running_average: if not None, the new ``use_running_average``.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
