@@ -5,14 +5,24 @@ Markdown would misread: ``:func:`name``` roles, and examples introduced by a
 paragraph ending in ``::`` (or bare ``>>>`` lines). This rewrites them before
 mkdocstrings parses the docstring: roles become inline code, examples become
 fenced ``pycon`` (or ``python``) blocks. Docstrings already in Markdown pass
-through unchanged. Loaded by ``mkdocs.yml`` (``extensions:``).
+through unchanged.
+
+A few docstrings are completed at import time: the ``<jbn options>`` line of
+``bn_forward`` and the layers becomes the options' ``Args:`` entries
+(``jbn._options.document``). For those the extension takes the docstring of the
+imported object, as ``help()`` shows it, so the build imports jbn.
+
+Loaded by ``mkdocs.yml`` (``extensions:``).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import griffe
+
+_COMPLETED_AT_IMPORT = "<jbn options>"  # jbn._options.MARKER
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|obj|data|exc|const):`~?([^`]+)`")
 
@@ -76,5 +86,9 @@ class RestToMarkdown(griffe.Extension):
     """Rewrites each docstring with ``to_markdown`` when griffe loads it."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
-        if obj.docstring is not None:
-            obj.docstring.value = to_markdown(obj.docstring.value)
+        if obj.docstring is None:
+            return
+        text = obj.docstring.value
+        if _COMPLETED_AT_IMPORT in text:
+            text = inspect.cleandoc(griffe.dynamic_import(obj.path).__doc__)
+        obj.docstring.value = to_markdown(text)
