@@ -27,7 +27,8 @@ from ._train import TrainConfig, bn_train, bn_train_reference
 from ._variants import renorm_affine, split_ghost_batches, split_named_ghost_batches
 
 Array = jax.Array
-Params = Mapping[str, ArrayLike] | None
+# A missing or None entry means no scale (bias); None means neither.
+Params = Mapping[str, ArrayLike | None] | None
 State = Mapping[str, ArrayLike]
 
 
@@ -41,7 +42,9 @@ def eval_affine(x: Array, mean: Array, multiplier: Array, bias: Array) -> Array:
     return (x - mean) * multiplier + bias
 
 
-def _stats_config(x: Array, axis: Any, axis_name: Any, axis_index_groups: Any):
+def _stats_config(
+    x: Array, axis: Any, axis_name: Any, axis_index_groups: Any
+) -> tuple[StatsConfig, tuple[int, ...]]:
     axes = checks.feature_axes(axis, x.shape)
     axis_name = checks.axis_name(axis_name)
     cfg = StatsConfig(
@@ -52,7 +55,15 @@ def _stats_config(x: Array, axis: Any, axis_name: Any, axis_index_groups: Any):
     return cfg, axes
 
 
-def _train_config(x, stats: StatsConfig, *, epsilon, residual, min_scale, dtype) -> TrainConfig:
+def _train_config(
+    x: Array,
+    stats: StatsConfig,
+    *,
+    epsilon: float,
+    residual: Residual,
+    min_scale: float,
+    dtype: DTypeLike | None,
+) -> TrainConfig:
     residual = checks.residual(residual)
     out_dtype = checks.floating_dtype(dtype, allow_none=True, allow_complex=jnp.iscomplexobj(x))
     return TrainConfig(
@@ -142,7 +153,7 @@ def bn_forward(
     train: bool,
     *,
     axis: int | Sequence[int] = -1,
-    momentum: float | None = 0.99,
+    momentum: float | ArrayLike | None = 0.99,
     epsilon: float = 1e-5,
     mask: ArrayLike | None = None,
     axis_name: Any = None,

@@ -10,18 +10,20 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 Array = jax.Array
 
+# What the backward pass keeps: the input x or the output y.
 Residual = Literal["input", "output"]
-RESIDUALS: tuple[str, ...] = get_args(Residual)
+RESIDUALS: tuple[Residual, ...] = get_args(Residual)
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count")
 
@@ -34,7 +36,7 @@ def feature_shape(value: Any, name: str = "feature_shape") -> tuple[int, ...]:
     except TypeError:
         shape = ()
     if not shape or not all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) > 0 for s in shape
     ):
         raise ValueError(f"{name} must be a positive int or tuple of positive ints, got {value!r}")
     return tuple(int(s) for s in shape)
@@ -53,7 +55,7 @@ def feature_axes(axis: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= a < ndim:
+        if not -ndim <= int(a) < ndim:
             raise ValueError(
                 f"axis {a} is out of range for x of shape {shape} ({ndim} dimensions); "
                 f"expected -{ndim} <= axis < {ndim}"
@@ -126,10 +128,11 @@ def params(
         raise ValueError(
             f"{name} has unknown keys {unknown}; expected 'scale' and/or 'bias' (flax's names)"
         )
-    return tuple(
+    scale, bias = (
         None if value.get(k) is None else vector(value[k], f"{name}[{k!r}]", shape, needs)
         for k in PARAM_KEYS
     )
+    return scale, bias
 
 
 def state(
@@ -215,12 +218,13 @@ def momentum(value: Any, name: str = "momentum") -> None:
         value, (numbers.Real, np.ndarray, np.generic, jax.Array)
     ):
         raise TypeError(f"{name} must be a Python float in [0, 1] or None, got {value!r}")
-    if jnp.ndim(value) != 0:
+    shape = () if isinstance(value, numbers.Real) else jnp.shape(value)
+    if shape != ():
         raise ValueError(
             f"{name} must be a scalar (one decay for every feature) in [0, 1] or None, got an "
-            f"array of shape {jnp.shape(value)}"
+            f"array of shape {shape}"
         )
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         return
     real(
         float(value),
@@ -249,9 +253,10 @@ def bound(value: Any, name: str, low: float) -> Any:
         raise TypeError(
             f"{name} must be a float (or a scalar array, e.g. from a schedule), got {value!r}"
         )
-    if jnp.shape(value) != ():
-        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    if not isinstance(value, jax.core.Tracer) and not float(value) >= low:
+    shape = () if isinstance(value, numbers.Real) else jnp.shape(value)
+    if shape != ():
+        raise ValueError(f"{name} must be a scalar, got shape {shape}")
+    if not isinstance(value, Tracer) and not float(value) >= low:
         raise ValueError(f"{name} must be >= {low} (inf for no clipping), got {float(value)}")
     return value
 
@@ -264,6 +269,12 @@ def rmax(value: Any, name: str = "rmax") -> Any:
 def dmax(value: Any, name: str = "dmax") -> Any:
     """Renorm's bound on |d|: >= 0."""
     return bound(value, name, 0.0)
+
+
+@overload
+def positive_int(value: Any, name: str, *, allow_none: Literal[False]) -> int: ...
+@overload
+def positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None: ...
 
 
 def positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
@@ -311,10 +322,14 @@ def train(value: Any) -> bool:
     )
 
 
+def _is_residual(value: object) -> TypeGuard[Residual]:
+    return isinstance(value, str) and value in RESIDUALS
+
+
 def residual(value: Any, name: str = "residual") -> Residual:
-    if not isinstance(value, str) or value not in RESIDUALS:
+    if not _is_residual(value):
         raise ValueError(f"{name} must be 'input' or 'output', got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def axis_name(value: Any) -> Any:
@@ -337,7 +352,9 @@ def axis_index_groups(value: Any, name: Any) -> tuple[tuple[int, ...], ...] | No
         ) from None
 
 
-def batch_not_empty(x_shape, reduce_axes, name: Any, what: str) -> None:
+def batch_not_empty(
+    x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], name: Any, what: str
+) -> None:
     """An empty local batch is only meaningful when other devices share the statistics."""
     if name is None and any(x_shape[a] == 0 for a in reduce_axes):
         raise ValueError(
@@ -377,7 +394,12 @@ def bound_axis_name(name: Any) -> Any:
     return name if name is not None and _bound(name) else None
 
 
-def values_per_feature(values: int, x_shape, axes, virtual_batch_size=None) -> None:
+def values_per_feature(
+    values: int,
+    x_shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    virtual_batch_size: int | None = None,
+) -> None:
     """Training needs more than one value per feature (per ghost batch)."""
     if values > 1:
         return

@@ -24,6 +24,9 @@ from . import _tree as tree
 from ._batch_norm import eval_affine, eval_multiplier
 from ._stats import compute_dtype
 
+# fold_batch_norm_variables' check: (apply_fn, folded_apply_fn, probe batch).
+Check = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any], ArrayLike]
+
 
 def fold_batch_norm(
     kernel: ArrayLike,
@@ -79,7 +82,7 @@ def fold_batch_norm_variables(
     pairs: Iterable[tuple[tree.Path, tree.Path]],
     *,
     epsilon: float = 1e-5,
-    check: tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any], ArrayLike] | None = None,
+    check: Check | None = None,
     rtol: float = 1e-4,
 ) -> dict[str, Any]:
     """Folds batch-norm layers of a linen model into the Dense or Conv layers before them.
@@ -179,7 +182,14 @@ def fold_batch_norm_variables(
     return out
 
 
-def _check_folded(variables, folded, check, rtol: float, epsilon: float, pairs) -> None:
+def _check_folded(
+    variables: Mapping[str, Any],
+    folded: Mapping[str, Any],
+    check: Check,
+    rtol: float,
+    epsilon: float,
+    pairs: Sequence[tuple[tree.Path, tree.Path]],
+) -> None:
     """Compares the folded model with the original on a probe batch; a clear error if they differ."""
     apply_fn, folded_apply_fn, x = check
     y = jnp.asarray(apply_fn(variables, x), jnp.float32)

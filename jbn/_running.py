@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from ._stats import pool_groups, unbiased
 
@@ -29,7 +30,7 @@ def update_running(
     var: Array,
     n: Array,
     *,
-    momentum: float | Array | None,
+    momentum: ArrayLike | None,
     unbiased_var: bool,
     feature_shape: tuple[int, ...],
     finite_only: bool = True,
@@ -82,13 +83,13 @@ def update_running(
         count = old_count + update.astype(old_count.dtype)
         new["count"] = count
         t = jnp.maximum(count, 1).astype(mean.real.dtype)
-    if momentum is None:
-        decay = 1.0 - 1.0 / t
-    elif debias:
-        m = jnp.asarray(momentum, t.dtype)
-        m_t = m**t
-        # m = 1 keeps the statistics (no update), as an undebiased m = 1 does.
-        decay = jnp.where(m_t == 1.0, m, (m - m_t) / jnp.where(m_t == 1.0, 0.5, 1.0 - m_t))
+        if momentum is None:
+            decay = 1.0 - 1.0 / t
+        else:
+            m = jnp.asarray(momentum, t.dtype)
+            m_t = m**t
+            # m = 1 keeps the statistics (no update), as an undebiased m = 1 does.
+            decay = jnp.where(m_t == 1.0, m, (m - m_t) / jnp.where(m_t == 1.0, 0.5, 1.0 - m_t))
     else:
         decay = momentum
     new_mean = decay * old_mean + (1.0 - decay) * mean

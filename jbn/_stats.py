@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from ._xla_cpu import unshared
 
 Array = jax.Array
+_Values = TypeVar("_Values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ def broadcast_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tup
     return tuple(1 if a in reduce_axes else s for a, s in enumerate(shape))
 
 
-def psum(values, cfg: StatsConfig):
+def psum(values: _Values, cfg: StatsConfig) -> _Values:
     """Sums over the devices of ``cfg.axis_name`` (identity without one)."""
     if cfg.axis_name is None:
         return values
@@ -76,7 +78,7 @@ def abs_sq(d: Array) -> Array:
     return d * d
 
 
-def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype) -> Array:
+def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype: DTypeLike) -> Array:
     """Per-feature number of entries that enter the statistics on this device."""
     if mask is None:
         local = math.prod(x.shape[a] for a in cfg.reduce_axes)
@@ -84,7 +86,7 @@ def local_count(x: Array, mask: Array | None, cfg: StatsConfig, dtype) -> Array:
     return jnp.sum(mask, axis=cfg.reduce_axes, keepdims=True, dtype=dtype)
 
 
-def varying_axes(x: Array) -> frozenset:
+def varying_axes(x: Array) -> frozenset[Any]:
     """The manual mesh axes along which x varies (shard_map's type system; empty elsewhere)."""
     aval = jax.typeof(x)
     if hasattr(aval, "vma"):  # jax <= 0.9
@@ -130,7 +132,9 @@ def gather(values: Any, cfg: StatsConfig) -> Any:
     return jax.tree.map(one, values)
 
 
-def combine_groups(n: Array, shift: Array, dmean: Array, m2: Array):
+def combine_groups(
+    n: Array, shift: Array, dmean: Array, m2: Array
+) -> tuple[Array, Array, Array, Array]:
     """Exact statistics of groups stacked on axis 0, each ``(count, shift, mean - shift, M2)``.
 
     Chan's combination of any number of groups at once: relative to one
@@ -152,7 +156,9 @@ def combine_groups(n: Array, shift: Array, dmean: Array, m2: Array):
     return total[0], ref[0], rmean[0], m2
 
 
-def _local_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+def _local_stats(
+    x: Array, mask: Array | None, cfg: StatsConfig
+) -> tuple[Array, Array, Array, Array]:
     """This device's exact ``(count, shift, mean - shift, M2)``, each of the feature shape.
 
     Without a mask, shifted sums, which need no mean first: for a shift k near
@@ -171,20 +177,20 @@ def _local_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     if mask is None:
         first = lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd)
         shift = jnp.mean(first, axis=ra, keepdims=True)
-        where = {}
     else:
-        where = {"where": mask}
         shift = jnp.sum(x.astype(cd), axis=ra, keepdims=True, where=mask) / jnp.maximum(n, 1)
     shift = lax.stop_gradient(shift)
     # Each sum reads x through its own barrier: one pass each, no temporaries.
-    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True, **where)
+    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True, where=mask)
     d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
-    s2 = jnp.sum(d * d, axis=ra, keepdims=True, **where)
+    s2 = jnp.sum(d * d, axis=ra, keepdims=True, where=mask)
     dmean = s1 / jnp.maximum(n, 1)
     return n, shift, dmean, jnp.maximum(s2 - s1 * dmean, 0.0)
 
 
-def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+def shifted_stats(
+    x: Array, mask: Array | None, cfg: StatsConfig
+) -> tuple[Array, Array, Array, Array]:
     """Exact per-feature statistics as ``(shift, mean - shift, biased variance, count)``.
 
     Each device computes its own exact ``(count, shift, mean - shift, M2)``
@@ -204,7 +210,7 @@ def shifted_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     return shift, dmean, var, n
 
 
-def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig) -> tuple[Array, Array, Array]:
     """Plain two-pass ``(mean, biased variance, count)``, synchronized by summing sums and counts.
 
     For complex x the mean is complex and the variance E|x - μ|² real.
@@ -220,7 +226,7 @@ def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig):
     return mean, var, n
 
 
-def batch_stats(x: Array, mask: Array | None, cfg: StatsConfig):
+def batch_stats(x: Array, mask: Array | None, cfg: StatsConfig) -> tuple[Array, Array, Array]:
     """Exact per-feature ``(mean, biased variance, count)`` (see :func:`shifted_stats`)."""
     if jnp.iscomplexobj(x):
         return reference_stats(x, mask, cfg)
@@ -233,7 +239,7 @@ def unbiased(var: Array, n: Array) -> Array:
     return var * (n / jnp.maximum(n - 1, 1))
 
 
-def pool_groups(mean: Array, var: Array, n: Array):
+def pool_groups(mean: Array, var: Array, n: Array) -> tuple[Array, Array, Array]:
     """Count-weighted means over axis 0 of groups' statistics; the total count.
 
     The variance is the weighted mean of the groups' variances (what each
@@ -245,7 +251,9 @@ def pool_groups(mean: Array, var: Array, n: Array):
     return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total[0]
 
 
-def combine(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]):
+def combine(
+    a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]
+) -> tuple[Array, Array, Array]:
     """Chan et al.'s exact combination of two ``(count, mean, M2)`` triples (M2 = var · count)."""
     n_a, mean_a, m2_a = a
     n_b, mean_b, m2_b = b

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 from . import _checks as checks
@@ -82,7 +83,7 @@ def _rebuild(tree: Any, merged: dict[Path, dict]) -> dict:
 
 
 def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
+    return not isinstance(value, Tracer)
 
 
 def _counts(counts: Any, replicas: int | None, unbiased_var: bool) -> Array:
@@ -122,8 +123,8 @@ def _reduce(n: Array, mean: Array, m2: Array) -> tuple[Array, Array, Array]:
     """Combines the (count, mean, M2) of axis 0 pairwise, in log2(replicas) vectorized steps."""
     while n.shape[0] > 1:
         half = n.shape[0] // 2
-        a = tuple(v[:half] for v in (n, mean, m2))
-        b = tuple(v[half : 2 * half] for v in (n, mean, m2))
+        a = (n[:half], mean[:half], m2[:half])
+        b = (n[half : 2 * half], mean[half : 2 * half], m2[half : 2 * half])
         rest = tuple(v[2 * half :] for v in (n, mean, m2))
         n, mean, m2 = (jnp.concatenate([c, r]) for c, r in zip(combine(a, b), rest, strict=True))
     return n[0], mean[0], m2[0]
@@ -251,7 +252,7 @@ def stack(trees: Sequence[Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str):
+def merge_over_axis(tree: Any, counts: Any, axis_name: Any, unbiased_var: bool, what: str) -> dict:
     """Inside a mapped axis: gather every device's statistics, merge, same result everywhere."""
     paths = layer_paths(tree, what)
     if not paths:

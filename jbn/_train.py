@@ -1,6 +1,6 @@
 """Training-mode normalization: the analytic custom_vjp and its plain reference.
 
-``bn_train`` is a :func:`jax.custom_vjp` whose backward is the closed-form
+``bn_train`` calls a :func:`jax.custom_vjp` (``_bn_train``) whose backward is the closed-form
 batch-norm gradient (Ioffe & Szegedy 2015, section 3):
 
     dx = (N dx̂ - Σ dx̂ - x̂ Σ(dx̂ x̂)) / (N √(σ² + ε)),   dγ = Σ dy x̂,   dβ = Σ dy,
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._checks import Residual
 from ._stats import (
     StatsConfig,
     compute_dtype,
@@ -43,7 +44,7 @@ class TrainConfig:
 
     stats: StatsConfig
     epsilon: float
-    residual: str
+    residual: Residual
     min_scale: float
     x_dtype: Any  # numpy dtypes
     out_dtype: Any
@@ -68,7 +69,9 @@ def inverse_std(var: Array, n: Array, epsilon: float) -> Array:
     return jnp.where(n > 0, lax.rsqrt(var + epsilon), 0.0).astype(var.dtype)
 
 
-def bn_train_reference(x, scale, bias, mask, cfg: TrainConfig):
+def bn_train_reference(
+    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+) -> tuple[Array, Array, Array, Array]:
     """Training-mode batch norm in plain jnp, for JAX to differentiate. Same outputs as bn_train.
 
     Complex x works here (complex mean, real variance E|x - μ|²).
@@ -81,13 +84,28 @@ def bn_train_reference(x, scale, bias, mask, cfg: TrainConfig):
     return y.astype(cfg.out_dtype), mean, var, n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def bn_train(x, scale, bias, mask, cfg: TrainConfig):
+def bn_train(
+    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+) -> tuple[Array, Array, Array, Array]:
     """Training-mode batch norm: (y, batch mean, batch var, count); gradient via _bn_train_bwd."""
+    return _bn_train(x, scale, bias, mask, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _bn_train(
+    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+) -> tuple[Array, Array, Array, Array]:
     return _bn_train_fwd(x, scale, bias, mask, cfg)[0]
 
 
-def _bn_train_fwd(x, scale, bias, mask, cfg: TrainConfig):
+# What the backward pass keeps: (x or y, mask, (shift, mean - shift) or None, rstd, scale,
+# bias, count).
+_Saved = tuple[Array, Array | None, tuple[Array, Array] | None, Array, Array, Array, Array]
+
+
+def _bn_train_fwd(
+    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+) -> tuple[tuple[Array, Array, Array, Array], _Saved]:
     cd = compute_dtype(x.dtype)
     shift, dmean, var, n = shifted_stats(x, mask, cfg.stats)
     rstd = inverse_std(var, n, cfg.epsilon)
@@ -134,7 +152,9 @@ def _param_cotangent(
     return lax.psum(local, to_sum, axis_index_groups=cfg.axis_index_groups)
 
 
-def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
+def _bn_train_bwd(
+    cfg: TrainConfig, saved: _Saved, cotangents: tuple[Array, Array, Array, Array]
+) -> tuple[Array, Array, Array, None]:
     # The batch statistics are outputs only for the running-average update,
     # which carries no gradient: their cotangents are ignored.
     dy = cotangents[0]
@@ -152,6 +172,7 @@ def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
         divisor = jnp.where(rstd > 0, scale32 * rstd, 1)
         shift, offset = bias.astype(cd), jnp.zeros_like(rstd)
     else:
+        assert shifted_mean is not None  # always saved with residual="input"
         (shift, offset), divisor = shifted_mean, jnp.ones_like(rstd)
     # Every output, padded or not, is γ x̂ + β with the shared statistics, so the
     # sums run over all entries; only the statistics' own dependence on x (the
@@ -188,4 +209,4 @@ def _bn_train_bwd(cfg: TrainConfig, saved, cotangents):
     return dx.astype(cfg.x_dtype), dscale, dbias, None
 
 
-bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from ._checks import axis_size
 from ._stats import batch_stats, compute_dtype
@@ -26,7 +28,14 @@ from ._train import TrainConfig
 Array = jax.Array
 
 
-def split_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_size: int):
+def split_ghost_batches(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    cfg: TrainConfig,
+    virtual_batch_size: int,
+) -> tuple[Array, Array, Array, Array | None, TrainConfig]:
     """``(x, scale, bias, mask, cfg)`` regrouped into ghost batches along a new axis 0."""
     groups, rest = divmod(x.shape[0], virtual_batch_size)
     if rest:
@@ -42,7 +51,14 @@ def split_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_si
     return x, scale, bias, mask, dataclasses.replace(cfg, stats=stats)
 
 
-def split_named_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_batch_size: int):
+def split_named_ghost_batches(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    cfg: TrainConfig,
+    virtual_batch_size: int,
+) -> tuple[Array, Array, Array, Array, TrainConfig, Array]:
     """Ghost batches along the named axes: ``(x, scale, bias, mask, cfg, group)``.
 
     Under ``cfg.stats.axis_name`` (e.g. a vmap over examples, as ``jbn.equinox``
@@ -79,7 +95,16 @@ def split_named_ghost_batches(x, scale, bias, mask, cfg: TrainConfig, virtual_ba
     return copies, scale, bias, in_group, dataclasses.replace(cfg, stats=stats), group
 
 
-def renorm_affine(x, scale, bias, mask, running, cfg: TrainConfig, rmax, dmax):
+def renorm_affine(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    running: Mapping[str, Array],
+    cfg: TrainConfig,
+    rmax: ArrayLike,
+    dmax: ArrayLike,
+) -> tuple[Array, Array]:
     """Renormalization's ``(γ r, β + γ d)`` from this batch and the running statistics.
 
     ``running`` holds the running mean and var before this step's update, in a

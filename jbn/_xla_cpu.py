@@ -16,10 +16,21 @@ barrier is the identity. What this buys is pinned by
 
 from __future__ import annotations
 
+from typing import overload
+
+import jax
 from jax import lax
 
+Array = jax.Array
 
-def unshared(*arrays):
+
+@overload
+def unshared(array: Array, /) -> Array: ...
+@overload
+def unshared(first: Array, second: Array, /, *rest: Array) -> tuple[Array, ...]: ...
+
+
+def unshared(*arrays: Array) -> Array | tuple[Array, ...]:
     """The arrays, through an optimization barrier on XLA:CPU (unchanged elsewhere)."""
     out = lax.platform_dependent(
         *arrays, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a

@@ -3,6 +3,7 @@
 One concept per module, following flax's MNIST example:
 
 - :mod:`mnist_demo.files`: atomic writes with the user's file mode.
+- :mod:`mnist_demo.lock`: the lock of the output directory (one run at a time).
 - :mod:`mnist_demo.mnist`: finding, downloading, verifying and reading the IDX files.
 - :mod:`mnist_demo.data`: preprocessing, the data order and augmentation.
 - :mod:`mnist_demo.models`: the CNN, the MLP and the paper's sigmoid network.

@@ -3,7 +3,8 @@
 The file is a one-line header, ``jbn-mnist-checkpoint 2 sha256=<hex>\\n``, then
 the msgpack payload (:mod:`flax.serialization`) whose SHA-256 the header gives.
 A truncated or modified file is refused with its name and what to do, never
-resumed from.
+resumed from; so is one whose arrays do not fit the model (another width, say),
+before anything is restored from it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,59 @@ def read_payload(path: str | pathlib.Path, data: bytes | None = None) -> dict[st
             f"{path}: damaged checkpoint (its content does not match its SHA-256: truncated "
             f"or modified); {remedy}"
         )
-    return serialization.msgpack_restore(body)
+    try:
+        payload = serialization.msgpack_restore(body)
+    except Exception as e:  # msgpack's errors have no common base
+        raise CheckpointError(f"{path}: its content is not a checkpoint ({e}); {remedy}") from e
+    keys = {"version", "state", "progress", "config"}
+    if not isinstance(payload, dict) or not keys <= set(payload):
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this demo (it lacks "
+            f"{', '.join(sorted(keys - set(payload if isinstance(payload, dict) else ())))}); "
+            f"{remedy}"
+        )
+    return payload
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    """The shape of an array leaf, None for a nested dict (or anything else)."""
+    if isinstance(x, dict):
+        return None
+    return tuple(getattr(x, "shape", ()))
+
+
+def first_mismatch(saved: Any, model: Any, prefix: str = "") -> str | None:
+    """The first array path at which two state dicts differ in keys or shapes, in words.
+
+    Args:
+      saved: The checkpoint's state dict (nested dicts of arrays).
+      model: The model's state dict, of the structure to restore into.
+      prefix: The path of ``saved`` and ``model`` (for the recursion).
+
+    Returns:
+      E.g. ``'params/Dense_0/kernel has shape (784, 256) in the checkpoint, (784, 512)
+      in the model'``, or None if they agree.
+    """
+    if isinstance(model, dict) or isinstance(saved, dict):
+        if not (isinstance(model, dict) and isinstance(saved, dict)):
+            what = "a group of arrays" if isinstance(saved, dict) else "an array"
+            return f"{prefix or '/'} is {what} in the checkpoint, not in the model"
+        for key in model:
+            path = f"{prefix}/{key}" if prefix else str(key)
+            if key not in saved:
+                return f"{path} is in the model but not in the checkpoint"
+            found = first_mismatch(saved[key], model[key], path)
+            if found is not None:
+                return found
+        for key in saved:
+            if key not in model:
+                path = f"{prefix}/{key}" if prefix else str(key)
+                return f"{path} is in the checkpoint but not in the model"
+        return None
+    a, b = _shape(saved), _shape(model)
+    if a != b:
+        return f"{prefix} has shape {a} in the checkpoint, {b} in the model"
+    return None
 
 
 def save_checkpoint(
@@ -134,15 +187,26 @@ def restore_checkpoint(
       The restored state and progress, or None if there is no checkpoint.
 
     Raises:
-      CheckpointError: If the checkpoint is damaged or was made with settings
-        that change the result.
+      CheckpointError: If the checkpoint is damaged, was made with settings that
+        change the result, or holds arrays that do not fit ``state`` (checked
+        before anything is restored: the first mismatching array is named).
     """
     path = pathlib.Path(workdir) / CHECKPOINT_NAME
     data = share(path.read_bytes() if path.exists() else None)
     if data is None:
         return None
     payload = read_payload(path, data)
-    saved = json.loads(payload["config"])
+    remedy = "move it away to start afresh, or use another --out"
+    try:
+        saved = json.loads(payload["config"])
+        progress = Progress(**json.loads(payload["progress"]))
+        if not isinstance(saved, dict):
+            raise TypeError(f"settings of type {type(saved).__name__}")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this demo (its settings or progress are unreadable: "
+            f"{e}); {remedy}"
+        ) from e
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     resumable = Config.resumable_fields()
     diff = {
@@ -154,6 +218,11 @@ def restore_checkpoint(
             f"{path} was written with different settings ({details}); "
             "use the same options to resume, or another --out to start afresh"
         )
+    mismatch = first_mismatch(payload["state"], serialization.to_state_dict(state))
+    if mismatch is not None:
+        raise CheckpointError(
+            f"{path}: its arrays do not fit the model: {mismatch} (written by another model "
+            f"or another version of the demo); {remedy}"
+        )
     state = serialization.from_state_dict(state, payload["state"])
-    progress = Progress(**json.loads(payload["progress"]))
     return state, progress

@@ -34,6 +34,9 @@ MODES: dict[str, str] = {
     "order) into --out/<norm>; writes compare.json/.md/.png to --out",
 }
 
+#: The number of training images of MNIST (the most ``--train-limit`` can keep).
+MNIST_TRAIN_IMAGES = 60000
+
 #: The peak learning rate when ``--lr`` is not given, per mode.
 DEFAULT_LEARNING_RATE = {"train": 3e-3, "fig1": 0.5}
 
@@ -89,6 +92,15 @@ def check_coordinator(v: str) -> str | None:
     host, _, port = v.rpartition(":")
     ok = bool(host) and port.isdigit() and 0 < int(port) < 65536
     return None if ok else "HOST:PORT with a port in [1, 65535]"
+
+
+def expand_path(text: str) -> str:
+    """A path flag's value with ``~`` and environment variables expanded.
+
+    The command line expands each path flag once, when it is parsed, so that the
+    path checked is the path written to (``--out=~/x`` is not expanded by the shell).
+    """
+    return os.path.expanduser(os.path.expandvars(text))
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -211,8 +223,9 @@ class Config:
         "directory with the four MNIST IDX files (.gz or not); when given, the only "
         "place looked at (or downloaded into)",
         group=_OUT,
-        parse=str,
+        parse=expand_path,
         resumable=True,
+        metavar="DIR",
     )
     download: bool = _field(
         True,
@@ -229,9 +242,12 @@ class Config:
     )
     out: str = _field(
         "runs/mnist",
-        "output directory: checkpoint, metrics.json/.csv, curves.png (and fig1/lr-sweep files)",
+        "output directory: checkpoint, metrics.json/.csv, curves.png (and fig1/lr-sweep files); "
+        "one run at a time (it holds DIR/.lock while it runs)",
         group=_OUT,
+        parse=expand_path,
         resumable=True,
+        metavar="DIR",
     )
     resume: bool = _field(
         False, "continue from the checkpoint in --out", group=_OUT, resumable=True
@@ -383,10 +399,43 @@ class Config:
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: choose one")
+        self._check_batches()
         self._check_processes()
+        if self.mode == "domain_shift" and self.norm != "jbn":
+            raise ConfigError(
+                f"--domain-shift needs --norm jbn, not --norm {self.norm}: "
+                + (
+                    "it studies a model's batch norms"
+                    if self.norm == "none"
+                    else "it recalibrates the running statistics with jbn.recalibrate_batch_stats, "
+                    "which recalibrates jbn.BatchNorm layers only"
+                )
+            )
         if self.resume and self.mode not in ("train", "compare"):
             raise ConfigError(
                 f"--resume only continues training runs (also of --compare), not {flag(self.mode)}"
+            )
+
+    def _check_batches(self) -> None:
+        """Checks of the batch sizes against the training images they are drawn from."""
+        n = self.train_limit or MNIST_TRAIN_IMAGES
+        where = (
+            f"--train-limit {self.train_limit}"
+            if self.train_limit
+            else f"the {MNIST_TRAIN_IMAGES} MNIST training images"
+        )
+        if self.mode in ("fig1", "lr_sweep"):
+            if self.fig1_batch_size > n:
+                raise ConfigError(
+                    f"--fig1-batch-size {self.fig1_batch_size} is larger than {where}: no full "
+                    "batch to train on; use a smaller --fig1-batch-size"
+                    + (" or a larger --train-limit" if self.train_limit else "")
+                )
+        elif self.batch_size > n:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is larger than {where}: no full batch to train "
+                "on; use a smaller --batch-size"
+                + (" or a larger --train-limit" if self.train_limit else "")
             )
 
     def _check_processes(self) -> None:
@@ -412,6 +461,13 @@ class Config:
                 "--devices does not apply to a run across processes: it uses every device of "
                 "every process (set how many CPU devices each has with XLA_FLAGS="
                 "--xla_force_host_platform_device_count=N)"
+            )
+        n_proc = self.processes or self.num_processes
+        if n_proc and self.batch_size % n_proc:
+            name = "--processes" if self.processes else "--num-processes"
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is not divisible by {name} {n_proc}: each "
+                f"process takes an equal share of every batch; use a multiple of {n_proc}"
             )
         if self.num_processes and self.process_id is not None:
             if self.process_id >= self.num_processes:
@@ -531,7 +587,7 @@ def check_out_dir(out: str | os.PathLike[str]) -> pathlib.Path:
     Raises:
       ConfigError: If it cannot be created or written into.
     """
-    path = pathlib.Path(out).expanduser()
+    path = pathlib.Path(out)  # expanded when parsed (expand_path), not again
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -17,10 +17,12 @@ process 0 alone logs and writes the metrics, plots and checkpoints.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -210,12 +212,23 @@ def child_env() -> dict[str, str]:
     return env
 
 
+#: The signals the launcher passes on to its processes (those this platform has).
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+#: Seconds the launcher waits for its processes after passing on a signal, before
+#: it kills them.
+GRACE_S = 10.0
+
+
 def launch(
     config: Config,
     argv: Sequence[str],
     *,
     script: str | os.PathLike[str] | None = None,
     log=print,
+    grace_s: float | None = None,
 ) -> int:
     """Runs ``argv`` in ``config.processes`` processes on localhost and waits for them.
 
@@ -223,24 +236,50 @@ def launch(
     output is kept in temporary files and shown when a process fails. When one
     process fails, the others are killed (they would wait for it forever).
 
+    SIGTERM and SIGHUP are passed on to the processes; the launcher waits up to
+    ``grace_s`` seconds (default :data:`GRACE_S`) for them to end, kills those
+    still running, and returns 128 + the signal's number (143 for SIGTERM). Each
+    process ends at the signal; what it wrote before (its last complete
+    checkpoint) stays, for ``--resume``. Ctrl-C (SIGINT, which reaches the whole
+    process group) ends them too (130).
+
     Args:
       config: The parsed ``argv``; uses ``processes``.
       argv: The command line of ``train_mnist.py``, without the program name.
       script: The entry point to run (default: ``train_mnist.py`` beside the package).
-      log: Called with one line about the launch.
+      log: Called with a line about the launch, and one with the processes' ids.
+      grace_s: Seconds to wait for the processes after passing on a signal.
 
     Returns:
-      0 if every process succeeded, else the exit status of the first that failed.
+      0 if every process succeeded, 128 + N if the launcher got signal N, else the
+      exit status of the first process that failed.
     """
     if script is None:
         script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train_mnist.py")
+    grace_s = GRACE_S if grace_s is None else grace_s
     n, port = config.processes, free_port()
     log(f"starting {n} processes on localhost:{port} (CPU collectives over gloo)")
     procs: list[subprocess.Popen] = []
     logs: list[Any] = [None]  # process 0 writes to this process's stdout and stderr
     failed: tuple[int, int] | None = None  # (process, exit status) of the first failure
+    received: list[int] = []  # the signals passed on
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    p.send_signal(signum)
+                except OSError:  # it ended meanwhile
+                    pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         for i in range(n):
+            if received:
+                break
             if i:
                 logs.append(tempfile.TemporaryFile())
             command = [sys.executable, str(script), *child_argv(argv, i, n, port)]
@@ -253,13 +292,18 @@ def launch(
                     env=child_env(),
                 )
             )
-        while failed is None and any(p.poll() is None for p in procs):
+        if not received:
+            log(f"process ids (pids): {', '.join(str(p.pid) for p in procs)}")
+            sys.stdout.flush()  # shown now also when stdout is a file or a pipe
+        while failed is None and not received and any(p.poll() is None for p in procs):
             time.sleep(0.1)
             failed = next(
                 ((i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)),
                 None,
             )
-        if failed is None:
+        if received:
+            _wait_all(procs, grace_s)
+        elif failed is None:
             failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
     except KeyboardInterrupt:
         failed = (-1, 130)
@@ -268,7 +312,18 @@ def launch(
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     try:
+        if received:
+            name = signal.Signals(received[0]).name
+            print(
+                f"error: stopped by {name}: passed it on to the {len(procs)} processes, which "
+                f"ended (killed if still running after {grace_s:g} s); continue with --resume "
+                "from the last complete checkpoint",
+                file=sys.stderr,
+            )
+            return 128 + received[0]
         if failed is None:
             return 0
         first, code = failed
@@ -290,8 +345,20 @@ def launch(
             f.close()
 
 
+def _wait_all(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
+    """Waits until every process has ended, or ``timeout_s`` seconds have passed."""
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return
+
+
 __all__ = (
     "COORDINATOR_ENV",
+    "FORWARDED_SIGNALS",
+    "GRACE_S",
     "any_process",
     "broadcast_bytes",
     "child_argv",

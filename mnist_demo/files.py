@@ -1,4 +1,8 @@
-"""Writing output files atomically, with the user's normal file mode."""
+"""Writing output files atomically, with the user's normal file mode.
+
+A write that fails (a full disk, a permission taken away mid-run) raises
+:class:`WriteError`, which names the file; the file is left as it was.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,21 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
+
+
+class WriteError(OSError):
+    """An output file could not be written; the file, if it existed, is unchanged.
+
+    Attributes:
+      path: The file that was being written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.path = pathlib.Path(path)
+
+    def __str__(self) -> str:
+        return f"could not write {self.path}: {self.strerror}"
 
 
 def _default_mode() -> int:
@@ -38,10 +57,17 @@ def atomic_write(
       source: The bytes, or a binary stream to copy.
       verify: Called with the temporary file's path before the rename; raising
         aborts the write.
+
+    Raises:
+      WriteError: If the file could not be written (an ``OSError``: full disk,
+        no permission, ...); ``path`` is unchanged.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise WriteError(path, e) from e
     try:
         os.chmod(tmp, _default_mode())  # by path: os.fchmod does not exist on Windows
         with os.fdopen(fd, "wb") as out:
@@ -54,11 +80,13 @@ def atomic_write(
         if verify is not None:
             verify(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from e
         raise
 
 

@@ -1,11 +1,14 @@
-"""The demo's figures (matplotlib, drawn off-screen)."""
+"""The demo's figures (matplotlib, drawn off-screen, each written atomically)."""
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_write
 
 
 def _pyplot():
@@ -22,6 +25,13 @@ def _integer_epochs(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Any, path: pathlib.Path) -> None:
+    """Writes ``fig`` as a PNG to ``path`` atomically (:func:`~mnist_demo.files.atomic_write`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
 
 
 def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str) -> None:
@@ -41,8 +51,10 @@ def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str)
         _integer_epochs(ax)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
@@ -89,8 +101,10 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
         f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
@@ -122,8 +136,10 @@ def plot_lr_sweep(path: pathlib.Path, results: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_compare(
@@ -144,8 +160,10 @@ def plot_compare(
         _integer_epochs(ax)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
@@ -177,5 +195,7 @@ def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None
     # Beside the axes, where it covers no bar.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -185,9 +185,15 @@ def check_devices(config: Config) -> int:
     """
     n_dev = make_mesh(config.devices).devices.size
     if config.batch_size % n_dev:
+        n_proc = jax.process_count()
+        if n_proc > 1:  # --devices does not apply across processes
+            devices = f"{n_dev} devices in use ({n_proc} processes of {n_dev // n_proc})"
+            fewer = "fewer devices per process (XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        else:
+            devices, fewer = f"{n_dev} devices in use", "fewer devices (--devices)"
         raise ValueError(
-            f"--batch-size {config.batch_size} is not divisible by the {n_dev} devices in use; "
-            f"use a multiple of {n_dev} or fewer devices (--devices)"
+            f"--batch-size {config.batch_size} is not divisible by the {devices}; "
+            f"use a multiple of {n_dev} or {fewer}"
         )
     return n_dev
 

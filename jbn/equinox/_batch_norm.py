@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -119,7 +119,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float | None = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
+    mode: Literal["batch"] = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
     finite_running_stats: bool = eqx.field(static=True)
     residual: Residual = eqx.field(static=True)
@@ -139,7 +139,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         momentum: float | None = 0.99,
         inference: bool = False,
         dtype: Any = None,
-        mode: str = "batch",
+        mode: Literal["batch"] = "batch",
         *,
         unbiased_running_var: bool = False,
         finite_running_stats: bool = True,
@@ -150,7 +150,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         rmax: float = 3.0,
         dmax: float = 5.0,
         autodiff: bool = False,
-    ):
+    ) -> None:
         _check_mode(mode)
         given = locals()
         for name, value in options.check_all({k: given[k] for k in options.JBN}).items():

@@ -54,7 +54,9 @@ def _checked_shape(value: Any, layer: eqx.nn.BatchNorm, where: str) -> None:
 def _converted_stats(
     layer: eqx.nn.BatchNorm, state: eqx.nn.State, allow_ema: bool, where: str
 ) -> dict[str, jax.Array]:
+    # Equinox types each mode's state indices as optional: a layer has its mode's only.
     if layer.mode == "batch":
+        assert layer.batch_counter is not None and layer.batch_state_index is not None
         t = _get(state, layer.batch_counter, where)
         hidden_mean, hidden_var = _get(state, layer.batch_state_index, where)
         _checked_shape(hidden_mean, layer, where)
@@ -73,6 +75,7 @@ def _converted_stats(
                 "the batch statistics (mode='batch'), so training changes after conversion. "
                 "Pass allow_ema=True to convert anyway (the running statistics are kept)"
             )
+        assert layer.ema_first_time_index is not None and layer.ema_state_index is not None
         first_time = _get(state, layer.ema_first_time_index, where)
         ema_mean, ema_var = _get(state, layer.ema_state_index, where)
         _checked_shape(ema_mean, layer, where)

@@ -17,7 +17,7 @@ from typing import Any
 class SubclassCalls(threading.local):
     """Per thread, like flax's interceptor stack: the subclass ``__call__``s running."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._pending: list[list[bool]] = []  # one [reached a base __call__] per call
 
     def reached_base(self) -> None:
@@ -25,7 +25,13 @@ class SubclassCalls(threading.local):
         if self._pending:
             self._pending[-1][0] = True
 
-    def run(self, next_fun, args, kwargs, error: Callable[[], Exception]) -> Any:
+    def run(
+        self,
+        next_fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: Callable[[], Exception],
+    ) -> Any:
         """Runs a subclass's own ``__call__``; raises ``error()`` if it never reached the base."""
         self._pending.append([False])
         try:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
+from flax.linen.module import InterceptorContext
 
 from .. import _tree as tree
 from .._batch_norm import bn_forward
@@ -31,7 +32,7 @@ from ._calls import SubclassCalls
 
 
 class _State(threading.local):
-    def __init__(self):
+    def __init__(self) -> None:
         self.stop_gradient: list[bool] = []  # one entry per active frozen_batch_norms()
         self.calls = SubclassCalls()
 
@@ -40,7 +41,12 @@ _state = _State()
 
 
 def _raw_calls() -> tuple[Any, ...]:
-    return (nn.BatchNorm.__call__.__wrapped__, BatchNorm.__call__.__wrapped__)
+    # flax wraps each Module method at class creation and keeps the original as
+    # __wrapped__, which the plain function type it declares does not show.
+    return (
+        nn.BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
+        BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
+    )
 
 
 def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array:
@@ -61,7 +67,12 @@ def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array
     return y
 
 
-def _freezing_interceptor(next_fun, args, kwargs, context):
+def _freezing_interceptor(
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: InterceptorContext,
+) -> Any:
     module = context.module
     if (
         not _state.stop_gradient
@@ -159,7 +170,7 @@ def batch_norm_mask(variables: Mapping[str, Any]) -> Any:
         )
     paths = set(tree.batch_norm_layers(variables["batch_stats"]))
 
-    def is_batch_norm(path, _):
+    def is_batch_norm(path: tuple[Any, ...], _: Any) -> bool:
         keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
         return keys[:-1] in paths and keys[-1] in ("scale", "bias")
 

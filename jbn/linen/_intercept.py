@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flax import linen as nn
+from flax.linen.module import InterceptorContext
 
 from ._batch_norm import BatchNorm
 from ._calls import SubclassCalls
@@ -26,8 +27,9 @@ __all__ = ("intercept",)
 
 # flax's own BatchNorm.__call__ (the function under flax's method wrapper): the
 # interceptor replaces exactly this function, wherever it is called from (a
-# subclass's super().__call__, a lifted transform such as nn.remat).
-_FLAX_CALL = nn.BatchNorm.__call__.__wrapped__
+# subclass's super().__call__, a lifted transform such as nn.remat). flax keeps it as
+# __wrapped__, which the plain function type it declares does not show.
+_FLAX_CALL = nn.BatchNorm.__call__.__wrapped__  # pyright: ignore[reportFunctionMemberAccess]
 
 # Names flax writes into every Module subclass's __dict__ (dataclass machinery,
 # the fields, the module bookkeeping): their presence in a subclass overrides no
@@ -54,7 +56,7 @@ def _jbn_class() -> tuple[type, tuple[str, ...]]:
 class _State(threading.local):
     """Per thread, like flax's interceptor stack."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.options: list[dict[str, Any]] = []  # one entry per active intercept()
         self.calls = SubclassCalls()
 
@@ -94,7 +96,12 @@ def _jbn_module(module: nn.BatchNorm, options: dict[str, Any]) -> nn.Module:
     return child
 
 
-def _interceptor(next_fun, args, kwargs, context):
+def _interceptor(
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: InterceptorContext,
+) -> Any:
     module = context.module
     if (
         not _state.options

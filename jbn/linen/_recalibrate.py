@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.module import InterceptorContext
 
 from .. import _checks as checks
 from .. import _tree as tree
@@ -44,8 +45,13 @@ def _updated_stats(out: Any) -> dict:
     return tree.to_dicts(out[1]["batch_stats"])
 
 
-def _linen_interceptor(layer_type: type):
-    def interceptor(next_fun, args, kwargs, context):
+def _linen_interceptor(layer_type: type) -> Callable[..., Any]:
+    def interceptor(
+        next_fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: InterceptorContext,
+    ) -> Any:
         module = context.module
         if (
             isinstance(module, layer_type)
@@ -130,7 +136,7 @@ def recalibrate_batch_stats(
     interceptor = _linen_interceptor(LinenBatchNorm)
 
     @jax.jit
-    def run(others, stats, batch):
+    def run(others: dict[str, Any], stats: dict[str, Any], batch: Any) -> dict[str, Any]:
         with nn.intercept_methods(interceptor):
             updated = _updated_stats(apply_fn({**others, "batch_stats": stats}, batch))
         # Only the accumulators move on; the running statistics stay the pass's own.
@@ -142,7 +148,7 @@ def recalibrate_batch_stats(
 
     holder = {"stats": stats, "current": stats}
 
-    def begin():
+    def begin() -> None:
         current = holder["stats"]
         for path in layers:
             layer = tree.lookup(current, path)
@@ -150,10 +156,10 @@ def recalibrate_batch_stats(
             current = tree.replace(current, path, {**layer, ACCUMULATOR: accumulator})
         holder["current"] = current
 
-    def step(batch):
+    def step(batch: Any) -> None:
         holder["current"] = run(others, holder["current"], batch)
 
-    def finish(n_batches):
+    def finish(n_batches: int) -> list[str]:
         stats, missing = holder["stats"], []
         for path in layers:
             acc = tree.lookup(holder["current"], path + (ACCUMULATOR,))

@@ -106,7 +106,7 @@ class BatchNorm(nnx.Module):
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
-    ):
+    ) -> None:
         feature_shape = checks.feature_shape(num_features, "num_features")
         checks.momentum(momentum)
         checks.positive_float(epsilon, "epsilon")
@@ -186,7 +186,9 @@ class BatchNorm(nnx.Module):
                     variable.value = v
         return y
 
-    def prepare(self, x: jax.typing.ArrayLike) -> tuple[jax.Array, dict, dict]:
+    def prepare(
+        self, x: jax.typing.ArrayLike
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
         """``(x, params, state)`` as the core takes them, after flax's dtype promotion."""
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
@@ -195,7 +197,7 @@ class BatchNorm(nnx.Module):
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-        return x, params, self.running_stats()
+        return jnp.asarray(x), params, self.running_stats()
 
     def running_stats(self) -> dict[str, jax.Array]:
         """The running statistics ``{"mean", "var"}`` (and ``"count"``) as the core takes them."""
@@ -204,7 +206,7 @@ class BatchNorm(nnx.Module):
             state["count"] = self.count[...]
         return state
 
-    def set_view(self, use_running_average: bool | None = None):
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``.
 
         Args:

@@ -6,7 +6,8 @@ The swap itself is :func:`jbn.nnx._graph.replace_modules`.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from flax import nnx
 from flax.nnx import graph
@@ -20,6 +21,8 @@ _VARIABLES = ("mean", "var", "scale", "bias")
 _INTERNAL = ("_pytree__nodes", "_pytree__state")
 # jbn layer attributes that are no constructor options.
 _JBN_STATE = ("count",)
+
+_Module = TypeVar("_Module", bound=nnx.Module)
 
 
 def _options(cls: type) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def _check_plain(module: nnx.Module, cls: type, known: tuple[str, ...]) -> None:
         )
 
 
-def _move(old: nnx.Module, new: nnx.Module, options: dict[str, Any]) -> nnx.Module:
+def _move(old: nnx.Module, new: _Module, options: dict[str, Any]) -> _Module:
     """``new`` takes ``old``'s variables (the same Variable objects) and options."""
     for name in _VARIABLES:
         setattr(new, name, getattr(old, name))
@@ -83,7 +86,7 @@ def _check_to_jbn(old: nnx.BatchNorm) -> None:
         )
 
 
-def _to_jbn(old: nnx.BatchNorm) -> nnx.Module:
+def _to_jbn(old: nnx.BatchNorm) -> jbn_nnx.BatchNorm:
 
     options = _common(old)
     # Throwaway initial values (rngs are needed to build one), replaced by old's.
@@ -91,7 +94,7 @@ def _to_jbn(old: nnx.BatchNorm) -> nnx.Module:
     return _move(old, new, options)
 
 
-def _flax_num_features(old: nnx.Module) -> int:
+def _flax_num_features(old: jbn_nnx.BatchNorm) -> int:
     """The flax ``num_features`` of a jbn layer; raises if flax cannot express the layer."""
 
     jbn_options = _options(jbn_nnx.BatchNorm)
@@ -118,17 +121,18 @@ def _flax_num_features(old: nnx.Module) -> int:
             "jbn.nnx.convert(model, to='flax'): flax.nnx.BatchNorm cannot express "
             f"{', '.join(unsupported)} of a jbn.nnx.BatchNorm"
         )
+    assert isinstance(num_features, int)  # several feature axes are unsupported, above
     return num_features
 
 
-def _to_flax(old: nnx.Module) -> nnx.BatchNorm:
+def _to_flax(old: jbn_nnx.BatchNorm) -> nnx.BatchNorm:
     num_features = _flax_num_features(old)
     options = _common(old)
     new = nnx.BatchNorm(num_features, **options, rngs=nnx.Rngs(0))
     return _move(old, new, options)
 
 
-def convert(model: Any, *, to: str = "jbn") -> Any:
+def convert(model: Any, *, to: Literal["jbn", "flax"] = "jbn") -> Any:
     """Swaps, in place, the batch norms of an NNX model between flax and jbn.
 
     ``to="jbn"`` replaces every ``flax.nnx.BatchNorm`` with a
@@ -165,11 +169,19 @@ def convert(model: Any, *, to: str = "jbn") -> Any:
     """
 
     if to == "jbn":
-        source, check, make = nnx.BatchNorm, _check_to_jbn, _to_jbn
-    elif to == "flax":
-        source, check, make = jbn_nnx.BatchNorm, _flax_num_features, _to_flax
-    else:
-        raise ValueError(f"to must be 'jbn' or 'flax', got {to!r}")
+        return _swap(model, nnx.BatchNorm, _check_to_jbn, _to_jbn)
+    if to == "flax":
+        return _swap(model, jbn_nnx.BatchNorm, _flax_num_features, _to_flax)
+    raise ValueError(f"to must be 'jbn' or 'flax', got {to!r}")
+
+
+def _swap(
+    model: Any,
+    source: type[_Module],
+    check: Callable[[_Module], object],
+    make: Callable[[_Module], nnx.Module],
+) -> Any:
+    """Checks every ``source`` layer of ``model``, then replaces each with ``make(layer)``."""
     if isinstance(model, source):
         check(model)
     for _, node in graph.iter_graph(model):

@@ -35,7 +35,16 @@ class FrozenBatchNorm(nnx.Module):
       stop_gradient: no gradient to ``scale`` and ``bias``.
     """
 
-    def __init__(self, layer: nnx.Module, *, stop_gradient: bool = False):
+    # The layer's variables, under the same names (set in __init__).
+    mean: nnx.BatchStat[jax.Array]
+    var: nnx.BatchStat[jax.Array]
+    scale: nnx.Param[jax.Array] | None
+    bias: nnx.Param[jax.Array] | None
+    count: nnx.BatchStat[jax.Array] | None
+
+    def __init__(
+        self, layer: nnx.BatchNorm | JbnNnxBatchNorm, *, stop_gradient: bool = False
+    ) -> None:
         """Takes over ``layer``'s variables.
 
         Args:
@@ -56,7 +65,9 @@ class FrozenBatchNorm(nnx.Module):
         self.promote_dtype = layer.promote_dtype
         self.stop_gradient = stop_gradient
 
-    def __call__(self, x: jax.typing.ArrayLike, use_running_average: Any = None, **_: Any):
+    def __call__(
+        self, x: jax.typing.ArrayLike, use_running_average: Any = None, **_: Any
+    ) -> jax.Array:
         """Normalizes ``x`` with the running statistics.
 
         Args:
@@ -119,7 +130,7 @@ def freeze_batch_norms(model: Any, *, stop_gradient: bool = False) -> Any:
         raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
     types = _batch_norm_types()
 
-    def check(layer):
+    def check(layer: nnx.Module) -> None:
         if type(layer) not in types:
             raise TypeError(
                 f"freeze_batch_norms cannot freeze {type(layer).__qualname__}, a subclass of "

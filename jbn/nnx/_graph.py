@@ -28,7 +28,7 @@ def module_paths(model: Any, predicate: Callable[[Any], bool]) -> dict[int, str]
 def replace_modules(
     model: Any,
     predicate: Callable[[nnx.Module], bool],
-    make: Callable[[nnx.Module], nnx.Module],
+    make: Callable[[Any], nnx.Module],
 ) -> Any:
     """Replaces, in place, every module of an NNX graph for which ``predicate`` holds.
 
@@ -42,7 +42,7 @@ def replace_modules(
     Args:
       model: an NNX graph node: a module, or a list, dict or tuple of them.
       predicate: selects the modules to replace.
-      make: builds the replacement of one selected module.
+      make: builds the replacement of one selected module (one that ``predicate`` accepted).
 
     Returns:
       ``model`` itself, or ``make(model)`` when ``model`` is itself selected,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -21,11 +22,17 @@ from ._graph import module_paths, replace_modules
 class _Collecting(nnx.Module):
     """Wraps a ``jbn.nnx.BatchNorm`` while recalibrating: same outputs, statistics collected."""
 
-    def __init__(self, layer: NnxBatchNorm):
+    def __init__(self, layer: NnxBatchNorm) -> None:
         self.layer = layer
         self.acc = nnx.BatchStat(new_accumulator(layer.mean[...]))
 
-    def __call__(self, x, *args, mask=None, **kwargs):
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        *args: Any,
+        mask: jax.typing.ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
         x_in, _, running = self.layer.prepare(x)
         self.acc.set_value(accumulate(self.acc.get_value(), x_in, self.layer, mask))
         y = self.layer(x, *args, mask=mask, **kwargs)
@@ -79,9 +86,9 @@ def recalibrate_batch_stats(
         )
     forward = (lambda m, b: m(b)) if forward is None else forward
     step = nnx.jit(lambda m, b: forward(m, b))
-    wrapped = []  # (layer, its wrapper), in graph order
+    wrapped: list[tuple[NnxBatchNorm, _Collecting]] = []  # (layer, its wrapper), in graph order
 
-    def wrap(layer):
+    def wrap(layer: NnxBatchNorm) -> _Collecting:
         wrapped.append((layer, _Collecting(layer)))
         return wrapped[-1][1]
 
@@ -89,11 +96,11 @@ def recalibrate_batch_stats(
     layers = [layer for layer, _ in wrapped]
     saved = [layer.running_stats() for layer in layers]
 
-    def begin():
+    def begin() -> None:
         for layer, wrapper in wrapped:
             wrapper.acc.set_value(new_accumulator(layer.mean[...]))
 
-    def finish(n_batches):
+    def finish(n_batches: int) -> list[str]:
         accs = [wrapper.acc.get_value() for _, wrapper in wrapped]
         missing = [
             names[id(layer)]

@@ -98,6 +98,23 @@ BAD = [
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--fig1", "--resume"], "--resume only continues training runs"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    # Checks of flags against each other, before MNIST is read.
+    (
+        ["--train-limit", "100", "--batch-size", "128"],
+        "--batch-size 128 is larger than --train-limit 100: no full batch to train on; use a "
+        "smaller --batch-size or a larger --train-limit",
+    ),
+    (["--batch-size", "60001"], "--batch-size 60001 is larger than the 60000 MNIST training"),
+    (
+        ["--lr-sweep", "--train-limit", "50"],
+        "--fig1-batch-size 60 is larger than --train-limit 50",
+    ),
+    (
+        ["--domain-shift", "--norm", "flax"],
+        "--domain-shift needs --norm jbn, not --norm flax: it recalibrates the running "
+        "statistics with jbn.recalibrate_batch_stats, which recalibrates jbn.BatchNorm layers only",
+    ),
+    (["--domain-shift", "--norm", "none"], "--domain-shift needs --norm jbn, not --norm none"),
 ]
 
 
@@ -181,6 +198,33 @@ def test_cli_damaged_checkpoint(tiny_dir, tmp_path, capsys):
         rc, _, err = run_cli(capsys, *args, "--resume")
     assert rc == 2 and err.count("\n") == 1
     assert str(tmp_path / "checkpoint.msgpack") in err and "damaged checkpoint" in err
+
+
+def test_cli_checkpoint_of_another_width(tiny_dir, tmp_path, capsys):
+    # A checkpoint with a valid checksum and the run's settings, but a wider first layer
+    # (another version of the demo, say): one line, before anything is restored or trained.
+    import jax
+    import numpy as np
+
+    from mnist_demo import checkpoints, models, train
+
+    args = ["--data-dir", str(tiny_dir), "--no-verify", "--no-download", "--no-progress"]
+    args += ["--model", "mlp", "--epochs", "2", "--batch-size", "32", "--out", str(tmp_path)]
+    config = demo_config.parse_config([*args, "--resume"])
+    model = models.create_model(config)
+    shapes = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, 2))
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # no compilation
+    state = state.replace(params={**state.params, "Dense_0": {"kernel": np.zeros((784, 300))}})
+    checkpoints.save_checkpoint(tmp_path, state, checkpoints.Progress(), config)
+    with pytest.warns(UserWarning):
+        rc, out, err = run_cli(capsys, *args, "--resume")
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {tmp_path / 'checkpoint.msgpack'}: its arrays do not fit")
+    assert (
+        "params/Dense_0/kernel has shape (784, 300) in the checkpoint, (784, 512) in the model"
+        in err
+    )
+    assert "resuming" not in out
 
 
 def test_cli_non_finite_loss(tiny_dir, tmp_path, capsys):

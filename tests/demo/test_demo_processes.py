@@ -21,7 +21,7 @@ import pytest
 from flax import serialization
 from helpers import REPO, assert_trees_close, tiny_config, write_dataset
 
-from mnist_demo import cli, data, distributed, train
+from mnist_demo import cli, data, distributed, mnist, train
 from mnist_demo.checkpoints import CHECKPOINT_NAME, read_payload
 from mnist_demo.config import ConfigError, parse_config
 
@@ -138,6 +138,20 @@ def test_bad_process_flags_one_line_before_any_work(tmp_path, capsys, monkeypatc
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert out == ""
+
+
+def test_batch_not_divisible_by_processes_before_any_work(no_mnist_anywhere, capsys, monkeypatch):
+    # Refused before the data is looked for, with a hint valid with --processes.
+    monkeypatch.setattr(mnist, "load_mnist", lambda *a, **k: pytest.fail("data was read"))
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched"))
+    out = no_mnist_anywhere / "out"
+    rc = cli.main(["--processes", "3", "--batch-size", "64", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        "error: --batch-size 64 is not divisible by --processes 3: each process takes an equal "
+        "share of every batch; use a multiple of 3\n"
+    )
+    assert "--devices" not in err
 
 
 def test_bad_coordinator_in_the_environment(tmp_path, capsys, monkeypatch):

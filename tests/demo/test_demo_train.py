@@ -197,6 +197,66 @@ def test_checkpoint_of_another_version_refused(saved_checkpoint, tmp_path):
         checkpoints.restore_checkpoint(tmp_path, template, config)
 
 
+def _rewritten(good: bytes, change) -> bytes:
+    """A checkpoint with a valid checksum whose payload ``change(payload)`` altered."""
+    payload = checkpoints.read_payload("unused", good)
+    change(payload)
+    return checkpoints.encode(payload)
+
+
+def _wider_first_layer(payload):
+    kernel = payload["state"]["params"]["Dense_0"]["kernel"]
+    payload["state"]["params"]["Dense_0"]["kernel"] = np.zeros((kernel.shape[0], 300), np.float32)
+
+
+def _no_second_batch_norm(payload):
+    del payload["state"]["batch_stats"]["BatchNorm_1"]
+
+
+@pytest.mark.parametrize(
+    "change,mismatch",
+    [
+        (
+            _wider_first_layer,
+            "params/Dense_0/kernel has shape (784, 300) in the checkpoint, (784, 512) in the model",
+        ),
+        (
+            _no_second_batch_norm,
+            "batch_stats/BatchNorm_1 is in the model but not in the checkpoint",
+        ),
+    ],
+    ids=["wider", "missing-layer"],
+)
+def test_checkpoint_that_does_not_fit_refused_before_restore(
+    saved_checkpoint, tmp_path, monkeypatch, change, mismatch
+):
+    workdir, _, template, _, config = saved_checkpoint
+    good = (workdir / CHECKPOINT_NAME).read_bytes()
+    (tmp_path / CHECKPOINT_NAME).write_bytes(_rewritten(good, change))
+    monkeypatch.setattr(
+        checkpoints.serialization,
+        "from_state_dict",
+        lambda *a, **k: pytest.fail("restored before checking"),
+    )
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.restore_checkpoint(tmp_path, template, config)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / CHECKPOINT_NAME}: its arrays do not fit the model: ")
+    assert mismatch in message and "another --out" in message
+
+
+def test_checkpoint_without_progress_refused(saved_checkpoint, tmp_path):
+    workdir, _, template, _, config = saved_checkpoint
+    good = (workdir / CHECKPOINT_NAME).read_bytes()
+    (tmp_path / CHECKPOINT_NAME).write_bytes(_rewritten(good, lambda p: p.pop("progress")))
+    with pytest.raises(CheckpointError, match="not a checkpoint of this demo .it lacks progress"):
+        checkpoints.restore_checkpoint(tmp_path, template, config)
+    bad = _rewritten(good, lambda p: p.update(progress='{"epoch": 1, "steps": 2}'))
+    (tmp_path / CHECKPOINT_NAME).write_bytes(bad)
+    with pytest.raises(CheckpointError, match="its settings or progress are unreadable"):
+        checkpoints.restore_checkpoint(tmp_path, template, config)
+
+
 # --------------------------------------------------------------------------
 # Guards of a run: earlier results, leftovers, non-finite losses.
 # --------------------------------------------------------------------------
