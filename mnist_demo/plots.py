@@ -20,7 +20,7 @@ def _pyplot():
     return plt
 
 
-def _integer_epochs(ax) -> None:
+def _integer_epochs(ax: Any) -> None:
     # Epochs are whole numbers: no ticks at 1.5, 2.5, ...
     from matplotlib.ticker import MaxNLocator
 
@@ -187,7 +187,7 @@ def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None
             )
             for d in domains
         ]
-        label = method + (f" ({batches} batches)" if batches else "")
+        label = method + (f" ({batches} batch{'es' if batches != 1 else ''})" if batches else "")
         ax.bar(np.arange(len(domains)) + j * width, values, width, label=label)
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
     ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="MNIST under a domain shift")
