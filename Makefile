@@ -70,3 +70,34 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV) $(VENV_MIN)
+
+# The docs (mkdocs.yml, docs/):
+#   make docs        the site, built strictly into site/ (a warning fails it), in .venv with the
+#                    docs extra added (installed the first time, updated as make demo's venv is)
+#   make docs-serve  a local preview at http://127.0.0.1:8000, rebuilt on every change
+#   make figures     regenerates docs/figures/: the demo's Fig. 1, --compare and --domain-shift
+#                    runs into $(FIGURES_OUT) (about 25 minutes on 2 idle cores), their PNGs
+#                    copied, and the performance plot redrawn from docs/performance.md. Flags for
+#                    the three runs go in ARGS, e.g. make figures ARGS="--data-dir DIR"
+DOCS_STAMP := $(VENV)/.jbn-docs-installed
+FIGURES_OUT ?= runs/figures
+
+.PHONY: docs docs-serve figures
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs serve
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -c $(LOCK) -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+figures: $(STAMP)
+	$(PY) train_mnist.py --fig1 --out $(FIGURES_OUT)/fig1 --overwrite --no-progress $(ARGS)
+	$(PY) train_mnist.py --compare --out $(FIGURES_OUT)/compare --overwrite --no-progress $(ARGS)
+	$(PY) train_mnist.py --domain-shift --out $(FIGURES_OUT)/compare/jbn --overwrite --no-progress $(ARGS)
+	cp $(FIGURES_OUT)/fig1/fig1.png $(FIGURES_OUT)/compare/compare.png docs/figures/
+	cp $(FIGURES_OUT)/compare/jbn/domain_shift.png docs/figures/
+	$(PY) docs/figures/performance.py

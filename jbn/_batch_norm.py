@@ -238,7 +238,7 @@ def bn_forward(
     given = locals()
     jbn_options = options.check_all({name: given[name] for name in options.JBN})
     residual, renorm = jbn_options["residual"], jbn_options["renorm"]
-    prior = checks.prior(prior, train)
+    prior_count = checks.prior(prior, train)
     stats_cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     cfg = _train_config(
         x, stats_cfg, epsilon=epsilon, residual=residual, min_scale=min_scale, dtype=dtype
@@ -259,11 +259,11 @@ def bn_forward(
     scale = jnp.ones(bshape, rd) if scale is None else scale.reshape(bshape)
     bias = jnp.zeros(bshape, rd) if bias is None else bias.reshape(bshape)
 
-    if prior is not None:
+    if prior_count is not None:
         checks.axis_size(stats_cfg.axis_name)
         checks.batch_not_empty(x.shape, stats_cfg.reduce_axes, stats_cfg.axis_name, "bn_forward")
-        running = tuple(state[k].reshape(bshape) for k in ("mean", "var"))
-        y, _, _ = prior_forward(x, scale, bias, mask, running, prior, cfg, prior_form)
+        running = (state["mean"].reshape(bshape), state["var"].reshape(bshape))
+        y, _, _ = prior_forward(x, scale, bias, mask, running, prior_count, cfg, prior_form)
         return y, dict(state)
 
     if not train:

@@ -459,9 +459,10 @@ def prior(value: Any, train: bool) -> Array | None:
             f"prior must be a number of examples >= 0 (inf: the running statistics alone) or a "
             f"scalar array, got {value!r}"
         )
-    if jnp.shape(value) != ():
-        raise ValueError(f"prior must be a scalar, got shape {jnp.shape(value)}")
-    if not isinstance(value, jax.core.Tracer) and not float(value) >= 0.0:
+    shape = getattr(value, "shape", ())  # a Python number's is ()
+    if shape != ():
+        raise ValueError(f"prior must be a scalar, got shape {shape}")
+    if not isinstance(value, Tracer) and not float(value) >= 0.0:
         raise ValueError(
             f"prior must be >= 0 (0: the batch statistics, inf: the running statistics), got "
             f"{float(value)}"

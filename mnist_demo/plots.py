@@ -20,6 +20,13 @@ def _pyplot():
     return plt
 
 
+def _integer_epochs(ax: Any) -> None:
+    # Epochs are whole numbers: no ticks at 1.5, 2.5, ...
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig: Any, path: pathlib.Path) -> None:
     """Writes ``fig`` as a PNG to ``path`` atomically (:func:`~mnist_demo.files.atomic_write`)."""
     buf = io.BytesIO()
@@ -41,6 +48,7 @@ def plot_curves(path: pathlib.Path, history: list[dict[str, float]], title: str)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+        _integer_epochs(ax)
     fig.suptitle(title)
     fig.tight_layout()
     try:
@@ -81,12 +89,13 @@ def plot_fig1(path: pathlib.Path, results: dict[str, Any]) -> None:
             title=title,
         )
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        # One row at the top, above the data (the headroom below keeps it free).
+        ax.legend(loc="upper center", ncols=3, fontsize=8)
     lo = min(np.min(results[n]["percentiles"]) for n in ("baseline", "batchnorm"))
     hi = max(np.max(results[n]["percentiles"]) for n in ("baseline", "batchnorm"))
     pad = 0.05 * (hi - lo)
     for ax in axes[1:]:
-        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + 4 * pad)
     fig.suptitle(
         f"MNIST, 3x100 sigmoid MLP, SGD lr {results['learning_rate']}, "
         f"batch {results['batch_size']} (Ioffe & Szegedy 2015, Fig. 1)"
@@ -148,6 +157,7 @@ def plot_compare(
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+        _integer_epochs(ax)
     fig.suptitle(title)
     fig.tight_layout()
     try:
@@ -190,12 +200,13 @@ def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None
             )
             for d in domains
         ]
-        label = method + (f" ({batches} batches)" if batches else "")
+        label = method + (f" ({batches} batch{'es' if batches != 1 else ''})" if batches else "")
         ax.bar(np.arange(len(domains)) + j * width, values, width, label=label)
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
     ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="MNIST under a domain shift")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    # Beside the axes, where it covers no bar.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     try:
         _save(fig, path)

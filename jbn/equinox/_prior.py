@@ -16,6 +16,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+from jax.core import Tracer
 
 from .. import _checks as checks
 from .._checks import PriorForm
@@ -57,7 +58,7 @@ def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "poole
       The new model (``model`` is not modified).
     """
     if prior is not None:
-        if isinstance(prior, jax.core.Tracer):
+        if isinstance(prior, Tracer):
             raise TypeError("prior must be a Python float here (a static field), not a tracer")
         checks.prior(prior, False)
         prior = float(prior)
@@ -154,9 +155,11 @@ class Tent(TentLoop):
         if apply_fn is None:
             axis_name = _axis_name(model)
 
-            def apply_fn(model: Any, state: eqx.nn.State, x: Any) -> Any:
+            def vmapped(model: Any, state: eqx.nn.State, x: Any) -> Any:
                 run = jax.vmap(model, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
                 return run(x, state)[0]
+
+            apply_fn = vmapped
 
         params, static = eqx.partition(model, eqx.is_inexact_array)
         mask = batch_norm_mask(model)

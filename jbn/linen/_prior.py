@@ -26,24 +26,20 @@ from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, check_tx
 from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls
+from ._calls import SubclassCalls, raw_calls
 from ._freeze import batch_norm_mask
 
 
 class _State(threading.local):
     def __init__(self) -> None:
-        self.settings: list[tuple[Any, str, Any]] = []  # (prior, form, where) per context
+        self.settings: list[tuple[Any, PriorForm, Any]] = []  # (prior, form, where) per context
         self.calls = SubclassCalls()
 
 
 _state = _State()
 
 
-def _raw_calls() -> tuple[Any, ...]:
-    return (nn.BatchNorm.__call__.__wrapped__, BatchNorm.__call__.__wrapped__)
-
-
-def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: str) -> jax.Array:
+def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: PriorForm) -> jax.Array:
     """The module's output with prior-weighted statistics, from its own variables."""
     params = {
         name: module.get_variable("params", name)
@@ -79,7 +75,7 @@ def _interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
     ):
         return next_fun(*args, **kwargs)
     prior, form, where = _state.settings[-1]
-    if getattr(context.orig_method, "func", None) in _raw_calls():
+    if getattr(context.orig_method, "func", None) in raw_calls():
         _state.calls.reached_base()
         if (
             prior is None

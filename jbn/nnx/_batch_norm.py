@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,10 @@ class BatchNorm(nnx.Module):
       scale_metadata: metadata of the ``scale`` Param.
       <jbn options>
     """
+
+    if TYPE_CHECKING:  # set in __init__ from the options declared in jbn/_options.py
+        prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
+        prior_form: PriorForm
 
     def __init__(
         self,

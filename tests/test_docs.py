@@ -1,0 +1,60 @@
+"""The docs: every Python example of every page runs, and every public name has an API entry.
+
+Each page's ```python blocks run in order in one namespace of their own, as README's do
+(tests/test_readme.py); a block fenced as ```py is shown but not run (e.g. one that needs two
+processes). Page examples are kept small: each page runs in a few seconds.
+"""
+
+import importlib
+import pathlib
+import re
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+PUBLIC = ("jbn", "jbn.linen", "jbn.nnx", "jbn.equinox")
+
+
+def blocks(page: pathlib.Path) -> list[str]:
+    """The ```python blocks of a page, dedented (blocks may sit in list items)."""
+    found = re.findall(r"^( *)```python\n(.*?)^\1```", page.read_text(), flags=re.S | re.M)
+    return [
+        "\n".join(line[len(indent) :] for line in source.splitlines()) for indent, source in found
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    sources = blocks(page)
+    assert sources
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs.{page.stem}"}
+    # The pages are user code: NumPy's broadcasting rules, not conftest's "raise".
+    with jax.numpy_rank_promotion("allow"):
+        for i, source in enumerate(sources, 1):
+            exec(compile(source, f"{page.relative_to(ROOT)} python block {i}", "exec"), namespace)
+
+
+def test_pages_found():
+    assert len(PAGES) >= 8
+
+
+def api_entries() -> set[str]:
+    text = "\n".join(p.read_text() for p in sorted((DOCS / "api").glob("*.md")))
+    return set(re.findall(r"^::: *([\w.]+)", text, flags=re.M))
+
+
+@pytest.mark.parametrize("module", PUBLIC)
+def test_every_public_name_has_an_api_entry(module):
+    names = importlib.import_module(module).__all__
+    missing = [f"{module}.{name}" for name in names if f"{module}.{name}" not in api_entries()]
+    assert not missing, f"no '::: NAME' entry in docs/api/*.md for {missing}"
+
+
+def test_api_entries_are_public():
+    # An entry for a name that is not (or no longer) public fails too.
+    public = {f"{m}.{n}" for m in PUBLIC for n in importlib.import_module(m).__all__}
+    assert api_entries() <= public | set(PUBLIC)
