@@ -33,21 +33,19 @@ try:
 except PackageNotFoundError:  # running from a checkout that is not installed
     __version__ = "unknown"
 
+# The core, which needs jax alone, so `from jbn import *` works without any framework.
 __all__ = (
-    "BatchNorm",
     "bn_forward",
     "bn_init",
     "bn_stats",
     "fold_batch_norm",
     "fold_batch_norm_variables",
-    "linen",
-    "nnx",
     "optimize_only",
-    "recalibrate_batch_stats",
     "sync_batch_stats",
 )
 
-# Names that load a frontend on first use (PEP 562), so `import jbn` needs jax alone.
+# Names that load a frontend on first use (PEP 562): `jbn.linen`, `jbn.nnx`,
+# `jbn.equinox`, and linen's `jbn.BatchNorm` and `jbn.recalibrate_batch_stats`.
 _SUBPACKAGES = ("linen", "nnx", "equinox")
 _FROM_LINEN = ("BatchNorm", "recalibrate_batch_stats")
 
@@ -61,4 +59,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, "equinox"})
+    return sorted({*globals(), *_SUBPACKAGES, *_FROM_LINEN})

@@ -20,7 +20,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
 from . import _options as options
-from ._checks import Residual
+from ._checks import PriorForm, Residual
+from ._prior import prior_forward
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
 from ._train import TrainConfig, bn_train, bn_train_reference
@@ -169,6 +170,8 @@ def bn_forward(
     renorm: bool = False,
     rmax: float | ArrayLike = 3.0,
     dmax: float | ArrayLike = 5.0,
+    prior: float | None = None,
+    prior_form: PriorForm = "pooled",
 ) -> tuple[Array, dict[str, Array]]:
     """Batch normalization: y = scale * (x - mean) / sqrt(var + epsilon) + bias.
 
@@ -176,7 +179,9 @@ def bn_forward(
     the batch, per feature, over every axis of ``x`` except ``axis`` (and over the
     devices of ``axis_name``); the running statistics are updated from them. In
     evaluation mode the running statistics are used and ``state`` is returned as
-    is. Statistics and arithmetic are float32 (float64 for float64 input); the
+    is. With ``train=False`` and a ``prior`` N (test-time adaptation), each call
+    normalizes with the running statistics, counted as N examples, pooled with the
+    batch's own. Statistics and arithmetic are float32 (float64 for float64 input); the
     output has ``x``'s dtype unless ``dtype`` says otherwise.
 
     The training-mode gradient is the analytic batch-norm backward (a
@@ -233,6 +238,7 @@ def bn_forward(
     given = locals()
     jbn_options = options.check_all({name: given[name] for name in options.JBN})
     residual, renorm = jbn_options["residual"], jbn_options["renorm"]
+    prior_count = checks.prior(prior, train)
     stats_cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     cfg = _train_config(
         x, stats_cfg, epsilon=epsilon, residual=residual, min_scale=min_scale, dtype=dtype
@@ -252,6 +258,13 @@ def bn_forward(
     autodiff = checks.python_bool(autodiff, "autodiff") or jnp.iscomplexobj(x)
     scale = jnp.ones(bshape, rd) if scale is None else scale.reshape(bshape)
     bias = jnp.zeros(bshape, rd) if bias is None else bias.reshape(bshape)
+
+    if prior_count is not None:
+        checks.axis_size(stats_cfg.axis_name)
+        checks.batch_not_empty(x.shape, stats_cfg.reduce_axes, stats_cfg.axis_name, "bn_forward")
+        running = (state["mean"].reshape(bshape), state["var"].reshape(bshape))
+        y, _, _ = prior_forward(x, scale, bias, mask, running, prior_count, cfg, prior_form)
+        return y, dict(state)
 
     if not train:
         mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)

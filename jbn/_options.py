@@ -119,6 +119,30 @@ OPTIONS: tuple[Option, ...] = (
         "renorm's bound on |d|, >= 0 (default 5.0); overridable per call like rmax.",
         per_call=True,
     ),
+    Option(
+        "prior",
+        None,
+        "float | None",
+        checks.prior_option,
+        "test-time adaptation (Schneider et al. 2020): None (default) or N >= 0 (inf allowed), "
+        "which makes every call, in training or evaluation mode, normalize with the running "
+        "statistics counted as N examples pooled with the batch's n examples, and update "
+        "nothing (an example is a slice along axis 0 when it is reduced, else the whole local "
+        "array; n = counted values per feature / values per example, so masks and partial "
+        "examples count). With w = N/(N + n), the pooled form is μ = w μ_run + (1 - w) μ_B, "
+        "σ² = w σ²_run + (1 - w) σ²_B + w (1 - w)(μ_run - μ_B)² (Chan's formula). N = 0 is "
+        "the batch statistics, inf the running ones. Masks and axis_name work as in training "
+        "(the whole synchronized batch's statistics), and batches of one example work (N > 0). "
+        "The gradient flows through the batch's share (TENT needs it).",
+    ),
+    Option(
+        "prior_form",
+        "pooled",
+        "PriorForm",
+        checks.prior_form,
+        'how prior weighs the two groups: "pooled" (default: their exact pooled statistics) or '
+        '"linear" (the paper\'s mix, without the between-groups term w (1 - w)(μ_run - μ_B)²).',
+    ),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

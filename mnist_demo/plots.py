@@ -167,13 +167,26 @@ def plot_compare(
 
 
 def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-    """Grouped bars: test accuracy per domain and method."""
+    """Grouped bars: test accuracy per domain and method; accuracy against the prior N.
+
+    Records with a ``prior`` grid (``method`` "prior" or "prior_linear") are drawn
+    in a second panel: the mean accuracy over the shifted domains against N, one
+    line per batch size (solid: pooled, dashed: linear mix).
+    """
     plt = _pyplot()
+    grid = [r for r in records if r["method"] in ("prior", "prior_linear")]
+    records = [r for r in records if r["method"] not in ("prior", "prior_linear")]
     domains = list(dict.fromkeys(r["domain"] for r in records))
     keys = list(
         dict.fromkeys((r["method"], r["batches"]) for r in records)
     )  # columns in order of first appearance
-    fig, ax = plt.subplots(figsize=(13, 4.5))
+    if grid:
+        fig, (ax, ax2) = plt.subplots(
+            1, 2, figsize=(18, 4.5), gridspec_kw={"width_ratios": (13, 5)}
+        )
+        _plot_prior_grid(ax2, grid)
+    else:
+        fig, ax = plt.subplots(figsize=(13, 4.5))
     width = 0.8 / len(keys)
     for j, (method, batches) in enumerate(keys):
         values = [
@@ -199,3 +212,33 @@ def plot_domain_shift(path: pathlib.Path, records: list[dict[str, Any]]) -> None
         _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
+    """Mean accuracy over the shifted domains against N, per batch size and form."""
+    priors = sorted({r["prior"] for r in grid})
+    sizes = sorted({r["batch_size"] for r in grid})
+    x = np.arange(len(priors))
+    for k, size in enumerate(sizes):
+        for method, style in (("prior", "-"), ("prior_linear", "--")):
+            ys = []
+            for n in priors:
+                accs = [
+                    r["test_accuracy"]
+                    for r in grid
+                    if r["method"] == method
+                    and r["batch_size"] == size
+                    and r["prior"] == n
+                    and r["domain"] != "clean"
+                ]
+                ys.append(100 * np.mean(accs) if accs else np.nan)
+            label = f"batch {size}, " + ("pooled" if method == "prior" else "linear")
+            ax.plot(x, ys, style, marker="o", color=f"C{k}", label=label)
+    ax.set_xticks(x, [f"{n:g}" for n in priors])
+    ax.set(
+        xlabel="prior N (images the running statistics count as)",
+        ylabel="mean accuracy, shifted domains (%)",
+        title="prior-weighted statistics",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

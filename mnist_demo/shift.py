@@ -13,6 +13,15 @@ inverted) :func:`run_domain_shift` measures per domain:
   sizes 8 and 128. (At batch size 1 every feature of a batch-norm layer after a
   dense layer has variance 0 over the batch, so its output is its bias whatever
   the image: the prediction is the same for every input.)
+- ``prior`` and ``prior_linear``: test-time adaptation with prior-weighted
+  statistics (:func:`jbn.linen.use_prior`; Schneider et al. 2020), each test
+  batch of 1, 8 or 128 images normalized with the running statistics, counted
+  as N images, pooled exactly with the batch's own (``prior``), or mixed
+  linearly as in the paper (``prior_linear``), for N in 0, 1, 4, ..., 256;
+- ``tent`` and ``tent_prior``: TENT (:class:`jbn.linen.Tent`; Wang et al. 2021),
+  entropy minimization on the batch-norm scales and biases over the adaptation
+  images (one pass, batches of 128, Adam 1e-3), then scored in batches of 128,
+  with batch statistics or with the prior N that scored best at batch 128.
 
 Each domain's test set is split in two: the first half provides the images
 that the methods adapt on, the second half is where every method is scored.
@@ -44,6 +53,12 @@ from .train import check_fresh_out, cross_entropy, train_and_evaluate
 DOMAIN_SHIFT_FILES = ("domain_shift.json", "domain_shift.md", "domain_shift.png")
 RECALIBRATION_BATCH = 128
 BATCH_STATS_SIZES = (8, 128)
+PRIOR_SIZES = (1, 8, 128)
+PRIORS = (0, 1, 4, 16, 64, 256)
+PRIOR_METHODS = {"prior": "pooled", "prior_linear": "linear"}
+TENT_BATCH = 128
+# Images per compiled call when scoring with prior-weighted statistics.
+PRIOR_CHUNK = 1024
 
 
 def _pixels(split: Split) -> np.ndarray:
@@ -98,6 +113,75 @@ def _accuracy_batch_stats(apply_train: Callable, variables: Any, split: Split, s
         logits, _ = apply_train(variables, jnp.asarray(split.images[s : s + size]))
         correct += int(jnp.sum(jnp.argmax(logits, -1) == split.labels[s : s + size]))
     return correct / max(n, 1)
+
+
+def prior_apply(model: Any, form: str) -> Callable:
+    """``(variables, xs, prior) -> logits`` for xs of shape (batches, size, ...).
+
+    Each batch is normalized with its own statistics pooled with the running
+    ones (``prior`` is traced, so every N shares one compilation per shape).
+    """
+
+    @jax.jit
+    def apply(variables, xs, prior):
+        with jbn.linen.use_prior(prior, prior_form=form):
+            return jax.vmap(lambda x: model.apply(variables, x, train=False))(xs)
+
+    return apply
+
+
+def _accuracy_prior(apply: Callable, variables: Any, split: Split, size: int, prior) -> float:
+    """Accuracy with prior-weighted statistics, batches of ``size``; the last partial one left out."""
+    n = len(split) // size * size
+    per_call = max(1, PRIOR_CHUNK // size) * size
+    correct = 0
+    for s in range(0, n, per_call):
+        e = min(n, s + per_call)
+        xs = jnp.asarray(split.images[s:e]).reshape(-1, size, *split.images.shape[1:])
+        logits = apply(variables, xs, jnp.float32(prior)).reshape(e - s, -1)
+        correct += int(jnp.sum(jnp.argmax(logits, -1) == split.labels[s:e]))
+    return correct / max(n, 1)
+
+
+def _accuracy_predict(predict: Callable, split: Split, size: int) -> float:
+    """Accuracy of ``predict(batch)`` over batches of ``size``; the last partial one left out."""
+    n = len(split) // size * size
+    correct = 0
+    for s in range(0, n, size):
+        logits = predict(jnp.asarray(split.images[s : s + size]))
+        correct += int(jnp.sum(jnp.argmax(logits, -1) == split.labels[s : s + size]))
+    return correct / max(n, 1)
+
+
+def tent_accuracy(
+    model: Any, variables: Any, adapt: Split, score: Split, prior: float, size: int = TENT_BATCH
+) -> float:
+    """Offline TENT: one pass over ``adapt`` in batches of ``size``, then scored on ``score``."""
+    size = min(size, len(adapt), len(score))
+    tent = jbn.linen.Tent(
+        lambda v, x: model.apply(v, x, train=False), variables, prior=float(prior)
+    )
+    tent.adapt(
+        jnp.asarray(adapt.images[s : s + size]) for s in range(0, len(adapt) - size + 1, size)
+    )
+    return _accuracy_predict(tent.predict, score, size)
+
+
+def best_prior(records: list[dict[str, Any]], size: int) -> float:
+    """The N of ``method="prior"`` at ``size`` with the best mean accuracy over the shifted domains."""
+    means = {}
+    for n in PRIORS:
+        accs = [
+            r["test_accuracy"]
+            for r in records
+            if r["method"] == "prior"
+            and r.get("batch_size") == size
+            and r.get("prior") == n
+            and r["domain"] != "clean"
+        ]
+        if accs:
+            means[n] = float(np.mean(accs))
+    return max(means, key=means.get)
 
 
 def _is_bn_param(path: tuple[Any, ...]) -> bool:
@@ -181,6 +265,7 @@ def run_domain_shift(
     apply_eval = jax.jit(lambda v, x: model.apply(v, x, train=False))
     apply_train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
 
+    prior_fns = {form: prior_apply(model, form) for form in PRIOR_METHODS.values()}
     t0 = time.time()
     records: list[dict[str, Any]] = []
     half = len(datasets[1]) // 2
@@ -188,9 +273,17 @@ def run_domain_shift(
         adapt = Split(split.images[:half], split.labels[:half])
         score = Split(split.images[half:], split.labels[half:])
 
-        def record(method: str, batches: int | None, acc: float, domain: str = domain) -> None:
+        def record(
+            method: str, batches: int | None, acc: float, domain: str = domain, **extra: Any
+        ) -> None:
             records.append(
-                {"domain": domain, "method": method, "batches": batches, "test_accuracy": acc}
+                {
+                    "domain": domain,
+                    "method": method,
+                    "batches": batches,
+                    **extra,
+                    "test_accuracy": acc,
+                }
             )
 
         record("stale", None, _accuracy_running(apply_eval, trained, score))
@@ -211,12 +304,35 @@ def run_domain_shift(
                 None,
                 _accuracy_batch_stats(apply_train, trained, score, size),
             )
-        row = {
-            r["method"] + (f"_{r['batches']}" if r["batches"] else ""): r["test_accuracy"]
-            for r in records
-            if r["domain"] == domain
-        }
-        log(f"domain {domain}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row.items()))
+        for method, form in PRIOR_METHODS.items():
+            for size in (b for b in PRIOR_SIZES if b <= len(score)):
+                for n in PRIORS:
+                    acc = _accuracy_prior(prior_fns[form], trained, score, size, n)
+                    record(method, None, acc, batch_size=size, prior=n)
+        size = min(TENT_BATCH, len(adapt), len(score))
+        acc = tent_accuracy(model, trained, adapt, score, 0.0, size)
+        record("tent", None, acc, batch_size=size, prior=0)
+        log(
+            f"domain {domain}: "
+            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in _row(records, domain))
+        )
+    tent_size = min(TENT_BATCH, half, len(datasets[1]) - half)
+    n_best = best_prior(records, max(b for b in PRIOR_SIZES if b <= tent_size))
+    for domain, split in make_domains(datasets[1], config.seed).items():
+        adapt = Split(split.images[:half], split.labels[:half])
+        score = Split(split.images[half:], split.labels[half:])
+        acc = tent_accuracy(model, trained, adapt, score, n_best, tent_size)
+        records.append(
+            {
+                "domain": domain,
+                "method": "tent_prior",
+                "batches": None,
+                "batch_size": tent_size,
+                "prior": n_best,
+                "test_accuracy": acc,
+            }
+        )
+        log(f"domain {domain}: tent_prior (N = {n_best}) {100 * acc:.2f}%")
 
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write(workdir / "domain_shift.json", json.dumps(records, indent=1).encode())
@@ -228,16 +344,59 @@ def run_domain_shift(
     return records
 
 
+def _row(records: list[dict[str, Any]], domain: str) -> list[tuple[str, float]]:
+    return [
+        (_column(r).replace(" ", "_"), r["test_accuracy"]) for r in records if r["domain"] == domain
+    ]
+
+
 def _column(record: dict[str, Any]) -> str:
     if record["method"] == "recalibrated":
         return f"recalibrated ({record['batches']} batch{'es' if record['batches'] > 1 else ''})"
+    if record["method"] in PRIOR_METHODS or record["method"].startswith("tent"):
+        label = "prior, linear mix" if record["method"] == "prior_linear" else record["method"]
+        return f"{label.replace('_', ' ')} N={record['prior']:g}, batch {record['batch_size']}"
     if record["method"].startswith("batch_stats_"):
         return f"batch statistics, batch {record['method'].rsplit('_', 1)[1]}"
     return record["method"].replace("_", " ")
 
 
+def prior_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of the prior grid: one row per (form, batch size, N), one column per domain."""
+    grid = [r for r in records if r["method"] in PRIOR_METHODS]
+    if not grid:
+        return ""
+    domains = list(dict.fromkeys(r["domain"] for r in grid))
+    shifted = [d for d in domains if d != "clean"]
+    keys = list(dict.fromkeys((r["method"], r["batch_size"], r["prior"]) for r in grid))
+    cell = {
+        (r["method"], r["batch_size"], r["prior"], r["domain"]): r["test_accuracy"] for r in grid
+    }
+    lines = [
+        "| statistics | batch | N | " + " | ".join(domains) + " | mean of the shifted |",
+        "|---|---:|---:|" + "---:|" * (len(domains) + 1),
+    ]
+    for method, size, n in keys:
+        accs = [cell.get((method, size, n, d)) for d in domains]
+        mean = np.mean(
+            [cell[(method, size, n, d)] for d in shifted if (method, size, n, d) in cell]
+        )
+        form = PRIOR_METHODS[method]
+        values = " | ".join("" if a is None else f"{100 * a:.2f} %" for a in accs)
+        lines.append(f"| {form} | {size} | {n:g} | {values} | {100 * mean:.2f} % |")
+    lines.append(
+        "\n(prior-weighted statistics: each test batch is normalized with the running "
+        "statistics, counted as N images, pooled with the batch's own; "
+        "'pooled' is the exact pooled variance (Chan), 'linear' the paper's mix without the "
+        "between-groups term. N = 0 is the batch statistics.)\n"
+    )
+    return "\n".join(lines)
+
+
 def domain_shift_table(records: list[dict[str, Any]], adapt_images: int, finetune: Config) -> str:
-    """A Markdown table: one row per domain, one column per method."""
+    """Markdown tables: one row per domain, one column per method; then the prior grid."""
+    grid = prior_table(records)
+    records = [r for r in records if r["method"] not in PRIOR_METHODS]
     columns = list(dict.fromkeys(_column(r) for r in records))
     domains = list(dict.fromkeys(r["domain"] for r in records))
     cell = {(r["domain"], _column(r)): r["test_accuracy"] for r in records}
@@ -258,4 +417,4 @@ def domain_shift_table(records: list[dict[str, Any]], adapt_images: int, finetun
         "statistics: each feature's variance over one image is 0, so every batch-norm output "
         "after the dense layer is its bias and all predictions are equal.)\n"
     )
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n" + grid if grid else "")

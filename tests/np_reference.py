@@ -9,6 +9,8 @@ Masked entries are left out of the statistics and N counts the unmasked ones.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -80,3 +82,36 @@ def np_running(old_mean, old_var, mean, var, momentum):
         momentum * np.asarray(old_mean, np.float64) + (1 - momentum) * np.asarray(mean, np.float64),
         momentum * np.asarray(old_var, np.float64) + (1 - momentum) * np.asarray(var, np.float64),
     )
+
+
+def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, mask=None):
+    """y in float64 with prior-weighted statistics: N examples' statistics pooled with n examples'.
+
+    An example is a slice along axis 0 when axis 0 is reduced, else the whole array;
+    n = the counted values per feature / the values one example gives each feature.
+    """
+    x = np.asarray(x, np.float64)
+    mean_b, var_b, n = np_stats(x, axis, mask)
+    bshape = mean_b.shape
+    reduce, _, _ = _axes(x, axis)
+    n = n / math.prod(x.shape[a] for a in reduce if a != 0)  # examples
+    rm = np.asarray(run_mean, np.float64).reshape(bshape)
+    rv = np.asarray(run_var, np.float64).reshape(bshape)
+    if math.isinf(prior):
+        w = np.ones_like(n)
+    else:
+        w = np.where(n > 0, prior / np.maximum(prior + n, 1e-300), 1.0)
+    mean_b = np.where(n > 0, mean_b, 0.0)
+    var_b = np.where(n > 0, var_b, 0.0)
+    if form == "pooled" and not math.isinf(prior):
+        # Pool the two groups by their sizes (Chan): N examples of the running statistics.
+        total = prior + n
+        mean = np.where(total > 0, (prior * rm + n * mean_b) / np.maximum(total, 1e-300), rm)
+        m2 = prior * rv + n * var_b + prior * n / np.maximum(total, 1e-300) * (rm - mean_b) ** 2
+        var = np.where(total > 0, m2 / np.maximum(total, 1e-300), rv)
+    else:
+        mean = w * rm + (1 - w) * mean_b
+        var = w * rv + (1 - w) * var_b
+    s = np.asarray(scale, np.float64).reshape(bshape)
+    b = np.asarray(bias, np.float64).reshape(bshape)
+    return s * (x - mean) / np.sqrt(var + eps) + b

@@ -14,9 +14,10 @@ from jax.typing import ArrayLike
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward, bn_init
-from .._checks import Residual
+from .._checks import PriorForm, Residual
 
 _EMA_MODES = ("ema", "legacy")
+_STATIC_FLAGS = "; under jax.jit keep the model's flags static (eqx.filter_jit does)"
 
 
 def _default_dtype() -> Any:
@@ -129,6 +130,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     rmax: float = eqx.field(static=True)
     dmax: float = eqx.field(static=True)
     autodiff: bool = eqx.field(static=True)
+    prior: float | None = eqx.field(static=True)
+    prior_form: PriorForm = eqx.field(static=True)
 
     def __init__(
         self,
@@ -150,6 +153,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         rmax: float = 3.0,
         dmax: float = 5.0,
         autodiff: bool = False,
+        prior: float | None = None,
+        prior_form: PriorForm = "pooled",
     ) -> None:
         _check_mode(mode)
         given = locals()
@@ -204,11 +209,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         del key
         inference = self.inference if inference is None else inference
-        checks.python_bool(
-            inference,
-            "inference",
-            "; under jax.jit keep the model's flags static (eqx.filter_jit does)",
-        )
+        checks.python_bool(inference, "inference", _STATIC_FLAGS)
         x = jnp.asarray(x)
         if x.ndim < 1 or x.shape[0] != self.input_size:
             raise ValueError(
@@ -216,7 +217,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"{self.input_size}) takes one example of shape ({self.input_size}, *spatial); "
                 "map it over the batch with jax.vmap(..., axis_name=...)"
             )
-        if not inference:
+        if not inference or self.prior is not None:  # a prior pools the named axes' batch
             _check_bound(self.axis_name)
         mask = checks.mask(mask, x.shape)
         squeeze = x.ndim == 1
@@ -232,19 +233,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
             params,
             running,
             x,
-            not inference,
+            not inference and self.prior is None,
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,
             mask=mask,
-            axis_name=None if inference else self.axis_name,
+            axis_name=None if inference and self.prior is None else self.axis_name,
             autodiff=self.autodiff,
             debias=self.momentum is not None,
             **options.jbn_kwargs(self),
         )
         if squeeze:
             y = y[:, 0]
-        if not inference:
+        if not inference and self.prior is None:
             new = {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1} | (
                 {"feature_count": new["count"]} if "feature_count" in stored else {}
             )

@@ -17,13 +17,17 @@ from ._batch_norm import BatchNorm as BatchNorm
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import frozen_batch_norms as frozen_batch_norms
 from ._intercept import intercept as intercept
+from ._prior import Tent as Tent
+from ._prior import use_prior as use_prior
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 
 __all__ = (
     "BatchNorm",
+    "Tent",
     "batch_norm_mask",
     "frozen_batch_norms",
     "intercept",
     "recalibrate_batch_stats",
     "sync_batch_stats",
+    "use_prior",
 )

@@ -21,7 +21,7 @@ from flax.typing import Dtype, Initializer
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
-from .._checks import Residual
+from .._checks import PriorForm, Residual
 
 
 @options.document
@@ -97,6 +97,8 @@ class BatchNorm(nn.Module):
     renorm: bool = False
     rmax: float = 3.0
     dmax: float = 5.0
+    prior: float | None = None
+    prior_form: PriorForm = "pooled"
 
     def setup(self) -> None:
         """Checks every setting once, when the module is bound (flax's setup)."""
@@ -148,7 +150,8 @@ class BatchNorm(nn.Module):
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
         dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-        train = not use_running_average
+        # A prior selects test-time adaptation: evaluation with pooled statistics.
+        train = not use_running_average and self.prior is None
         state = {k: v.value for k, v in running.items()}
 
         if self.is_initializing():

@@ -13,6 +13,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from flax import linen as nn
+
+from ._batch_norm import BatchNorm
+
 
 class SubclassCalls(threading.local):
     """Per thread, like flax's interceptor stack: the subclass ``__call__``s running."""
@@ -41,3 +45,17 @@ class SubclassCalls(threading.local):
         if not reached:
             raise error()
         return out
+
+
+def raw_calls() -> tuple[Any, ...]:
+    """The undecorated ``__call__`` of ``flax.linen.BatchNorm`` and ``jbn.BatchNorm``.
+
+    What an interceptor's ``context.orig_method.func`` is when a batch norm's own
+    ``__call__`` runs (not a subclass's override).
+    """
+    # flax wraps each Module method at class creation and keeps the original as
+    # __wrapped__, which the plain function type it declares does not show.
+    return (
+        nn.BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
+        BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
+    )

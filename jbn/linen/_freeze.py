@@ -28,7 +28,7 @@ from flax.linen.module import InterceptorContext
 from .. import _tree as tree
 from .._batch_norm import bn_forward
 from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls
+from ._calls import SubclassCalls, raw_calls
 
 
 class _State(threading.local):
@@ -38,15 +38,6 @@ class _State(threading.local):
 
 
 _state = _State()
-
-
-def _raw_calls() -> tuple[Any, ...]:
-    # flax wraps each Module method at class creation and keeps the original as
-    # __wrapped__, which the plain function type it declares does not show.
-    return (
-        nn.BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
-        BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
-    )
 
 
 def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array:
@@ -80,7 +71,7 @@ def _freezing_interceptor(
         or not isinstance(module, (nn.BatchNorm, BatchNorm))
     ):
         return next_fun(*args, **kwargs)
-    if getattr(context.orig_method, "func", None) in _raw_calls():
+    if getattr(context.orig_method, "func", None) in raw_calls():
         _state.calls.reached_base()
         if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
             return next_fun(*args, **kwargs)  # creates the variables; init updates nothing

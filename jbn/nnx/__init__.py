@@ -4,7 +4,8 @@
 constructor, call signature and variables); ``convert`` swaps the batch norms of
 an existing model in place (and back); ``freeze_batch_norms``,
 ``unfreeze_batch_norms``, ``FrozenBatchNorm`` and ``batch_norm_mask`` are for
-fine-tuning; ``recalibrate_batch_stats`` recomputes running statistics from data
+fine-tuning; ``use_prior`` (prior-weighted statistics) and ``Tent`` (entropy
+minimization) adapt a model at test time; ``recalibrate_batch_stats`` recomputes running statistics from data
 and ``sync_batch_stats`` merges replicas' running statistics exactly.
 """
 
@@ -18,16 +19,20 @@ from ._freeze import FrozenBatchNorm as FrozenBatchNorm
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import freeze_batch_norms as freeze_batch_norms
 from ._freeze import unfreeze_batch_norms as unfreeze_batch_norms
+from ._prior import Tent as Tent
+from ._prior import use_prior as use_prior
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 from ._sync import sync_batch_stats as sync_batch_stats
 
 __all__ = (
     "BatchNorm",
     "FrozenBatchNorm",
+    "Tent",
     "batch_norm_mask",
     "convert",
     "freeze_batch_norms",
     "recalibrate_batch_stats",
     "sync_batch_stats",
     "unfreeze_batch_norms",
+    "use_prior",
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
-from .._checks import Residual
+from .._checks import PriorForm, Residual
 
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
@@ -77,6 +77,10 @@ class BatchNorm(nnx.Module):
       <jbn options>
     """
 
+    if TYPE_CHECKING:  # set in __init__ from the options declared in jbn/_options.py
+        prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
+        prior_form: PriorForm
+
     def __init__(
         self,
         num_features: int | Sequence[int],
@@ -106,6 +110,8 @@ class BatchNorm(nnx.Module):
         renorm: bool = False,
         rmax: float = 3.0,
         dmax: float = 5.0,
+        prior: float | None = None,
+        prior_form: PriorForm = "pooled",
     ) -> None:
         feature_shape = checks.feature_shape(num_features, "num_features")
         checks.momentum(momentum)
@@ -173,7 +179,8 @@ class BatchNorm(nnx.Module):
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
         x, params, state = self.prepare(x)
-        train = not use_running_average
+        # A prior selects test-time adaptation: evaluation with pooled statistics.
+        train = not use_running_average and self.prior is None
         y, new_state = bn_forward(
             params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
         )

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import write_dataset
 
-from mnist_demo import cli
+from mnist_demo import cli, shift
 
 TINY = ["--no-verify", "--no-download", "--no-progress", "--model", "mlp"]
 TINY += ["--epochs", "1", "--batch-size", "32"]
@@ -27,7 +27,13 @@ def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     assert "no checkpoint" in out  # there was no trained model: it trained one first
     assert (tmp_path / "checkpoint.msgpack").exists()
     records = json.loads((tmp_path / "domain_shift.json").read_text())
-    assert all(set(r) == {"domain", "method", "batches", "test_accuracy"} for r in records)
+    base = {"domain", "method", "batches", "test_accuracy"}
+    assert all(set(r) in (base, base | {"batch_size", "prior"}) for r in records)
+    grid = [r for r in records if r["method"] in ("prior", "prior_linear")]
+    assert {(r["method"], r["batch_size"], r["prior"]) for r in grid} == {
+        (m, n, p) for m in ("prior", "prior_linear") for n in (1, 8) for p in shift.PRIORS
+    }
+    records = [r for r in records if r not in grid]
     domains = {r["domain"] for r in records}
     assert domains == {
         "clean",
@@ -38,7 +44,9 @@ def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     }
     acc = {(r["domain"], r["method"], r["batches"]): r["test_accuracy"] for r in records}
     methods = {m for _, m, _ in acc}
-    assert methods == {"stale", "recalibrated", "bn_finetuned", "batch_stats_8"}
+    assert methods == {
+        "stale", "recalibrated", "bn_finetuned", "batch_stats_8", "tent", "tent_prior"
+    }  # fmt: skip
     assert all(b is None for (_, m, b) in acc if m != "recalibrated")
     # An affine change of the input channel is what recalibration undoes.
     stale = acc[("contrast_brightness", "stale", None)]
@@ -70,3 +78,34 @@ def test_compare_smoke(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "compare.png").stat().st_size > 1000
     for norm in ("jbn", "flax", "none"):
         assert (tmp_path / norm / "checkpoint.msgpack").exists()
+
+
+def test_prior_and_tent_rows_on_an_untrained_model(tiny_dir):
+    """The new study rows' pieces, fast: prior-weighted accuracy, TENT, best N, the table."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from mnist_demo.data import Split
+    from mnist_demo.models import create_model
+    from tests.helpers import tiny_config
+
+    config = dataclasses.replace(tiny_config(tiny_dir), model="mlp")
+    model = create_model(config, axis_name=None)
+    rng = np.random.default_rng(0)
+    split = Split(rng.normal(size=(16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 16))
+    variables = model.init(jax.random.key(0), split.images[:2], train=False)
+    apply = shift.prior_apply(model, "pooled")
+    for size in (1, 8):
+        acc = shift._accuracy_prior(apply, variables, split, size, 4)
+        assert 0.0 <= acc <= 1.0
+    assert 0.0 <= shift.tent_accuracy(model, variables, split, split, 0.0, 8) <= 1.0
+    records = [
+        {"domain": d, "method": m, "batches": None, "batch_size": 8, "prior": n,
+         "test_accuracy": 0.5 + 0.01 * n * (d != "clean")}
+        for d in ("clean", "noise") for m in shift.PRIOR_METHODS for n in shift.PRIORS
+    ]  # fmt: skip
+    assert shift.best_prior(records, 8) == max(shift.PRIORS)
+    table = shift.prior_table(records)
+    assert "| pooled | 8 | 256 |" in table and "mean of the shifted" in table

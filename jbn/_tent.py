@@ -1,0 +1,143 @@
+"""TENT (Wang et al., ICLR 2021): test-time entropy minimization on the batch-norm parameters.
+
+The loop is written once here, on pure pytrees, for the frontends to wrap
+(``jbn.linen.Tent``, ``jbn.nnx.Tent``, ``jbn.equinox.Tent``): each gives a
+function ``logits_fn(params, x)`` that runs its model with prior-weighted
+statistics, the model's trainable parameters and a bool mask that is True on
+the batch-norm scales and biases. Only the masked leaves are differentiated
+and moved; every other leaf is returned as the same array, bit for bit. The
+optimizer is any optax ``GradientTransformation``, passed in (this module
+imports no optax: the frontends build the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def entropy(logits: Array) -> Array:
+    """The mean over the batch of the Shannon entropy of softmax(logits) (last axis)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+def _split(tree: Any, mask: Any) -> tuple[list, list, Any]:
+    leaves, treedef = jax.tree.flatten(tree)
+    flags = jax.tree.leaves(mask)
+    if len(flags) != len(leaves):
+        raise ValueError(
+            f"the batch-norm mask has {len(flags)} leaves but the parameters have {len(leaves)}"
+        )
+    return leaves, [bool(f) for f in flags], treedef
+
+
+def check_tx(tx: Any) -> None:
+    for method in ("init", "update"):
+        if not callable(getattr(tx, method, None)):
+            raise TypeError(
+                f"tx must be an optax GradientTransformation (with init and update), got "
+                f"{type(tx).__name__}"
+            )
+
+
+def check_mask(params: Any, mask: Any) -> None:
+    _, flags, _ = _split(params, mask)
+    if not any(flags):
+        raise ValueError(
+            "TENT found no batch-norm scale or bias to adapt: the model has no batch norm with "
+            "use_scale/use_bias (or channelwise_affine) among its trainable parameters"
+        )
+
+
+class TentLoop:
+    """Entropy-minimization steps on the masked leaves of ``params``.
+
+    Args:
+      logits_fn: ``(params, x) -> logits`` (classes on the last axis).
+      params: the source parameters (a pytree).
+      mask: bools of ``params``' structure, True on what TENT adapts.
+      tx: an optax ``GradientTransformation`` for the masked leaves.
+      episodic: reset to the source parameters before every :meth:`step`.
+    """
+
+    def __init__(
+        self,
+        logits_fn: Callable[[Any, Any], Array],
+        params: Any,
+        mask: Any,
+        tx: Any,
+        *,
+        episodic: bool = False,
+    ) -> None:
+        if not isinstance(episodic, bool):
+            raise TypeError(f"episodic must be a bool, got {episodic!r}")
+        check_tx(tx)
+        check_mask(params, mask)
+        self.source = params
+        self.mask = mask
+        self.tx = tx
+        self.episodic = episodic
+        _, flags, treedef = _split(params, mask)
+
+        def adapted_loss(adapted: list, frozen: list, x: Any) -> tuple[Array, Array]:
+            it_a, it_f = iter(adapted), iter(frozen)
+            leaves = [next(it_a) if f else next(it_f) for f in flags]
+            logits = logits_fn(jax.tree.unflatten(treedef, leaves), x)
+            return entropy(logits), logits
+
+        def step(params: Any, opt_state: Any, x: Any) -> tuple[Any, Any, Array]:
+            leaves = jax.tree.leaves(params)
+            adapted = [v for v, f in zip(leaves, flags, strict=True) if f]
+            frozen = [v for v, f in zip(leaves, flags, strict=True) if not f]
+            (loss, _), grads = jax.value_and_grad(adapted_loss, has_aux=True)(adapted, frozen, x)
+            it = iter(grads)
+            full = [
+                next(it) if f else jnp.zeros_like(v) for v, f in zip(leaves, flags, strict=True)
+            ]
+            updates, opt_state = tx.update(jax.tree.unflatten(treedef, full), opt_state, params)
+            it_u = iter(jax.tree.leaves(updates))
+            new = []
+            for v, f in zip(leaves, flags, strict=True):
+                u = next(it_u)
+                # A frozen leaf is returned as it is: bit-identical, whatever tx does.
+                new.append((v + u).astype(v.dtype) if f else v)
+            return jax.tree.unflatten(treedef, new), opt_state, loss
+
+        self._step = jax.jit(step)
+        self._predict = jax.jit(logits_fn)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the source parameters and a fresh optimizer state (episodic TENT)."""
+        self.params = self.source
+        self.opt_state = self.tx.init(self.source)
+        self.loss = None
+
+    def update(self, x: Any) -> None:
+        """One entropy-minimization step on the batch ``x`` (no prediction)."""
+        if self.episodic:
+            self.reset()
+        self.params, self.opt_state, self.loss = self._step(self.params, self.opt_state, x)
+
+    def step(self, x: Any) -> Array:
+        """Online TENT: one step on ``x``, then the logits of ``x`` with the new parameters."""
+        self.update(x)
+        return self.predict(x)
+
+    def adapt(self, batches: Iterable[Any], *, epochs: int = 1) -> None:
+        """Offline TENT: one step per batch, ``epochs`` times over ``batches``."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        for _ in range(epochs):
+            for x in batches:
+                self.update(x)
+
+    def predict(self, x: Any) -> Array:
+        """The logits of ``x`` with the current parameters (no step)."""
+        return self._predict(self.params, x)

@@ -1,0 +1,219 @@
+"""Test-time adaptation for linen models: prior-weighted statistics and TENT.
+
+:func:`use_prior` is a context manager (and decorator) under which every
+``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` (or those a ``where`` predicate
+selects) normalizes with its running statistics pooled with the batch's own
+(:func:`jbn.bn_forward` with ``prior``), whatever ``use_running_average`` the
+model passes, and updates nothing. :class:`Tent` minimizes the entropy of a
+model's predictions on test batches by moving only its batch-norm scales and
+biases (Wang et al. 2021).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+from flax import linen as nn
+from flax.linen import dtypes as linen_dtypes
+
+from .. import _checks as checks
+from .._batch_norm import bn_forward
+from .._checks import PriorForm
+from .._optimize import optimize_only
+from .._tent import TentLoop, check_tx
+from ._batch_norm import BatchNorm
+from ._calls import SubclassCalls, raw_calls
+from ._freeze import batch_norm_mask
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.settings: list[tuple[Any, PriorForm, Any]] = []  # (prior, form, where) per context
+        self.calls = SubclassCalls()
+
+
+_state = _State()
+
+
+def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: PriorForm) -> jax.Array:
+    """The module's output with prior-weighted statistics, from its own variables."""
+    params = {
+        name: module.get_variable("params", name)
+        for name, used in (("scale", module.use_scale), ("bias", module.use_bias))
+        if used
+    }
+    state = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")}
+    x = jax.numpy.asarray(x)
+    dtype = linen_dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    y, _ = bn_forward(
+        params,
+        state,
+        x,
+        False,
+        axis=module.axis,
+        epsilon=module.epsilon,
+        mask=mask,
+        axis_name=module.axis_name,
+        axis_index_groups=module.axis_index_groups,
+        dtype=dtype,
+        prior=prior,
+        prior_form=form,
+    )
+    return y
+
+
+def _interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+    module = context.module
+    if (
+        not _state.settings
+        or context.method_name != "__call__"
+        or not isinstance(module, (nn.BatchNorm, BatchNorm))
+    ):
+        return next_fun(*args, **kwargs)
+    prior, form, where = _state.settings[-1]
+    if getattr(context.orig_method, "func", None) in raw_calls():
+        _state.calls.reached_base()
+        if (
+            prior is None
+            or (where is not None and not where(module.path))
+            or module.is_initializing()
+            or not module.has_variable("batch_stats", "mean")
+        ):
+            return next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["x"]
+        return _prior_forward(module, x, kwargs.get("mask"), prior, form)
+    return _state.calls.run(
+        next_fun,
+        args,
+        kwargs,
+        lambda: TypeError(
+            f"jbn.linen.use_prior cannot adapt {type(module).__qualname__}: its __call__ never "
+            "calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it would keep "
+            "normalizing with its own code"
+        ),
+    )
+
+
+@contextlib.contextmanager
+def use_prior(
+    prior: float | jax.typing.ArrayLike | None,
+    *,
+    prior_form: PriorForm = "pooled",
+    where: Callable[[tuple[str, ...]], bool] | None = None,
+) -> Iterator[None]:
+    """Test-time adaptation of every linen batch norm while the context is active.
+
+    Each ``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` normalizes with its
+    running statistics, counted as ``prior`` examples, pooled with the statistics
+    of the batch it is given (:func:`jbn.bn_forward`'s ``prior``), whatever
+    ``use_running_average`` the model passes, and updates nothing. Serving one
+    image at a time on shifted data::
+
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jbn.linen import use_prior
+      >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True)])
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> with use_prior(16):
+      ...     y = model.apply(variables, jnp.ones((1, 3)) + 5.0)
+
+    ``prior=0`` is the batch statistics alone, ``prior=inf`` the running
+    statistics; None inside another ``use_prior`` takes the layers out again.
+    Contexts nest (the innermost applies) and work as decorators, the safe way
+    to combine them with ``jax.jit`` (what counts is whether the context was
+    active when the function was traced). Models adopted through
+    :func:`jbn.linen.intercept` work too; ``init`` is left as it is.
+
+    Args:
+      prior: N, the number of examples the running statistics count as (>= 0,
+        ``inf`` allowed, a Python float or a scalar array); None: no adaptation.
+      prior_form: ``"pooled"`` (default: Chan's exact pooling) or ``"linear"``
+        (Schneider et al.'s mix, without the between-groups term).
+      where: a predicate on a batch norm's module path (a tuple of names, e.g.
+        ``("backbone", "BatchNorm_0")``): only the layers it accepts adapt;
+        default all.
+
+    Yields:
+      None.
+    """
+    if prior is not None:
+        checks.prior(prior, False)
+    checks.prior_form(prior_form)
+    if where is not None and not callable(where):
+        raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
+    _state.settings.append((prior, prior_form, where))
+    try:
+        with nn.intercept_methods(_interceptor):
+            yield
+    finally:
+        _state.settings.pop()
+
+
+def _default_tx() -> Any:
+    import optax
+
+    return optax.adam(1e-3)
+
+
+class Tent(TentLoop):
+    """TENT (Wang et al. 2021) on a linen model: entropy minimization on its batch norms.
+
+    Every step runs ``apply_fn`` under :func:`use_prior` (batch statistics by
+    default, ``prior=0``), and moves only the batch-norm scales and biases
+    (:func:`jbn.linen.batch_norm_mask` and :func:`jbn.optimize_only`) to
+    lower the mean entropy of the predictions; every other parameter stays
+    bit-identical and the running statistics do not change::
+
+      tent = jbn.linen.Tent(lambda v, x: model.apply(v, x, train=False), variables)
+      logits = tent.step(batch)   # online: a step on the batch, then its logits
+      tent.adapt(batches)         # offline: a step per batch ...
+      logits = tent.predict(x)    # ... then predict
+      tent.reset()                # back to the source model (episodic)
+
+    Args:
+      apply_fn: ``(variables, x) -> logits``, e.g. ``lambda v, x: model.apply(v,
+        x, train=False)`` (the batch norms adapt whatever mode it sets).
+      variables: the source model's variables, with ``params`` and ``batch_stats``.
+      tx: an optax optimizer for the batch-norm parameters (default
+        ``optax.adam(1e-3)``, the paper's).
+      prior: N of the prior-weighted statistics (default 0: the batch's).
+      prior_form: ``"pooled"`` or ``"linear"``.
+      episodic: reset to the source model before every step.
+
+    Attributes:
+      variables: the current (adapted) variables.
+      loss: the mean entropy at the last step (before it).
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Any], Any],
+        variables: Mapping[str, Any],
+        *,
+        tx: Any = None,
+        prior: float | jax.typing.ArrayLike = 0.0,
+        prior_form: PriorForm = "pooled",
+        episodic: bool = False,
+    ) -> None:
+        checks.prior(prior, False)
+        checks.prior_form(prior_form)
+        mask = batch_norm_mask(variables)
+        others = {k: v for k, v in variables.items() if k != "params"}
+
+        def logits_fn(params: Any, x: Any) -> Any:
+            with use_prior(prior, prior_form=prior_form):
+                return apply_fn({**others, "params": params}, x)
+
+        tx = _default_tx() if tx is None else tx
+        check_tx(tx)
+        self._others = others
+        super().__init__(
+            logits_fn, variables["params"], mask, optimize_only(tx, mask), episodic=episodic
+        )
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {**self._others, "params": self.params}
