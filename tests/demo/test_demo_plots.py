@@ -1,0 +1,98 @@
+"""The demo's figures read on their own: integer epoch ticks, legends that cover no data."""
+
+import numpy as np
+import pytest
+
+from mnist_demo import plots
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions make, drawn, instead of written to PNG files."""
+    figures = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def history(epochs=3):
+    return [
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "test_loss": 1.2 / e,
+            "train_accuracy": 0.9 + 0.02 * e,
+            "test_accuracy": 0.88 + 0.02 * e,
+        }
+        for e in range(1, epochs + 1)
+    ]
+
+
+def visible_xticks(ax):
+    low, high = ax.get_xlim()
+    return [t for t in ax.get_xticks() if low <= t <= high]
+
+
+def covered_points(ax):
+    """How many data points of the axes' lines and bars lie under its legend."""
+    box = ax.get_legend().get_window_extent()
+    count = 0
+    for line in ax.get_lines():
+        xy = ax.transData.transform(np.column_stack(line.get_data()))
+        count += sum(box.contains(x, y) for x, y in xy)
+    count += sum(box.overlaps(bar.get_window_extent()) for bar in ax.patches)
+    return count
+
+
+def test_epoch_ticks_are_integers(drawn, tmp_path):
+    plots.plot_curves(tmp_path / "curves.png", history(), "curves")
+    plots.plot_compare(tmp_path / "compare.png", {"jbn": history(), "none": history()}, "compare")
+    axes = [ax for fig in drawn for ax in fig.axes]
+    assert len(axes) == 4
+    for ax in axes:
+        ticks = visible_xticks(ax)
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_domain_shift_legend_covers_no_bar(drawn, tmp_path):
+    records = [
+        {"domain": d, "method": m, "batches": b, "test_accuracy": 0.99}
+        for d in ("clean", "noise", "inverted")
+        for m, b in (
+            ("stale", None),
+            ("recalibrated", 1),
+            ("recalibrated", 10),
+            ("bn_finetuned", None),
+        )
+    ]
+    plots.plot_domain_shift(tmp_path / "domain_shift.png", records)
+    (ax,) = drawn[0].axes
+    assert covered_points(ax) == 0
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "recalibrated (1 batch)" in labels and "recalibrated (10 batches)" in labels
+
+
+def test_fig1_legends_cover_no_curve(drawn, tmp_path):
+    steps = list(range(0, 5001, 500))
+    rising = np.linspace(-1.0, 2.4, len(steps))
+    results = {
+        "steps": steps,
+        "unit": 0,
+        "learning_rate": 0.5,
+        "batch_size": 60,
+        "baseline": {
+            "accuracy": list(np.linspace(0.1, 0.96, len(steps))),
+            "percentiles": [[-4.2 + r / 10, -1.6, -0.5] for r in rising],
+        },
+        "batchnorm": {
+            "accuracy": list(np.linspace(0.8, 0.98, len(steps))),
+            "percentiles": [[-r, 0.0, r] for r in rising],  # the top curve reaches the maximum
+        },
+    }
+    plots.plot_fig1(tmp_path / "fig1.png", results)
+    for ax in drawn[0].axes:
+        assert covered_points(ax) == 0, ax.get_title()
