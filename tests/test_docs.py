@@ -57,4 +57,15 @@ def test_every_public_name_has_an_api_entry(module):
 def test_api_entries_are_public():
     # An entry for a name that is not (or no longer) public fails too.
     public = {f"{m}.{n}" for m in PUBLIC for n in importlib.import_module(m).__all__}
+    # jbn.BatchNorm and jbn.recalibrate_batch_stats load jbn.linen on first use, so they
+    # are public without being in jbn.__all__ (which keeps `from jbn import *` jax-only).
+    public |= {f"jbn.{n}" for n in ("BatchNorm", "recalibrate_batch_stats")}
     assert api_entries() <= public | set(PUBLIC)
+
+
+def test_lazy_names_have_an_api_entry():
+    import jbn
+
+    lazy = {n for n in dir(jbn) if not n.startswith("_")} - set(jbn.__all__)
+    assert {"BatchNorm", "recalibrate_batch_stats"} <= lazy
+    assert {"jbn.BatchNorm", "jbn.recalibrate_batch_stats"} <= api_entries()
