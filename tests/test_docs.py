@@ -67,3 +67,11 @@ def test_api_entries_are_public():
     # An entry for a name that is gone, or private, fails too.
     stale = [e for e in sorted(api_entries()) if not resolves(e) or "._" in f".{e}"]
     assert not stale, f"docs/api/*.md documents names that are not public: {stale}"
+
+
+def test_lazy_names_have_an_api_entry():
+    import jbn
+
+    lazy = {n for n in dir(jbn) if not n.startswith("_")} - set(jbn.__all__)
+    assert {"BatchNorm", "recalibrate_batch_stats"} <= lazy
+    assert {"jbn.BatchNorm", "jbn.recalibrate_batch_stats"} <= api_entries()

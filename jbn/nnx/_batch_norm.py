@@ -213,11 +213,17 @@ class BatchNorm(nnx.Module):
             state["count"] = self.count[...]
         return state
 
-    def set_view(self, use_running_average: bool | None = None) -> None:
+    def set_view(self, use_running_average: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         """Used by ``nnx.view``.
 
         Args:
           use_running_average: if not None, the new ``use_running_average``.
+          **kwargs: other layers' view settings, returned unused (flax 0.12.4 to
+            0.12.7 pass every setting to every layer and read back the unused ones).
+
+        Returns:
+          ``kwargs``.
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+        return kwargs

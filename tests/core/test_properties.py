@@ -39,7 +39,7 @@ def _setup(shape, axis, dtype, momentum, masked, seed, offset):
         kv, fshape, dtype, scale_std=1.0, bias_std=1.0, mean_std=1.0, var_range=(1.0, 1.0)
     )
     if momentum is None:
-        state["count"] = jnp.zeros((), jnp.int32)
+        state["count"] = jnp.zeros(fshape, jnp.int32)  # one per feature, as bn_init makes it
     mask = jax.random.bernoulli(km, 0.7, shape) if masked else None
     return x, params, state, mask, fshape
 
