@@ -76,7 +76,7 @@ clean-venv:
 #                    docs extra added (installed the first time, updated as make demo's venv is)
 #   make docs-serve  a local preview at http://127.0.0.1:8000, rebuilt on every change
 #   make figures     regenerates docs/figures/: the demo's Fig. 1, --compare and --domain-shift
-#                    runs into $(FIGURES_OUT) (about 25 minutes on 2 idle cores), their PNGs
+#                    runs into $(FIGURES_OUT) (about half an hour on 2 idle cores), their PNGs
 #                    copied, and the performance plot redrawn from docs/performance.md. Flags for
 #                    the three runs go in ARGS, e.g. make figures ARGS="--data-dir DIR"
 DOCS_STAMP := $(VENV)/.jbn-docs-installed

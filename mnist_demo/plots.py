@@ -241,4 +241,5 @@ def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
         title="prior-weighted statistics",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # Beside the axes: inside, it would cover the batch-128 curves at the top.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)

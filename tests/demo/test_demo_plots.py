@@ -38,13 +38,14 @@ def visible_xticks(ax):
 
 
 def covered_points(ax):
-    """How many data points of the axes' lines and bars lie under its legend."""
+    """How many data points of the figure's lines and bars lie under ``ax``'s legend."""
     box = ax.get_legend().get_window_extent()
     count = 0
-    for line in ax.get_lines():
-        xy = ax.transData.transform(np.column_stack(line.get_data()))
-        count += sum(box.contains(x, y) for x, y in xy)
-    count += sum(box.overlaps(bar.get_window_extent()) for bar in ax.patches)
+    for other in ax.figure.axes:  # a legend beside its axes may reach into the next panel
+        for line in other.get_lines():
+            xy = other.transData.transform(np.column_stack(line.get_data()))
+            count += sum(box.contains(x, y) for x, y in xy)
+        count += sum(box.overlaps(bar.get_window_extent()) for bar in other.patches)
     return count
 
 
@@ -74,6 +75,40 @@ def test_domain_shift_legend_covers_no_bar(drawn, tmp_path):
     assert covered_points(ax) == 0
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "recalibrated (1 batch)" in labels and "recalibrated (10 batches)" in labels
+
+
+def test_domain_shift_with_a_prior_grid_legends_cover_no_data(drawn, tmp_path):
+    # The second panel (accuracy against the prior N) with curves that reach its top corners.
+    records = [
+        {"domain": d, "method": "stale", "batches": None, "test_accuracy": 0.99}
+        for d in ("clean", "noise")
+    ]
+    curves = {  # the measured curves (mean over the shifted domains): no corner is free
+        ("prior", 1): (0.097, 0.48, 0.264, 0.235, 0.225, 0.22),
+        ("prior", 8): (0.661, 0.678, 0.683, 0.517, 0.275, 0.235),
+        ("prior", 128): (0.687, 0.688, 0.692, 0.7, 0.7, 0.536),
+        ("prior_linear", 1): (0.097, 0.436, 0.253, 0.234, 0.224, 0.22),
+        ("prior_linear", 8): (0.661, 0.668, 0.668, 0.464, 0.262, 0.233),
+        ("prior_linear", 128): (0.687, 0.687, 0.688, 0.689, 0.682, 0.485),
+    }
+    for (method, size), accuracies in curves.items():
+        for n, accuracy in zip((0, 1, 4, 16, 64, 256), accuracies, strict=True):
+            for d in ("clean", "noise"):
+                records.append(
+                    {
+                        "domain": d,
+                        "method": method,
+                        "batches": None,
+                        "prior": n,
+                        "batch_size": size,
+                        "test_accuracy": accuracy,
+                    }
+                )
+    plots.plot_domain_shift(tmp_path / "domain_shift.png", records)
+    axes = drawn[0].axes
+    assert len(axes) == 2
+    for ax in axes:
+        assert covered_points(ax) == 0, ax.get_title()
 
 
 def test_fig1_legends_cover_no_curve(drawn, tmp_path):
