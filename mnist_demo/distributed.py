@@ -66,6 +66,10 @@ def initialize(config: Config) -> None:
             raise ConfigError(
                 f"${COORDINATOR_ENV} must be {expected}; got {os.environ[COORDINATOR_ENV]!r}"
             )
+    # JAX's preemption service catches SIGTERM (to let jobs reach a sync point), so a
+    # process kept training after a SIGTERM until it was killed or done. Off, SIGTERM
+    # ends each process at once, its last complete checkpoint kept (--resume).
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
             coordinator_address=config.coordinator,
