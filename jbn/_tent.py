@@ -7,7 +7,7 @@ statistics, the model's trainable parameters and a bool mask that is True on
 the batch-norm scales and biases. Only the masked leaves are differentiated
 and moved; every other leaf is returned as the same array, bit for bit. The
 optimizer is any optax ``GradientTransformation``, passed in (this module
-imports no optax: the frontends build the default).
+imports optax only to build the default, :func:`optimizer`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from ._extras import require
 
 Array = jax.Array
 
@@ -37,13 +39,25 @@ def _split(tree: Any, mask: Any) -> tuple[list, list, Any]:
     return leaves, [bool(f) for f in flags], treedef
 
 
-def check_tx(tx: Any) -> None:
+def optimizer(tx: Any, owner: str) -> Any:
+    """``tx``, checked; TENT's default ``optax.adam(1e-3)`` (the paper's) if it is None.
+
+    Args:
+      tx: an optax ``GradientTransformation`` or None.
+      owner: what asks, for the error if optax is missing (e.g. ``"jbn.nnx.Tent"``).
+    """
+    if tx is None:
+        require("optax", owner)
+        import optax
+
+        return optax.adam(1e-3)
     for method in ("init", "update"):
         if not callable(getattr(tx, method, None)):
             raise TypeError(
                 f"tx must be an optax GradientTransformation (with init and update), got "
                 f"{type(tx).__name__}"
             )
+    return tx
 
 
 def check_mask(params: Any, mask: Any) -> None:
@@ -77,11 +91,10 @@ class TentLoop:
     ) -> None:
         if not isinstance(episodic, bool):
             raise TypeError(f"episodic must be a bool, got {episodic!r}")
-        check_tx(tx)
         check_mask(params, mask)
         self.source = params
         self.mask = mask
-        self.tx = tx
+        self.tx = optimizer(tx, "jbn's TENT")
         self.episodic = episodic
         _, flags, treedef = _split(params, mask)
 

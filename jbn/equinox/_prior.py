@@ -20,9 +20,8 @@ from jax.core import Tracer
 
 from .. import _checks as checks
 from .._checks import PriorForm
-from .._extras import require
 from .._optimize import optimize_only
-from .._tent import TentLoop, check_tx
+from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm
 
 
@@ -146,12 +145,7 @@ class Tent(TentLoop):
         episodic: bool = False,
     ) -> None:
         model = use_prior(model, prior, prior_form=prior_form)
-        if tx is None:
-            require("optax", "jbn.equinox.Tent")
-            import optax
-
-            tx = optax.adam(1e-3)
-        check_tx(tx)
+        tx = optimizer(tx, "jbn.equinox.Tent")
         if apply_fn is None:
             axis_name = _axis_name(model)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flax import linen as nn
+from flax.linen.module import InterceptorContext
 
 from ._batch_norm import BatchNorm
 
@@ -45,6 +46,39 @@ class SubclassCalls(threading.local):
         if not reached:
             raise error()
         return out
+
+    def dispatch(
+        self,
+        next_fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: InterceptorContext,
+        *,
+        active: bool,
+        classes: tuple[type, ...],
+        bases: tuple[Any, ...],
+        on_base: Callable[[Any], Any],
+        error: Callable[[type], Exception],
+        check: Callable[[type], None] | None = None,
+    ) -> Any:
+        """Routes one method call that a tool's linen interceptor sees.
+
+        Calls other than ``__call__`` of an instance of ``classes``, or any call
+        while the tool is not ``active``, run unchanged. A base ``__call__`` (its
+        undecorated function in ``bases``) is replaced by ``on_base(module)``; a
+        subclass's own ``__call__`` runs as it is and must reach a base one, or
+        ``error(type(module))`` is raised. ``check(type(module))`` runs first, for a
+        tool that refuses some classes outright.
+        """
+        module = context.module
+        if not active or context.method_name != "__call__" or not isinstance(module, classes):
+            return next_fun(*args, **kwargs)
+        if check is not None:
+            check(type(module))
+        if getattr(context.orig_method, "func", None) in bases:
+            self.reached_base()
+            return on_base(module)
+        return self.run(next_fun, args, kwargs, lambda: error(type(module)))
 
 
 def raw_calls() -> tuple[Any, ...]:

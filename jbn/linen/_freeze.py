@@ -64,25 +64,23 @@ def _freezing_interceptor(
     kwargs: dict[str, Any],
     context: InterceptorContext,
 ) -> Any:
-    module = context.module
-    if (
-        not _state.stop_gradient
-        or context.method_name != "__call__"
-        or not isinstance(module, (nn.BatchNorm, BatchNorm))
-    ):
-        return next_fun(*args, **kwargs)
-    if getattr(context.orig_method, "func", None) in raw_calls():
-        _state.calls.reached_base()
+    def frozen(module: Any) -> Any:
         if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
             return next_fun(*args, **kwargs)  # creates the variables; init updates nothing
         x = args[0] if args else kwargs["x"]
         return _frozen_forward(module, x, _state.stop_gradient[-1])
-    return _state.calls.run(
+
+    return _state.calls.dispatch(
         next_fun,
         args,
         kwargs,
-        lambda: TypeError(
-            f"jbn's frozen_batch_norms cannot freeze {type(module).__qualname__}: its "
+        context,
+        active=bool(_state.stop_gradient),
+        classes=(nn.BatchNorm, BatchNorm),
+        bases=raw_calls(),
+        on_base=frozen,
+        error=lambda cls: TypeError(
+            f"jbn's frozen_batch_norms cannot freeze {cls.__qualname__}: its "
             "__call__ never calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it "
             "would keep normalizing with its own code"
         ),

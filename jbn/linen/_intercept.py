@@ -102,31 +102,24 @@ def _interceptor(
     kwargs: dict[str, Any],
     context: InterceptorContext,
 ) -> Any:
-    module = context.module
-    if (
-        not _state.options
-        or context.method_name != "__call__"
-        or not isinstance(module, nn.BatchNorm)
-    ):
-        return next_fun(*args, **kwargs)
-    cls = type(module)
-    if cls is not nn.BatchNorm:
-        _check_class(cls)
-    if getattr(context.orig_method, "func", None) is _FLAX_CALL:
-        _state.calls.reached_base()
-        return _jbn_module(module, _state.options[-1])(*args, **kwargs)
-    # A subclass's (or a lifted transform's) own __call__: it keeps its code, and
-    # the flax BatchNorm.__call__ it reaches runs through jbn.
-    return _state.calls.run(
+    # A subclass's (or a lifted transform's) own __call__ keeps its code, and the
+    # flax BatchNorm.__call__ it reaches runs through jbn.
+    return _state.calls.dispatch(
         next_fun,
         args,
         kwargs,
-        lambda: TypeError(
+        context,
+        active=bool(_state.options),
+        classes=(nn.BatchNorm,),
+        bases=(_FLAX_CALL,),
+        on_base=lambda module: _jbn_module(module, _state.options[-1])(*args, **kwargs),
+        error=lambda cls: TypeError(
             f"jbn.linen.intercept cannot run {cls.__qualname__} through jbn: its __call__ "
             "never calls flax.linen.BatchNorm.__call__ (super().__call__), so it normalizes "
             "with its own code. Use jbn.BatchNorm in its place, or apply this model outside "
             "intercept()"
         ),
+        check=_check_class,
     )
 
 

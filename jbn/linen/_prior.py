@@ -19,12 +19,13 @@ from typing import Any
 import jax
 from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
+from flax.linen.module import InterceptorContext
 
 from .. import _checks as checks
 from .._batch_norm import bn_forward
 from .._checks import PriorForm
 from .._optimize import optimize_only
-from .._tent import TentLoop, check_tx
+from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm
 from ._calls import SubclassCalls, raw_calls
 from ._freeze import batch_norm_mask
@@ -66,17 +67,14 @@ def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: Prior
     return y
 
 
-def _interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-    module = context.module
-    if (
-        not _state.settings
-        or context.method_name != "__call__"
-        or not isinstance(module, (nn.BatchNorm, BatchNorm))
-    ):
-        return next_fun(*args, **kwargs)
-    prior, form, where = _state.settings[-1]
-    if getattr(context.orig_method, "func", None) in raw_calls():
-        _state.calls.reached_base()
+def _interceptor(
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: InterceptorContext,
+) -> Any:
+    def adapted(module: Any) -> Any:
+        prior, form, where = _state.settings[-1]
         if (
             prior is None
             or (where is not None and not where(module.path))
@@ -86,12 +84,18 @@ def _interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
             return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
         return _prior_forward(module, x, kwargs.get("mask"), prior, form)
-    return _state.calls.run(
+
+    return _state.calls.dispatch(
         next_fun,
         args,
         kwargs,
-        lambda: TypeError(
-            f"jbn.linen.use_prior cannot adapt {type(module).__qualname__}: its __call__ never "
+        context,
+        active=bool(_state.settings),
+        classes=(nn.BatchNorm, BatchNorm),
+        bases=raw_calls(),
+        on_base=adapted,
+        error=lambda cls: TypeError(
+            f"jbn.linen.use_prior cannot adapt {cls.__qualname__}: its __call__ never "
             "calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it would keep "
             "normalizing with its own code"
         ),
@@ -152,12 +156,6 @@ def use_prior(
         _state.settings.pop()
 
 
-def _default_tx() -> Any:
-    import optax
-
-    return optax.adam(1e-3)
-
-
 class Tent(TentLoop):
     """TENT (Wang et al. 2021) on a linen model: entropy minimization on its batch norms.
 
@@ -207,8 +205,7 @@ class Tent(TentLoop):
             with use_prior(prior, prior_form=prior_form):
                 return apply_fn({**others, "params": params}, x)
 
-        tx = _default_tx() if tx is None else tx
-        check_tx(tx)
+        tx = optimizer(tx, "jbn.linen.Tent")
         self._others = others
         super().__init__(
             logits_fn, variables["params"], mask, optimize_only(tx, mask), episodic=episodic

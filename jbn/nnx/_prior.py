@@ -18,7 +18,7 @@ from flax.nnx import graph
 from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
-from .._tent import TentLoop, check_tx
+from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm as JbnNnxBatchNorm
 from ._convert import _check_to_jbn, _to_jbn
 from ._freeze import batch_norm_mask
@@ -108,11 +108,7 @@ class Tent(TentLoop):
     ) -> None:
         checks.prior(prior, False)
         use_prior(model, prior, prior_form=prior_form)
-        if tx is None:
-            import optax
-
-            tx = optax.adam(1e-3)
-        check_tx(tx)
+        tx = optimizer(tx, "jbn.nnx.Tent")
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         mask = batch_norm_mask(model)
         apply_fn = (lambda m, x: m(x)) if apply_fn is None else apply_fn
