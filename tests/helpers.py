@@ -173,3 +173,15 @@ def assert_trees_close(a, b, rtol: float = 1e-5, atol: float | None = None) -> N
         np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
 
     jax.tree.map(check, a, b)
+
+
+def assert_close_to_float64(actual, expected, rtol=1e-5, atol=1e-6) -> None:
+    """Trees of the same structure, ``actual``'s leaves (any dtype) close to ``expected``'s in float64."""
+    import jax
+
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol),
+        actual,
+        expected,
+    )
