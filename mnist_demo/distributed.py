@@ -34,6 +34,13 @@ from .config import Config, ConfigError, check_coordinator
 #: The environment variable JAX reads the coordinator's address from.
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
+#: Set by :func:`launch` in its processes' environment: its own process id, so that
+#: each process ends when the launcher is gone (even killed with SIGKILL).
+LAUNCHER_ENV = "JBN_DEMO_LAUNCHER_PID"
+
+#: Seconds between a launched process's checks that its launcher still runs.
+WATCH_S = 0.5
+
 
 def is_distributed(config: Config) -> bool:
     """Whether ``config`` asks for a run across processes (not the launcher itself)."""
@@ -58,6 +65,7 @@ def initialize(config: Config) -> None:
     """
     if not is_distributed(config):
         return
+    watch_launcher()
     import jax
 
     if config.coordinator is None:
@@ -92,6 +100,33 @@ def initialize(config: Config) -> None:
     # CPU collectives across processes (before the CPU backend starts, at the first use
     # of the devices); without them a CPU run cannot span processes.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def watch_launcher() -> None:
+    """In a process :func:`launch` started: ends it (SIGTERM) once the launcher is gone.
+
+    A launcher killed outright (SIGKILL, a crash) cannot pass anything on; its
+    processes would train on, orphaned, writing into ``--out``. Each one checks its
+    parent every :data:`WATCH_S` seconds instead. POSIX only (on Windows a process's
+    parent id does not change when the parent ends); a no-op outside ``launch``.
+    """
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or not launcher.isdigit() or os.name != "posix":
+        return
+    pid = int(launcher)
+
+    def end_if_orphaned() -> bool:
+        if os.getppid() == pid:
+            return False
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    def watch() -> None:
+        while not end_if_orphaned():
+            time.sleep(WATCH_S)
+
+    if not end_if_orphaned():
+        threading.Thread(target=watch, name="jbn-demo-launcher-watch", daemon=True).start()
 
 
 def shutdown(config: Config) -> None:
@@ -213,6 +248,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop(COORDINATOR_ENV, None)
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env[LAUNCHER_ENV] = str(os.getpid())
     return env
 
 
@@ -361,6 +397,7 @@ def _wait_all(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
 
 __all__ = (
     "COORDINATOR_ENV",
+    "LAUNCHER_ENV",
     "FORWARDED_SIGNALS",
     "GRACE_S",
     "any_process",

@@ -231,6 +231,65 @@ def test_launcher_passes_on_signals_and_waits(tmp_path, signum):
     assert f"process ids (pids): {pids[0]}, {pids[1]}" in out
 
 
+# A stand-in for train_mnist.py that watches its launcher, as a real run's processes do.
+WATCHING = """
+import os, sys, time
+from mnist_demo import distributed
+distributed.WATCH_S = 0.1
+distributed.watch_launcher()
+argv = sys.argv[1:]
+i = int(argv[argv.index("--process-id") + 1])
+with open(os.path.join(os.environ["READY_DIR"], str(i)), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_processes_end_when_the_launcher_is_killed(tmp_path):
+    # SIGKILL leaves the launcher no chance to pass anything on: each process
+    # notices that its parent is gone and ends (no orphan trains on into --out).
+    script = tmp_path / "watching.py"
+    script.write_text(WATCHING)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = dict(one_device_env(), READY_DIR=str(ready))
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(script)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids = []
+    try:
+        deadline = time.time() + 60
+        while len(list(ready.iterdir())) < 2 and time.time() < deadline:
+            assert launcher.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.2)  # the files are written
+        pids = [int((ready / str(i)).read_text()) for i in range(2)]
+        assert not any(gone(pid) for pid in pids)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 10
+        while not all(gone(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert all(gone(pid) for pid in pids)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_watch_launcher_is_a_no_op_outside_the_launcher(monkeypatch):
+    monkeypatch.delenv(distributed.LAUNCHER_ENV, raising=False)
+    distributed.watch_launcher()  # would end this process if it took the test for orphaned
+    monkeypatch.setenv(distributed.LAUNCHER_ENV, str(os.getppid()))
+    distributed.watch_launcher()  # its parent runs: it watches, and this process goes on
+    assert distributed.child_env()[distributed.LAUNCHER_ENV] == str(os.getpid())
+
+
 def _run_processes(tiny_dir, out, *extra, **popen):
     flags = ["--data-dir", str(tiny_dir), *QUIET, "--epochs", "2", "--batch-size", "32"]
     flags += ["--lr", "3e-3", "--eval-batch-size", "100", "--checkpoint-every", "3"]
