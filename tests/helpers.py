@@ -185,3 +185,101 @@ def assert_close_to_float64(actual, expected, rtol=1e-5, atol=1e-6) -> None:
         actual,
         expected,
     )
+
+
+def batch_and_variables(seed: int = 0, shape: tuple[int, ...] = (8, 3)):
+    """A batch ``x = 1 + 2 N(0, 1)`` of ``shape`` and non-trivial ``(params, state)`` of its last axis."""
+    import jax
+
+    kx, kv = jax.random.split(jax.random.key(seed))
+    x = 1.0 + 2.0 * jax.random.normal(kx, shape)
+    params, state = random_variables(kv, (shape[-1],))
+    return x, params, state
+
+
+def changed_leaves(before, after) -> list[bool]:
+    """For each leaf of two trees of the same structure, whether any of its entries changed."""
+    import jax
+
+    return [
+        bool(np.any(np.asarray(a) != np.asarray(b)))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- #
+# Recalibration (tests/linen/test_linen_recalibrate*.py, tests/nnx/test_nnx_recalibrate*.py).
+# --------------------------------------------------------------------------- #
+
+
+def recalibration_batches():
+    """Three batches of 4 features, of unequal sizes and different distributions."""
+    import jax
+
+    k = jax.random.split(jax.random.key(8), 3)
+    # Unequal sizes and different distributions: a plain average of batch statistics would be wrong.
+    return [
+        jax.random.normal(k[0], (5, 4)),
+        3.0 + 2.0 * jax.random.normal(k[1], (9, 4)),
+        -1.0 + 0.5 * jax.random.normal(k[2], (4, 4)),
+    ]
+
+
+#: Features of the non-finite batches below.
+NONFINITE_FEATURES = 4
+#: Stale running statistics, to tell "kept" from "recalibrated".
+STALE_MEAN, STALE_VAR = 7.0, 3.0
+
+
+def nonfinite_batches(bad: float) -> list[np.ndarray]:
+    """Three batches; feature 0 is bad in every batch, feature 2 in batch 1 only."""
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.normal(1.0 + i, 1.0 + 0.5 * i, (6, NONFINITE_FEATURES)).astype(np.float32)
+        for i in range(3)
+    ]
+    for i, b in enumerate(batches):
+        b[i % 6, 0] = bad
+    batches[1][4, 2] = bad
+    return batches
+
+
+def nonfinite_reference(
+    batches: list[np.ndarray], eps: float = 1e-5
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer of two batch norms in sequence, training mode (scale 1, bias 0): the
+    float64 statistics of each feature over the batches whose statistics are finite,
+    NaN where no batch is (the layer keeps its statistics there)."""
+    h = [np.asarray(b, np.float64) for b in batches]
+    layers = []
+    with np.errstate(invalid="ignore"):
+        for _ in range(2):
+            mean = np.full(NONFINITE_FEATURES, np.nan)
+            var = np.full(NONFINITE_FEATURES, np.nan)
+            for c in range(NONFINITE_FEATURES):
+                good = [
+                    b[:, c] for b in h if np.isfinite(b[:, c].mean()) and np.isfinite(b[:, c].var())
+                ]
+                if good:
+                    mean[c], var[c] = np.concatenate(good).mean(), np.concatenate(good).var()
+            layers.append((mean, var))
+            h = [(b - b.mean(0)) / np.sqrt(b.var(0) + eps) for b in h]
+    return layers
+
+
+def check_nonfinite_recalibration(layers, reference, counts=None) -> None:
+    """Recalibrated ``[(mean, var), ...]`` against :func:`nonfinite_reference`: feature 0
+    kept its stale statistics, the others are the reference's; ``counts``, a cumulative
+    layer's, counted the batches each feature took in."""
+    for (mean, var), (want_mean, want_var) in zip(layers, reference, strict=True):
+        mean, var = np.asarray(mean), np.asarray(var)
+        kept = np.isnan(want_mean)
+        assert kept.tolist() == [True, False, False, False]
+        np.testing.assert_array_equal(mean[kept], STALE_MEAN)
+        np.testing.assert_array_equal(var[kept], STALE_VAR)
+        np.testing.assert_allclose(mean[~kept], want_mean[~kept], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var[~kept], want_var[~kept], rtol=1e-5, atol=1e-6)
+    if counts is not None:
+        # A cumulative layer counts, per feature, the batches it took in: none for
+        # feature 0, all but batch 1 for feature 2.
+        np.testing.assert_array_equal(counts, [0, 3, 2, 3])

@@ -82,29 +82,6 @@ def test_first_step_from_init_follows_closed_form():
     np.testing.assert_allclose(y.var(0), 1, rtol=1e-3)  # var/(var + eps)
 
 
-def test_bn_init_matches_flax_variables():
-    import flax.linen as nn
-
-    x = jnp.ones((2, 4, 4, 3))
-    v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-    params, state = jbn.bn_init(3)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), v["params"]) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), params
-    )
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), v["batch_stats"]) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), state
-    )
-    np.testing.assert_array_equal(params["scale"], v["params"]["scale"])
-    np.testing.assert_array_equal(state["var"], v["batch_stats"]["var"])
-    _, s = jbn.bn_init((2, 3), dtype=jnp.bfloat16, cumulative=True)
-    assert (
-        s["mean"].dtype == jnp.bfloat16
-        and s["count"].dtype == jnp.int32
-        and s["count"].shape == (2, 3)
-    )
-    assert (s["count"] == 0).all()
-
-
 def test_bn_stats_matches_numpy():
     shape, axis = LAYOUTS["NCHW"]
     x, _, _ = make(shape, axis, offset=50.0)

@@ -223,6 +223,27 @@ def test_errors_from_the_core_name_the_problem():
         jbn.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((6, 3), jnp.int32))
 
 
+def test_bn_init_matches_flax_variables():
+    x = jnp.ones((2, 4, 4, 3))
+    v = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    params, state = jbn.bn_init(3)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), v["params"]) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), params
+    )
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), v["batch_stats"]) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), state
+    )
+    np.testing.assert_array_equal(params["scale"], v["params"]["scale"])
+    np.testing.assert_array_equal(state["var"], v["batch_stats"]["var"])
+    _, s = jbn.bn_init((2, 3), dtype=jnp.bfloat16, cumulative=True)
+    assert (
+        s["mean"].dtype == jnp.bfloat16
+        and s["count"].dtype == jnp.int32
+        and s["count"].shape == (2, 3)
+    )
+    assert (s["count"] == 0).all()
+
+
 # --------------------------------------------------------------------------- #
 # jbn's own options through the module.
 # --------------------------------------------------------------------------- #
