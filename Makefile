@@ -5,8 +5,9 @@
 #   pip install -c requirements/lock.txt -e ".[dev]"
 # and reinstalls when pyproject.toml or the lock changed. The other targets:
 #   make typecheck  basedpyright on jbn/ (its settings: [tool.basedpyright] in pyproject.toml)
-#   make test-min   the default tests in .venv-min, with the lowest supported versions
-#                   (requirements/minimum.txt)
+#   make test-min   the library's default tests (all but tests/demo and tests/benchmarks, which
+#                   run at the locked versions) in .venv-min, with the lowest supported
+#                   versions (requirements/minimum.txt)
 #   make lock       regenerates requirements/lock.txt: a fresh temporary venv, an unconstrained
 #                   pip install -e ".[dev,docs]", pip freeze; commit the result
 
@@ -37,7 +38,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/basedpyright --pythonpath $(PY)
 
 test-min: $(STAMP_MIN)
-	$(PY_MIN) -m pytest $(ARGS)
+	$(PY_MIN) -m pytest --ignore=tests/demo --ignore=tests/benchmarks $(ARGS)
 
 venv: $(STAMP)
 
