@@ -55,21 +55,27 @@ class SubclassCalls(threading.local):
         context: InterceptorContext,
         *,
         active: bool,
-        classes: tuple[type, ...],
-        bases: tuple[Any, ...],
         on_base: Callable[[Any], Any],
         error: Callable[[type], Exception],
+        classes: tuple[type, ...] | None = None,
+        bases: tuple[Any, ...] | None = None,
         check: Callable[[type], None] | None = None,
     ) -> Any:
         """Routes one method call that a tool's linen interceptor sees.
 
-        Calls other than ``__call__`` of an instance of ``classes``, or any call
-        while the tool is not ``active``, run unchanged. A base ``__call__`` (its
-        undecorated function in ``bases``) is replaced by ``on_base(module)``; a
-        subclass's own ``__call__`` runs as it is and must reach a base one, or
-        ``error(type(module))`` is raised. ``check(type(module))`` runs first, for a
-        tool that refuses some classes outright.
+        Calls other than ``__call__`` of an instance of ``classes`` (default:
+        ``flax.linen.BatchNorm`` and ``jbn.BatchNorm``), or any call while the tool
+        is not ``active``, run unchanged. A base ``__call__`` (its undecorated
+        function in ``bases``, default :func:`raw_calls`) is replaced by
+        ``on_base(module)``; a subclass's own ``__call__`` runs as it is and must
+        reach a base one, or ``error(type(module))`` is raised (e.g.
+        :func:`never_reaches_base`). ``check(type(module))`` runs first, for a tool
+        that refuses some classes outright.
         """
+        if classes is None:
+            classes = (nn.BatchNorm, BatchNorm)
+        if bases is None:
+            bases = raw_calls()
         module = context.module
         if not active or context.method_name != "__call__" or not isinstance(module, classes):
             return next_fun(*args, **kwargs)
@@ -92,4 +98,17 @@ def raw_calls() -> tuple[Any, ...]:
     return (
         nn.BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
         BatchNorm.__call__.__wrapped__,  # pyright: ignore[reportFunctionMemberAccess]
+    )
+
+
+def never_reaches_base(refusal: str) -> Callable[[type], TypeError]:
+    """The error for a subclass whose ``__call__`` never reaches either base ``__call__``.
+
+    Args:
+      refusal: what the tool cannot do, e.g. ``"jbn.linen.use_prior cannot adapt"``;
+        the class's name follows it.
+    """
+    return lambda cls: TypeError(
+        f"{refusal} {cls.__qualname__}: its __call__ never calls flax.linen.BatchNorm's or "
+        "jbn.BatchNorm's __call__, so it would keep normalizing with its own code"
     )

@@ -27,8 +27,7 @@ from flax.linen.module import InterceptorContext
 
 from .. import _tree as tree
 from .._batch_norm import bn_forward
-from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls, raw_calls
+from ._calls import SubclassCalls, never_reaches_base
 
 
 class _State(threading.local):
@@ -76,14 +75,8 @@ def _freezing_interceptor(
         kwargs,
         context,
         active=bool(_state.stop_gradient),
-        classes=(nn.BatchNorm, BatchNorm),
-        bases=raw_calls(),
         on_base=frozen,
-        error=lambda cls: TypeError(
-            f"jbn's frozen_batch_norms cannot freeze {cls.__qualname__}: its "
-            "__call__ never calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it "
-            "would keep normalizing with its own code"
-        ),
+        error=never_reaches_base("jbn's frozen_batch_norms cannot freeze"),
     )
 
 

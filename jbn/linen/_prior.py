@@ -26,8 +26,7 @@ from .._batch_norm import bn_forward
 from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, optimizer
-from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls, raw_calls
+from ._calls import SubclassCalls, never_reaches_base
 from ._freeze import batch_norm_mask
 
 
@@ -91,14 +90,8 @@ def _interceptor(
         kwargs,
         context,
         active=bool(_state.settings),
-        classes=(nn.BatchNorm, BatchNorm),
-        bases=raw_calls(),
         on_base=adapted,
-        error=lambda cls: TypeError(
-            f"jbn.linen.use_prior cannot adapt {cls.__qualname__}: its __call__ never "
-            "calls flax.linen.BatchNorm's or jbn.BatchNorm's __call__, so it would keep "
-            "normalizing with its own code"
-        ),
+        error=never_reaches_base("jbn.linen.use_prior cannot adapt"),
     )
 
 
