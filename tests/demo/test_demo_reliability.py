@@ -16,6 +16,7 @@ that is stopped by SIGTERM and resumed is ``slow``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -191,20 +192,19 @@ sys.exit(distributed.launch(config, ["--processes", "2"], script=sys.argv[1]))
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_launcher_passes_on_signals_and_waits(tmp_path, signum):
-    script = tmp_path / "fake.py"
-    script.write_text(FAKE)
+@contextlib.contextmanager
+def launched(tmp_path, stand_in: str, **popen):
+    """LAUNCHER over ``stand_in`` (a stand-in for train_mnist.py), once both its processes run.
+
+    Yields the launcher and its processes' pids; kills whatever is left at the end
+    (no orphans, whatever happened).
+    """
+    script = tmp_path / "stand_in.py"
+    script.write_text(stand_in)
     ready = tmp_path / "ready"
     ready.mkdir()
     env = dict(one_device_env(), READY_DIR=str(ready))
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(script)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(script)], env=env, **popen)
     pids = []
     try:
         deadline = time.time() + 60
@@ -213,18 +213,26 @@ def test_launcher_passes_on_signals_and_waits(tmp_path, signum):
             time.sleep(0.05)
         time.sleep(0.2)  # the files are written
         pids = [int((ready / str(i)).read_text()) for i in range(2)]
+        yield launcher, pids
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_launcher_passes_on_signals_and_waits(tmp_path, signum):
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with launched(tmp_path, FAKE, **pipes) as (launcher, pids):
         t0 = time.time()
         launcher.send_signal(signum)
         out, err = launcher.communicate(timeout=30)
         elapsed = time.time() - t0
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in pids:  # no orphans, whatever happened
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        left = [pid for pid in pids if not gone(pid)]  # before the clean-up kills them
     assert launcher.returncode == 128 + signum, (out, err)
-    assert all(gone(pid) for pid in pids)
+    assert not left
     assert 1.5 < elapsed < 2.0 + 5.0  # process 1 was killed after the grace period of 2 s
     assert err.count("error: ") == 1 and f"error: stopped by {signal.Signals(signum).name}" in err
     assert "--resume" in err
@@ -248,25 +256,8 @@ time.sleep(120)
 def test_processes_end_when_the_launcher_is_killed(tmp_path):
     # SIGKILL leaves the launcher no chance to pass anything on: each process
     # notices that its parent is gone and ends (no orphan trains on into --out).
-    script = tmp_path / "watching.py"
-    script.write_text(WATCHING)
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    env = dict(one_device_env(), READY_DIR=str(ready))
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(script)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pids = []
-    try:
-        deadline = time.time() + 60
-        while len(list(ready.iterdir())) < 2 and time.time() < deadline:
-            assert launcher.poll() is None
-            time.sleep(0.05)
-        time.sleep(0.2)  # the files are written
-        pids = [int((ready / str(i)).read_text()) for i in range(2)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with launched(tmp_path, WATCHING, **quiet) as (launcher, pids):
         assert not any(gone(pid) for pid in pids)
         launcher.kill()
         launcher.wait()
@@ -274,12 +265,6 @@ def test_processes_end_when_the_launcher_is_killed(tmp_path):
         while not all(gone(pid) for pid in pids) and time.time() < deadline:
             time.sleep(0.05)
         assert all(gone(pid) for pid in pids)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in pids:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_watch_launcher_is_a_no_op_outside_the_launcher(monkeypatch):
