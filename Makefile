@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with Python >= 3.11:
 #   make demo       the MNIST demo (extra flags: make demo ARGS="--epochs 1")
 #   make test       ruff, the type checker and the tests (extra pytest flags: ARGS="-m slow")
+#   make venv       set-up alone: only the virtual environment .venv (no data, no tests)
 # Each creates the virtual environment .venv from the lock (requirements/lock.txt):
 #   pip install -c requirements/lock.txt -e ".[dev]"
 # and reinstalls when pyproject.toml or the lock changed. The other targets:

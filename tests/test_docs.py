@@ -75,3 +75,23 @@ def test_lazy_names_have_an_api_entry():
     lazy = {n for n in dir(jbn) if not n.startswith("_")} - set(jbn.__all__)
     assert {"BatchNorm", "recalibrate_batch_stats"} <= lazy
     assert {"jbn.BatchNorm", "jbn.recalibrate_batch_stats"} <= api_entries()
+
+
+def test_site_opens_from_disk_and_renders_math():
+    """Pages are built as page.html and linked as such, so site/index.html opens in a browser
+    from disk; $$ math goes through arithmatex to MathJax, and no formula is left in a code block."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert re.search(r"^use_directory_urls: false$", config, flags=re.M)
+    assert "pymdownx.arithmatex" in config and "javascripts/mathjax.js" in config
+    assert (DOCS / "javascripts" / "mathjax.js").is_file()
+    for page in ("tutorial.md", "functional.md"):
+        text = (DOCS / page).read_text()
+        assert "$$" in text and "```text" not in text, page
+
+
+def test_readme_names_setup_and_how_to_browse_the_docs():
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "`make venv`" in readme and "make venv" in makefile.split("\n\n")[0]
+    assert "site/index.html" in readme and "make docs-serve" in readme
+    assert "http://127.0.0.1:8000" in readme
