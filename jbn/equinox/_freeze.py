@@ -165,7 +165,9 @@ def freeze_batch_norms(model: Any, *, stop_gradient: bool = False) -> Any:
             + (" (its batch norms are frozen already)" if frozen else "")
         )
     return jax.tree.map(
-        lambda n: FrozenBatchNorm(n, stop_gradient=stop_gradient) if isinstance(n, BatchNorm) else n,
+        lambda n: (
+            FrozenBatchNorm(n, stop_gradient=stop_gradient) if isinstance(n, BatchNorm) else n
+        ),
         model,
         is_leaf=is_leaf,
     )

@@ -42,6 +42,9 @@ class _Collecting(eqx.nn.StatefulLayer):
     acc_index: eqx.nn.StateIndex
     where: str = eqx.field(static=True)
 
+    def __init__(self, layer: BatchNorm, acc_index: eqx.nn.StateIndex, where: str) -> None:
+        self.layer, self.acc_index, self.where = layer, acc_index, where
+
     def __call__(
         self,
         x: ArrayLike,
@@ -65,7 +68,9 @@ class _Collecting(eqx.nn.StatefulLayer):
         mask = checks.mask(mask, x.shape)
         if x.ndim == 1:  # as the layer does: a spatial axis of size 1
             x, mask = x[:, None], None if mask is None else mask[:, None]
-        view = _Layout(0, layer.axis_name, None, layer.unbiased_running_var, layer.finite_running_stats)
+        view = _Layout(
+            0, layer.axis_name, None, layer.unbiased_running_var, layer.finite_running_stats
+        )
         acc = accumulate(state.get(self.acc_index), x, view, mask)
         # The running statistics stay the pass's own; only the accumulator moves on.
         return y, state.set(layer.state_index, running).set(self.acc_index, acc)
@@ -170,24 +175,26 @@ def recalibrate_batch_stats(
         raise ValueError(f"model holds no jbn.equinox.BatchNorm layer for {_TOOL} to recalibrate")
     values, keys = state.tree_flatten()  # a copy: state itself stays valid and unchanged
     current = dict(zip(keys, values, strict=True))
-    for marker, (where, layer) in layers.items():
+    for where, layer in layers.values():
         entry = _get(state, layer.state_index, where)
         if not (isinstance(entry, dict) and {"mean", "var", "count"} <= set(entry)):
             raise ValueError(
                 f"state's entry for {where} is not a jbn.equinox.BatchNorm's running statistics "
                 "(a dict with 'mean', 'var' and 'count'): state must be model's eqx.nn.State"
             )
+    # One accumulator per state entry (a layer used twice collects both calls' inputs).
     accs = {m: _index_with(None, ("jbn.recalibration", m)) for m in layers}
-    fresh = lambda: {  # noqa: E731
-        m: new_accumulator(jnp.asarray(current[m]["mean"])) for m in layers
-    }
-    wrapped = jax.tree.map(
-        lambda n: _Collecting(n, accs[n.state_index.marker], layers[n.state_index.marker][0])
-        if isinstance(n, BatchNorm)
-        else n,
-        model,
-        is_leaf=is_batch_norm,
-    )
+
+    def fresh() -> dict[Hashable, Any]:
+        return {m: new_accumulator(jnp.asarray(current[m]["mean"])) for m in layers}
+
+    def wrap(node: Any) -> Any:
+        if not isinstance(node, BatchNorm):
+            return node
+        marker = node.state_index.marker
+        return _Collecting(layer=node, acc_index=accs[marker], where=layers[marker][0])
+
+    wrapped = jax.tree.map(wrap, model, is_leaf=is_batch_norm)
     forward = forward or vmapped_forward(model, _TOOL)
     collected = fresh()
 

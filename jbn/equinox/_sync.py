@@ -27,7 +27,7 @@ def _is_statistics(value: Any) -> bool:
     return isinstance(value, dict) and {"mean", "var"} <= set(value) <= _ENTRY
 
 
-def _statistics(state: Any, what: str) -> tuple[list[Any], Any, dict[str, dict]]:
+def _statistics(state: Any, what: str) -> tuple[Sequence[Any], Any, dict[str, dict]]:
     """``state``'s entries, its keys, and its batch norms' entries keyed by marker."""
     if not isinstance(state, eqx.nn.State):
         raise TypeError(
@@ -35,7 +35,11 @@ def _statistics(state: Any, what: str) -> tuple[list[Any], Any, dict[str, dict]]
             f"{type(state).__name__}"
         )
     values, keys = state.tree_flatten()
-    tree = {_label(i, k): v for i, (k, v) in enumerate(zip(keys, values)) if _is_statistics(v)}
+    tree = {
+        _label(i, k): v
+        for i, (k, v) in enumerate(zip(keys, values, strict=True))
+        if _is_statistics(v)
+    }
     if not tree:
         raise ValueError(
             f"{what} holds no jbn.equinox.BatchNorm statistics (a dict with 'mean' and 'var'); "
@@ -49,8 +53,8 @@ def _label(i: int, key: Any) -> str:
     return key if isinstance(key, str) else f"entry {i}"
 
 
-def _with(values: list[Any], keys: Any, merged: dict[str, dict]) -> eqx.nn.State:
-    new = [merged.get(_label(i, k), v) for i, (k, v) in enumerate(zip(keys, values))]
+def _with(values: Sequence[Any], keys: Any, merged: dict[str, dict]) -> eqx.nn.State:
+    new = [merged.get(_label(i, k), v) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
     return eqx.nn.State.tree_unflatten(keys, new)
 
 

@@ -165,6 +165,9 @@ def test_errors_leave_the_state_as_it_was(mlp):
     linear = eqx.nn.Linear(4, 6, key=jax.random.key(0))
     with pytest.raises(ValueError, match="holds no jbn.equinox.BatchNorm"):
         recal(linear, state, [x])
+    two, two_state = eqx.nn.make_with_state(lambda: [je.BatchNorm(4, "a"), je.BatchNorm(4, "b")])()
+    with pytest.raises(ValueError, match="name different batch axes"):
+        recal(two, two_state, [x])
     flax_like, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch")
     with pytest.raises(ValueError, match="convert the model first"):
         recal(flax_like, eqx_state, [x])
@@ -208,7 +211,8 @@ def test_frozen_layers_keep_their_statistics_and_parameters_while_the_rest_train
     for layer in ("bn1", "bn2"):
         for name in ("mean", "var", "count", "feature_count"):
             np.testing.assert_array_equal(
-                stats(new_state, getattr(model, layer))[name], stats(before, getattr(model, layer))[name]
+                stats(new_state, getattr(model, layer))[name],
+                stats(before, getattr(model, layer))[name],
             )
         for name in ("weight", "bias"):  # stop_gradient: not moved by the optimizer
             np.testing.assert_array_equal(
@@ -257,7 +261,9 @@ def replicas(mlp):
     """Each replica recalibrated (training mode) on its own shard; the reference on all data."""
     model, state = mlp
     rng = np.random.default_rng(1)
-    shards = [(rng.normal(size=(n, 4)) * (1 + i) - i).astype(np.float32) for i, n in enumerate(SIZES)]
+    shards = [
+        (rng.normal(size=(n, 4)) * (1 + i) - i).astype(np.float32) for i, n in enumerate(SIZES)
+    ]
     # Padded to one shape (one compilation), the padding masked out.
     padded = [(np.resize(s, (12, 4)), np.arange(12) < len(s)) for s in shards]
     states = [je.recalibrate_batch_stats(model, state, [b], forward=masked) for b in padded]
