@@ -37,8 +37,11 @@ Path = tuple[Any, ...]
 # What to do instead of calling sync_batch_stats with an axis_name that is not bound.
 UNMAPPED = "leave axis_name=None and give the stacked replicas"
 
+# The counts a layer's running statistics may hold: batches seen ("count"), and per channel
+# in a jbn.equinox.BatchNorm's state ("feature_count", its "count" being the steps).
+_COUNT_KEYS = ("count", "feature_count")
 # The entries a batch-norm layer's running statistics may hold.
-_LAYER_KEYS = frozenset({"mean", "var", "count"})
+_LAYER_KEYS = frozenset({"mean", "var", *_COUNT_KEYS})
 
 
 def path_name(path: Path) -> str:
@@ -69,7 +72,7 @@ def layer_paths(tree: Any, what: str) -> list[Path]:
         if extra:
             raise ValueError(
                 f"{what}: the batch-norm layer at {path_name(path)!r} holds {extra} besides "
-                "'mean', 'var' and 'count'; only batch-norm running statistics can be merged"
+                "'mean', 'var' and their counts; only batch-norm running statistics can be merged"
             )
     return paths
 
@@ -166,11 +169,12 @@ def _merge_layer(layer: Mapping[str, Array], n: Array, unbiased_var: bool) -> di
     if unbiased_var:
         merged_var = unbiased(merged_var, total)
     out = {"mean": merged_mean.astype(mean.dtype), "var": merged_var.astype(var.dtype)}
-    if "count" in layer:
-        # The merged statistics average all the counted replicas' batches.
-        count = layer["count"]
-        counted = counted.reshape((replicas,) + (1,) * (count.ndim - 1))
-        out["count"] = jnp.sum(jnp.where(counted, count, 0), axis=0).astype(count.dtype)
+    for key in _COUNT_KEYS:
+        if key in layer:
+            # The merged statistics average all the counted replicas' batches.
+            count = layer[key]
+            where = counted.reshape((replicas,) + (1,) * (count.ndim - 1))
+            out[key] = jnp.sum(jnp.where(where, count, 0), axis=0).astype(count.dtype)
     return out
 
 
@@ -298,7 +302,9 @@ def sync_batch_stats(
     ``flax.linen.BatchNorm`` store them) keeps its dtypes; arithmetic is float32
     (float64 for float64 statistics). A cumulative layer's ``"count"`` (batches
     seen, ``momentum=None``) becomes the total over the replicas, as the merged
-    statistics average all their batches. Anything else in the tree is an error.
+    statistics average all their batches; so does a ``"feature_count"`` (the steps
+    each channel counted, in a ``jbn.equinox.BatchNorm``'s state). Anything else in
+    the tree is an error.
 
     Args:
       batch_stats: the replicas' ``batch_stats`` collection(s), as above (not the

@@ -23,10 +23,8 @@ from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm
-
-
-def _is_bn(node: Any) -> bool:
-    return isinstance(node, (BatchNorm, eqx.nn.BatchNorm))
+from ._forward import is_batch_norm, vmapped_forward
+from ._freeze import FrozenBatchNorm
 
 
 def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "pooled") -> Any:
@@ -79,11 +77,13 @@ def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "poole
             return new
         return node
 
-    return jax.tree.map(set_prior, model, is_leaf=_is_bn)
+    return jax.tree.map(set_prior, model, is_leaf=is_batch_norm)
 
 
 def batch_norm_mask(model: Any) -> Any:
     """Bools over ``eqx.filter(model, eqx.is_inexact_array)``: True on the batch norms' weights and biases.
+
+    Batch norms are ``jbn.equinox.BatchNorm`` and :class:`jbn.equinox.FrozenBatchNorm`.
 
     Use it with :func:`jbn.optimize_only` on the parameters
     ``eqx.filter(model, eqx.is_inexact_array)``; the mask is a module, which is
@@ -92,18 +92,11 @@ def batch_norm_mask(model: Any) -> Any:
     params = eqx.filter(model, eqx.is_inexact_array)
 
     def mark(node: Any) -> Any:
-        if isinstance(node, BatchNorm):
+        if isinstance(node, (BatchNorm, FrozenBatchNorm)):
             return jax.tree.map(lambda _: True, node)
         return jax.tree.map(lambda _: False, node)
 
-    return jax.tree.map(mark, params, is_leaf=lambda n: isinstance(n, BatchNorm))
-
-
-def _axis_name(model: Any) -> Any:
-    for leaf in jax.tree.leaves(model, is_leaf=_is_bn):
-        if isinstance(leaf, BatchNorm):
-            return leaf.axis_name
-    return None
+    return jax.tree.map(mark, params, is_leaf=lambda n: isinstance(n, (BatchNorm, FrozenBatchNorm)))
 
 
 class Tent(TentLoop):
@@ -147,13 +140,8 @@ class Tent(TentLoop):
         model = use_prior(model, prior, prior_form=prior_form)
         tx = optimizer(tx, "jbn.equinox.Tent")
         if apply_fn is None:
-            axis_name = _axis_name(model)
-
-            def vmapped(model: Any, state: eqx.nn.State, x: Any) -> Any:
-                run = jax.vmap(model, axis_name=axis_name, in_axes=(0, None), out_axes=(0, None))
-                return run(x, state)[0]
-
-            apply_fn = vmapped
+            forward = vmapped_forward(model, "jbn.equinox.Tent")
+            apply_fn = lambda model, state, x: forward(model, state, x)[0]  # noqa: E731
 
         params, static = eqx.partition(model, eqx.is_inexact_array)
         mask = batch_norm_mask(model)
