@@ -8,7 +8,7 @@ running statistics live in an ``eqx.nn.State``, called on one example under
 renorm, torch's conventions). ``jbn.equinox.convert`` swaps every
 ``eqx.nn.BatchNorm`` of a model for this one. ``use_prior`` (prior-weighted statistics) and ``Tent``
 (entropy minimization on the ``batch_norm_mask`` parameters) adapt a model at
-test time.
+test time. ``fold_batch_norms`` folds the batch norms into the layers before them.
 
 This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` does not.
 """
@@ -19,8 +19,9 @@ require("equinox", "jbn.equinox")
 
 from ._batch_norm import BatchNorm as BatchNorm
 from ._convert import convert as convert
+from ._fold import fold_batch_norms as fold_batch_norms
 from ._prior import Tent as Tent
 from ._prior import batch_norm_mask as batch_norm_mask
 from ._prior import use_prior as use_prior
 
-__all__ = ("BatchNorm", "Tent", "batch_norm_mask", "convert", "use_prior")
+__all__ = ("BatchNorm", "Tent", "batch_norm_mask", "convert", "fold_batch_norms", "use_prior")
