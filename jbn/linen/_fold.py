@@ -223,7 +223,8 @@ def _folded_apply(
 
     def on_layer(module: nn.Module, _: Any, y: Any) -> Any:
         if _path(module) in add_bias:
-            return y + module.get_variable("params", "bias").astype(y.dtype)
+            bias = module.get_variable("params", "bias").astype(y.dtype)
+            return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
         return y
 
     def on_bn(module: nn.Module, x: Any, run_it: Callable[[], Any]) -> Any:
