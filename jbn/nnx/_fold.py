@@ -80,6 +80,11 @@ class _FoldedBatchNorm(nnx.Module):
         return x
 
 
+def _run(model: nnx.Module, x: Any) -> Any:
+    """``model(x)``, jitted: a fresh function, so that it is traced (and recorded) each time."""
+    return nnx.jit(lambda model, x: model(x))(model, x)
+
+
 def _unwrap(model: Any) -> None:
     replace_modules(
         model, lambda m: isinstance(m, (_RecordingLayer, _RecordingBatchNorm)), lambda w: w.layer
@@ -124,9 +129,11 @@ def fold_batch_norms(model: nnx.Module, x: Any, *, rtol: float = 1e-4) -> FoldRe
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be an NNX module, got {type(model).__name__}")
-    paths = module_paths(model, lambda m: isinstance(m, (*_LAYERS, *_BNS)))
+    # The model itself cannot be swapped in place: a lone layer or batch norm has no pair.
+    paths = module_paths(model, lambda m: isinstance(m, (*_LAYERS, *_BNS)) and m is not model)
     modules: dict[str, Any] = {}
-    undo: list[tuple[Any, Any, Any, Any]] = []  # (layer, kernel, bias attribute, use_bias)
+    # (layer, kernel, bias attribute, its value, use_bias)
+    undo: list[tuple[Any, Any, Any, Any, Any]] = []
     restore: dict[int, tuple[nnx.Module, nnx.Module]] = {}  # id(identity) -> (identity, bn)
 
     def wrap(module: nnx.Module) -> nnx.Module:
@@ -140,7 +147,7 @@ def fold_batch_norms(model: nnx.Module, x: Any, *, rtol: float = 1e-4) -> FoldRe
         replace_modules(model, lambda m: id(m) in paths, wrap)
         _recorders.stack.append(recorder)
         try:
-            return model(x)
+            return _run(model, x)
         finally:
             _recorders.stack.pop()
             _unwrap(model)
@@ -159,7 +166,8 @@ def fold_batch_norms(model: nnx.Module, x: Any, *, rtol: float = 1e-4) -> FoldRe
                 epsilon=bn.epsilon,
                 feature_axis=_kernel_axis(layer),
             )
-            undo.append((layer, layer.kernel[...], layer.bias, layer.use_bias))
+            old_bias = None if layer.bias is None else layer.bias[...]
+            undo.append((layer, layer.kernel[...], layer.bias, old_bias, layer.use_bias))
             layer.kernel[...] = kernel
             if layer.bias is None:
                 layer.bias = nnx.Param(bias)
@@ -176,13 +184,15 @@ def fold_batch_norms(model: nnx.Module, x: Any, *, rtol: float = 1e-4) -> FoldRe
         replace_modules(model, lambda m: id(m) in folded, identity)
 
     try:
-        _, report = fold_traced(_TOOL, trace, fold, lambda _: model(x), rtol)
+        _, report = fold_traced(_TOOL, trace, fold, lambda _: _run(model, x), rtol)
     except BaseException:
         replace_modules(model, lambda m: id(m) in restore, lambda m: restore[id(m)][1])
-        for layer, kernel, bias, use_bias in reversed(undo):
+        for layer, kernel, bias, bias_value, use_bias in reversed(undo):
             layer.kernel[...] = kernel
-            if layer.bias is not bias:
-                layer.bias = nnx.data(None) if bias is None else bias
+            if bias is None:
+                layer.bias = nnx.data(None)
+            else:
+                bias[...] = bias_value
             layer.use_bias = use_bias
         raise
     return report
