@@ -160,7 +160,9 @@ def fold_batch_norm_variables(
                 f"pair {pair!r} folds a layer or batch norm that another pair already uses"
             )
         seen.update((layer_path, bn_path))
-        params, stats = fold_pair(params, stats, layer_path, bn_path, epsilon, where=f" (pair {pair!r})")
+        params, stats = fold_pair(
+            params, stats, layer_path, bn_path, epsilon, where=f" (pair {pair!r})"
+        )
     out = with_collections(variables, params, stats)
     if check is not None:
         _check_folded(variables, out, check, rtol, epsilon, pairs)
@@ -256,7 +258,8 @@ def relative_difference(y: Any, y_folded: Any) -> float:
             f"the folded model's output has shapes {folded_shapes} ({folded_treedef}), the "
             f"original's {shapes} ({treedef})"
         )
-    largest, error = [0.0], [0.0]  # jnp.max, unlike max, keeps a NaN
+    largest: list[Any] = [0.0]
+    error: list[Any] = [0.0]  # jnp.max, unlike max, keeps a NaN
     for a, b in zip(leaves, folded_leaves, strict=True):
         a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
         if a.size:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import _checks as checks
@@ -200,4 +200,3 @@ def fold_traced(
             "model is not run in evaluation mode (dropout, a batch norm in training mode)"
         )
     return folded, report
-

@@ -65,6 +65,11 @@ class _RecordingBatchNorm(eqx.nn.StatefulLayer):
     layer: Any
     name: str = eqx.field(static=True)
 
+    # An explicit __init__: StatefulLayer's abstract __call__ would read as a field.
+    def __init__(self, layer: Any, name: str) -> None:
+        self.layer = layer
+        self.name = name
+
     def __call__(
         self, x: Any, state: eqx.nn.State, *, key: Any = None, inference: Any = None
     ) -> tuple[Any, eqx.nn.State]:
@@ -79,6 +84,9 @@ class _RecordingBatchNorm(eqx.nn.StatefulLayer):
 
 class _FoldedBatchNorm(eqx.nn.StatefulLayer):
     """A batch norm folded into the layer before it: the identity, state passed through."""
+
+    def __init__(self) -> None:
+        pass
 
     def __call__(
         self, x: Any, state: eqx.nn.State, *, key: Any = None, inference: Any = None
@@ -180,7 +188,7 @@ def fold_batch_norms(
     if forward is None:
         axis_name = _axis_name(model)
 
-        def forward(model: Any, state: eqx.nn.State, x: Any) -> tuple[Any, eqx.nn.State]:
+        def vmapped(model: Any, state: eqx.nn.State, x: Any) -> tuple[Any, eqx.nn.State]:
             run = jax.vmap(
                 eqx.nn.inference_mode(model),
                 axis_name=axis_name,
@@ -188,9 +196,12 @@ def fold_batch_norms(
                 out_axes=(0, None),
             )
             return run(x, state)
-    elif not callable(forward):
+
+        run_forward = vmapped
+    elif callable(forward):
+        run_forward = forward
+    else:
         raise TypeError(f"forward must be callable as forward(model, state, x), got {forward!r}")
-    run_forward = forward
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_target)
     prefix = type(model).__name__
     names = {prefix + jax.tree_util.keystr(path): i for i, (path, _) in enumerate(leaves)}

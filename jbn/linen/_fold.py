@@ -28,7 +28,8 @@ _TOOL = "jbn.linen.fold_batch_norms"
 
 
 def _raw(cls: type) -> Any:
-    return cls.__call__.__wrapped__  # flax keeps the undecorated method as __wrapped__
+    # flax keeps the undecorated method as __wrapped__, which its declared type does not show.
+    return cls.__call__.__wrapped__  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _layer(module: nn.Module) -> tuple[int, str | None] | None:

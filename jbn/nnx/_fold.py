@@ -68,7 +68,7 @@ class _RecordingBatchNorm(nnx.Module):
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         refusal = _refusal(self.layer, _BNS)
-        axes = feature_axes(self.layer.axis, x.ndim)
+        axes = feature_axes(getattr(self.layer, "axis"), x.ndim)  # noqa: B009 (any batch norm)
         _recorders.stack[-1].batch_norm(self.name, x, axes, refusal)
         return self.layer(x, use_running_average=True)
 
@@ -155,7 +155,9 @@ def fold_batch_norms(model: nnx.Module, x: Any, *, rtol: float = 1e-4) -> FoldRe
     def fold(pairs: dict[str, str]) -> None:
         for bn_name, layer_name in pairs.items():
             bn, layer = modules[bn_name], modules[layer_name]
-            params = {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None}
+            params = {
+                k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None
+            }
             running = {k: getattr(bn, k)[...] for k in ("mean", "var")}
             bias = None if layer.bias is None else layer.bias[...]
             kernel, bias = fold_batch_norm(

@@ -63,7 +63,9 @@ def _trained(residual=False):
 
     bns = [model.bn1, model.bn2, model.bn3, model.bn4, model.after_add]
     model = eqx.tree_at(
-        lambda m: [w for b in (m.bn1, m.bn2, m.bn3, m.bn4, m.after_add) for w in (b.weight, b.bias)],
+        lambda m: [
+            w for b in (m.bn1, m.bn2, m.bn3, m.bn4, m.after_add) for w in (b.weight, b.bias)
+        ],
         model,
         [normal(b.weight.shape, *ab) for b in bns for ab in ((0.5, 1.0), (0.5, 0.0))],
     )
@@ -85,7 +87,9 @@ X = jax.random.normal(jax.random.key(9), (4, 2, 6, 6))
 
 
 def _infer(model, state, x):
-    run = jax.vmap(eqx.nn.inference_mode(model), axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    run = jax.vmap(
+        eqx.nn.inference_mode(model), axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )
     return run(x, state)[0]
 
 
@@ -125,7 +129,9 @@ def test_converted_sequential_folds():
     )
     x = jax.random.normal(jax.random.key(4), (4, 3))
     state = state.set(seq.layers[1].ema_first_time_index, jnp.array(False))
-    state = state.set(seq.layers[1].ema_state_index, (x[:, :1].T.repeat(5, 0)[:, 0], jnp.ones(5) * 2))
+    state = state.set(
+        seq.layers[1].ema_state_index, (x[:, :1].T.repeat(5, 0)[:, 0], jnp.ones(5) * 2)
+    )
     converted, conv_state = jbn.equinox.convert(seq, state, allow_ema=True)
     folded, folded_state = jbn.equinox.fold_batch_norms(converted, conv_state, x)
     assert not jax.tree.leaves(folded_state)
@@ -145,7 +151,10 @@ def test_errors(trained):
     linear = eqx.nn.Linear(3, 2, key=jax.random.key(0))
     with pytest.raises(ValueError, match="ran no batch norm"):
         jbn.equinox.fold_batch_norms(
-            linear, eqx.nn.State(linear), X[:, 0, 0, :3], forward=lambda m, s, x: (jax.vmap(m)(x), s)
+            linear,
+            eqx.nn.State(linear),
+            X[:, 0, 0, :3],
+            forward=lambda m, s, x: (jax.vmap(m)(x), s),
         )
     with pytest.raises(TypeError, match="state must be the model's eqx.nn.State"):
         jbn.equinox.fold_batch_norms(model, {}, X)  # pyright: ignore[reportArgumentType]
