@@ -125,7 +125,10 @@ def test_cnn_folds_to_its_inference_outputs(trained):
 def test_converted_sequential_folds():
     """jbn.equinox.convert's model folds, inside eqx.nn.Sequential."""
     seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
-        [eqx.nn.Linear(3, 5, use_bias=False, key=jax.random.key(0)), eqx.nn.BatchNorm(5, "batch")]
+        [
+            eqx.nn.Linear(3, 5, use_bias=False, key=jax.random.key(0)),
+            eqx.nn.BatchNorm(5, "batch", mode="ema"),
+        ]
     )
     x = jax.random.normal(jax.random.key(4), (4, 3))
     state = state.set(seq.layers[1].ema_first_time_index, jnp.array(False))
