@@ -18,6 +18,7 @@ from ._batch_norm import bn_init as bn_init
 from ._batch_norm import bn_stats as bn_stats
 from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_variables as fold_batch_norm_variables
+from ._fold_trace import FoldReport as FoldReport
 from ._optimize import optimize_only as optimize_only
 from ._sync import sync_batch_stats as sync_batch_stats
 
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # running from a checkout that is not installed
 
 # The core, which needs jax alone, so `from jbn import *` works without any framework.
 __all__ = (
+    "FoldReport",
     "bn_forward",
     "bn_init",
     "bn_stats",

@@ -35,21 +35,24 @@ def fold_batch_norm(
     bn_state: Mapping[str, ArrayLike],
     *,
     epsilon: float = 1e-5,
+    feature_axis: int = -1,
 ) -> tuple[jax.Array, jax.Array]:
     """Folds an evaluation-mode batch norm into the kernel and bias before it.
 
     ``layer(x, kernel, bias)`` followed by batch norm with the running statistics
     equals ``layer(x, new_kernel, new_bias)`` for any layer linear in its kernel
-    whose output features are the kernel's last axis: flax ``Dense`` (in, out),
-    ``Conv`` (kh, kw, in, out), ``ConvTranspose``, ``Einsum``-like layers.
+    whose output features are one axis of the kernel: the last for flax ``Dense``
+    (in, out), ``Conv`` (kh, kw, in, out) and ``ConvTranspose``, the first
+    (``feature_axis=0``) for Equinox's ``Linear`` (out, in) and ``Conv`` (out, in, kh, kw).
 
     Args:
-      kernel: the layer's kernel, output features on the last axis, shape (..., C).
+      kernel: the layer's kernel, output features on axis ``feature_axis``, C of them.
       bias: the layer's bias, shape (C,), or None (a layer with ``use_bias=False``).
       bn_params: ``{"scale", "bias"}`` of shape (C,), either may be missing
         (``use_scale=False`` / ``use_bias=False``), or None.
       bn_state: ``{"mean", "var"}`` running statistics of shape (C,).
       epsilon: the batch norm's epsilon (default 1e-5, flax's and jbn's default).
+      feature_axis: the kernel's output-feature axis (default -1, the last).
 
     Returns:
       ``(new_kernel, new_bias)`` in the kernel's dtype (the bias's, if given).
@@ -57,11 +60,16 @@ def fold_batch_norm(
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 1 or not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(
-            "kernel must be a floating-point array with the output features last, got shape "
-            f"{kernel.shape} dtype {kernel.dtype}"
+            "kernel must be a floating-point array with the output features on one axis, got "
+            f"shape {kernel.shape} dtype {kernel.dtype}"
         )
-    features = (kernel.shape[-1],)
-    needs = f"the kernel of shape {kernel.shape} (output features last)"
+    if not isinstance(feature_axis, int) or not -kernel.ndim <= feature_axis < kernel.ndim:
+        raise ValueError(
+            f"feature_axis must be an axis of the kernel of shape {kernel.shape}, got {feature_axis!r}"
+        )
+    feature_axis %= kernel.ndim
+    features = (kernel.shape[feature_axis],)
+    needs = f"the kernel of shape {kernel.shape} (output features on axis {feature_axis})"
     bn_state = checks.state(bn_state, features, needs, need_count=False, name="bn_state")
     scale, shift = checks.params(bn_params, features, needs, name="bn_params")
     epsilon = checks.static_float(epsilon, "epsilon", positive=True)
@@ -72,7 +80,9 @@ def fold_batch_norm(
     bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
     bias = jnp.zeros(features, cd) if bias is None else checks.vector(bias, "bias", features, needs)
     a = eval_multiplier(scale, var, epsilon)
-    new_kernel = kernel.astype(cd) * a.reshape((1,) * (kernel.ndim - 1) + features)
+    shape = [1] * kernel.ndim
+    shape[feature_axis] = features[0]
+    new_kernel = kernel.astype(cd) * a.reshape(shape)
     new_bias = eval_affine(bias.astype(cd), mean, a, shift)
     return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
 
@@ -150,36 +160,65 @@ def fold_batch_norm_variables(
                 f"pair {pair!r} folds a layer or batch norm that another pair already uses"
             )
         seen.update((layer_path, bn_path))
-        layer = tree.lookup(params, layer_path)
-        if not isinstance(layer, Mapping) or "kernel" not in layer:
-            raise ValueError(
-                f"params has no layer with a 'kernel' at {'/'.join(layer_path)!r} (pair {pair!r})"
-            )
-        bn_state = tree.lookup(stats, bn_path)
-        if not isinstance(bn_state, Mapping) or "mean" not in bn_state or "var" not in bn_state:
-            raise ValueError(
-                f"batch_stats has no batch norm ('mean' and 'var') at {'/'.join(bn_path)!r} (pair {pair!r})"
-            )
-        bn_params = tree.lookup(params, bn_path)
-        if bn_params is not None and not isinstance(bn_params, Mapping):
-            raise ValueError(
-                f"params at {'/'.join(bn_path)!r} is not a batch norm's parameters (pair {pair!r})"
-            )
-        kernel, bias = fold_batch_norm(
-            layer["kernel"], layer.get("bias"), bn_params, bn_state, epsilon=epsilon
+        params, stats = fold_pair(
+            params, stats, layer_path, bn_path, epsilon, where=f" (pair {pair!r})"
         )
-        params = tree.replace(params, layer_path, {**layer, "kernel": kernel, "bias": bias})
-        if bn_params is not None:
-            params = tree.remove(params, bn_path)
-        stats = tree.remove(stats, bn_path)
+    out = with_collections(variables, params, stats)
+    if check is not None:
+        _check_folded(variables, out, check, rtol, epsilon, pairs)
+    return out
+
+
+def with_collections(variables: Mapping[str, Any], params: Any, stats: Any) -> dict[str, Any]:
+    """``variables`` with new ``params`` and ``batch_stats``, the latter dropped when empty."""
     out = {**variables, "params": params}
     if stats:
         out["batch_stats"] = stats
     else:
         out.pop("batch_stats", None)
-    if check is not None:
-        _check_folded(variables, out, check, rtol, epsilon, pairs)
     return out
+
+
+def fold_pair(
+    params: Any,
+    stats: Any,
+    layer_path: tree.Path,
+    bn_path: tree.Path,
+    epsilon: float,
+    *,
+    feature_axis: int = -1,
+    where: str = "",
+) -> tuple[Any, Any]:
+    """Folds the batch norm at ``bn_path`` into the layer at ``layer_path`` of linen collections.
+
+    The layer's ``kernel`` and ``bias`` (added if missing) are replaced, the batch
+    norm's ``params`` and ``batch_stats`` removed; returns ``(params, stats)``.
+    """
+    layer_path = tree.parse_path(layer_path, "layer_path")
+    bn_path = tree.parse_path(bn_path, "bn_path")
+    layer = tree.lookup(params, layer_path)
+    if not isinstance(layer, Mapping) or "kernel" not in layer:
+        raise ValueError(f"params has no layer with a 'kernel' at {'/'.join(layer_path)!r}{where}")
+    bn_state = tree.lookup(stats, bn_path)
+    if not isinstance(bn_state, Mapping) or "mean" not in bn_state or "var" not in bn_state:
+        raise ValueError(
+            f"batch_stats has no batch norm ('mean' and 'var') at {'/'.join(bn_path)!r}{where}"
+        )
+    bn_params = tree.lookup(params, bn_path)
+    if bn_params is not None and not isinstance(bn_params, Mapping):
+        raise ValueError(f"params at {'/'.join(bn_path)!r} is not a batch norm's parameters{where}")
+    kernel, bias = fold_batch_norm(
+        layer["kernel"],
+        layer.get("bias"),
+        bn_params,
+        bn_state,
+        epsilon=epsilon,
+        feature_axis=feature_axis,
+    )
+    params = tree.replace(params, layer_path, {**layer, "kernel": kernel, "bias": bias})
+    if bn_params is not None:
+        params = tree.remove(params, bn_path)
+    return params, tree.remove(stats, bn_path)
 
 
 def _check_folded(
@@ -192,14 +231,7 @@ def _check_folded(
 ) -> None:
     """Compares the folded model with the original on a probe batch; a clear error if they differ."""
     apply_fn, folded_apply_fn, x = check
-    y = jnp.asarray(apply_fn(variables, x), jnp.float32)
-    y_folded = jnp.asarray(folded_apply_fn(folded, x), jnp.float32)
-    if y.shape != y_folded.shape:
-        raise ValueError(
-            f"check: the folded model's output has shape {y_folded.shape}, the original's {y.shape}"
-        )
-    scale = float(jnp.max(jnp.abs(y))) or 1.0
-    error = float(jnp.max(jnp.abs(y - y_folded))) / scale
+    error = relative_difference(apply_fn(variables, x), folded_apply_fn(folded, x))
     if not error <= rtol:
         raise ValueError(
             f"the folded model differs from the original by {error:.3g} (relative to the "
@@ -209,3 +241,28 @@ def _check_folded(
             "(an activation or pooling: such a batch norm cannot be folded into that layer), "
             "or apply_fn does not run the original in evaluation mode"
         )
+
+
+def relative_difference(y: Any, y_folded: Any) -> float:
+    """max |y - y_folded| / max |y| over the leaves of two outputs (pytrees of arrays).
+
+    Raises:
+      ValueError: the outputs differ in structure or shape.
+    """
+    leaves, treedef = jax.tree.flatten(y)
+    folded_leaves, folded_treedef = jax.tree.flatten(y_folded)
+    shapes = [jnp.shape(a) for a in leaves]
+    folded_shapes = [jnp.shape(a) for a in folded_leaves]
+    if treedef != folded_treedef or shapes != folded_shapes:
+        raise ValueError(
+            f"the folded model's output has shapes {folded_shapes} ({folded_treedef}), the "
+            f"original's {shapes} ({treedef})"
+        )
+    largest: list[Any] = [0.0]
+    error: list[Any] = [0.0]  # jnp.max, unlike max, keeps a NaN
+    for a, b in zip(leaves, folded_leaves, strict=True):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        if a.size:
+            largest.append(jnp.max(jnp.abs(a)))
+            error.append(jnp.max(jnp.abs(a - b)))
+    return float(jnp.max(jnp.asarray(error))) / (float(jnp.max(jnp.asarray(largest))) or 1.0)

@@ -9,7 +9,8 @@ renorm, torch's conventions). ``jbn.equinox.convert`` swaps every
 ``eqx.nn.BatchNorm`` of a model for this one. ``recalibrate_batch_stats``
 recomputes the running statistics from data, ``sync_batch_stats`` merges
 replicas' states, ``freeze_batch_norms`` / ``unfreeze_batch_norms`` (with
-``batch_norm_mask``) are for fine-tuning, and ``use_prior`` (prior-weighted
+``batch_norm_mask``) are for fine-tuning, ``fold_batch_norms`` folds the batch
+norms into the layers before them for serving, and ``use_prior`` (prior-weighted
 statistics) and ``Tent`` (entropy minimization on the ``batch_norm_mask``
 parameters) adapt a model at test time.
 
@@ -22,6 +23,7 @@ require("equinox", "jbn.equinox")
 
 from ._batch_norm import BatchNorm as BatchNorm
 from ._convert import convert as convert
+from ._fold import fold_batch_norms as fold_batch_norms
 from ._freeze import FrozenBatchNorm as FrozenBatchNorm
 from ._freeze import freeze_batch_norms as freeze_batch_norms
 from ._freeze import unfreeze_batch_norms as unfreeze_batch_norms
@@ -37,6 +39,7 @@ __all__ = (
     "Tent",
     "batch_norm_mask",
     "convert",
+    "fold_batch_norms",
     "freeze_batch_norms",
     "recalibrate_batch_stats",
     "sync_batch_stats",

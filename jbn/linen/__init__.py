@@ -5,7 +5,8 @@
 ``flax.linen.BatchNorm`` of any model through jbn without editing it;
 ``frozen_batch_norms()`` and ``batch_norm_mask`` are for fine-tuning;
 ``recalibrate_batch_stats`` recomputes running statistics from data and
-``sync_batch_stats`` merges replicas' running statistics exactly.
+``sync_batch_stats`` merges replicas' running statistics exactly;
+``fold_batch_norms`` folds the batch norms into the layers before them.
 """
 
 from .._extras import require
@@ -14,6 +15,7 @@ require("flax", "jbn.linen")
 
 from .._sync import sync_batch_stats as sync_batch_stats
 from ._batch_norm import BatchNorm as BatchNorm
+from ._fold import fold_batch_norms as fold_batch_norms
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import frozen_batch_norms as frozen_batch_norms
 from ._intercept import intercept as intercept
@@ -25,6 +27,7 @@ __all__ = (
     "BatchNorm",
     "Tent",
     "batch_norm_mask",
+    "fold_batch_norms",
     "frozen_batch_norms",
     "intercept",
     "recalibrate_batch_stats",

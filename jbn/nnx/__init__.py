@@ -6,7 +6,8 @@ an existing model in place (and back); ``freeze_batch_norms``,
 ``unfreeze_batch_norms``, ``FrozenBatchNorm`` and ``batch_norm_mask`` are for
 fine-tuning; ``use_prior`` (prior-weighted statistics) and ``Tent`` (entropy
 minimization) adapt a model at test time; ``recalibrate_batch_stats`` recomputes running statistics from data
-and ``sync_batch_stats`` merges replicas' running statistics exactly.
+and ``sync_batch_stats`` merges replicas' running statistics exactly;
+``fold_batch_norms`` folds the batch norms into the layers before them, in place.
 """
 
 from .._extras import require
@@ -15,6 +16,7 @@ require("flax", "jbn.nnx")
 
 from ._batch_norm import BatchNorm as BatchNorm
 from ._convert import convert as convert
+from ._fold import fold_batch_norms as fold_batch_norms
 from ._freeze import FrozenBatchNorm as FrozenBatchNorm
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import freeze_batch_norms as freeze_batch_norms
@@ -30,6 +32,7 @@ __all__ = (
     "Tent",
     "batch_norm_mask",
     "convert",
+    "fold_batch_norms",
     "freeze_batch_norms",
     "recalibrate_batch_stats",
     "sync_batch_stats",
