@@ -177,7 +177,9 @@ def update_memory(
     n_b = n_b.astype(rd)
     # w = n_m / (n_m + n_b) as 1 / (1 + n_b / n_m): 1 for an infinite memory.
     w = jnp.where(n_b > 0, 1.0 / (1.0 + n_b / count), 1.0).astype(rd)
-    mean, var = prior_stats(mean_m, var_m, mean_b.astype(mean_m.dtype), var_b.astype(rd), w, "pooled")
+    mean, var = prior_stats(
+        mean_m, var_m, mean_b.astype(mean_m.dtype), var_b.astype(rd), w, "pooled"
+    )
     new_count = jnp.minimum(count + n_b, jnp.asarray(horizon, rd))
     took = n_b > 0
     return {
@@ -212,8 +214,5 @@ def stream_forward(
     bshape = scale.shape
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
-    y, batch = prior_forward(
-        x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True
-    )
+    y, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
     return y, update_memory(memory, batch, stream.horizon)
-
