@@ -24,9 +24,9 @@ from . import _options as options
 from . import _stream as stream_mode
 from ._checks import PriorForm, Residual
 from ._prior import Prior, prior_forward
-from ._stream import Stream
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
+from ._stream import Stream
 from ._train import TrainConfig, bn_train, bn_train_reference
 from ._variants import renorm_affine, split_ghost_batches, split_named_ghost_batches
 

@@ -22,5 +22,15 @@ from ._convert import convert as convert
 from ._prior import Tent as Tent
 from ._prior import batch_norm_mask as batch_norm_mask
 from ._prior import use_prior as use_prior
+from ._stream import reset_stream as reset_stream
+from ._stream import use_stream as use_stream
 
-__all__ = ("BatchNorm", "Tent", "batch_norm_mask", "convert", "use_prior")
+__all__ = (
+    "BatchNorm",
+    "Tent",
+    "batch_norm_mask",
+    "convert",
+    "reset_stream",
+    "use_prior",
+    "use_stream",
+)

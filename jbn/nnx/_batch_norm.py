@@ -178,6 +178,10 @@ class BatchNorm(nnx.Module):
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
+        if getattr(self, "stream", None) is not None:  # jbn.nnx.use_stream
+            from ._stream import stream_call
+
+            return stream_call(self, x, mask)
         x, params, state = self.prepare(x)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
         train = not use_running_average and self.prior is None
