@@ -275,7 +275,7 @@ def bn_forward(
         checks.batch_not_empty(x.shape, stats_cfg.reduce_axes, stats_cfg.axis_name, "bn_forward")
     if isinstance(mode, Prior):
         running = (state["mean"].reshape(bshape), state["var"].reshape(bshape))
-        n = checks.prior(mode.n, False)
+        n = jnp.asarray(mode.n, jnp.float32)  # checked by Prior
         y, _ = prior_forward(x, scale, bias, mask, running, n, cfg, mode.form)
         return y, {**state, **memory}
     if isinstance(mode, Stream):

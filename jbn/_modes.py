@@ -41,4 +41,4 @@ def resolve(train: Any, prior: Any, prior_form: Any) -> Mode:
     if prior is None:
         return train
     checks.prior(prior, train)  # a prior with train=True is an error
-    return Prior(prior, checks.prior_form(prior_form))
+    return Prior(prior, prior_form)  # Prior checks the form

@@ -22,6 +22,7 @@ from flax.linen import dtypes as linen_dtypes
 from flax.linen.module import InterceptorContext
 
 from .._batch_norm import bn_forward
+from .._prior import Prior
 from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
 from ._calls import SubclassCalls, never_reaches_base
@@ -36,28 +37,32 @@ class _State(threading.local):
 _state = _State()
 
 
-def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax.Array:
-    """The module's output in the stream mode, from its own variables; stores the memory."""
-    if not module.is_mutable_collection("batch_stats"):
-        raise ValueError(
-            "jbn.linen.use_stream keeps the memory of the stream in the batch_stats collection: "
-            "pass mutable=['batch_stats'] to apply, e.g. `y, updates = model.apply(variables, x, "
-            "mutable=['batch_stats'])`, then `variables = {**variables, **updates}`"
-        )
+def run_batch_norm(
+    module: nn.Module, x: Any, mask: Any, mode: Prior | Stream, state: dict[str, Any]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A linen batch norm's ``bn_forward`` in a test-time ``mode``, from its own parameters.
+
+    Args:
+      module: a bound ``flax.linen.BatchNorm`` or ``jbn.BatchNorm``.
+      x, mask: its call's input and mask.
+      mode: a :class:`jbn.Prior` or :class:`jbn.Stream`.
+      state: the ``bn_forward`` state, from its ``batch_stats``.
+
+    Returns:
+      ``bn_forward``'s ``(y, new_state)``.
+    """
     params = {
         name: module.get_variable("params", name)
         for name, used in (("scale", module.use_scale), ("bias", module.use_bias))
         if used
     }
-    names = ("mean", "var", *(k for k in MEMORY if module.has_variable("batch_stats", k)))
-    state = {name: module.get_variable("batch_stats", name) for name in names}
     x = jax.numpy.asarray(x)
     dtype = linen_dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
-    y, new = bn_forward(
+    return bn_forward(
         params,
         state,
         x,
-        stream,
+        mode,
         axis=module.axis,
         epsilon=module.epsilon,
         mask=mask,
@@ -65,6 +70,19 @@ def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax
         axis_index_groups=module.axis_index_groups,
         dtype=dtype,
     )
+
+
+def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax.Array:
+    """The module's output in the stream mode; stores the memory in its batch_stats."""
+    if not module.is_mutable_collection("batch_stats"):
+        raise ValueError(
+            "jbn.linen.use_stream keeps the memory of the stream in the batch_stats collection: "
+            "pass mutable=['batch_stats'] to apply, e.g. `y, updates = model.apply(variables, x, "
+            "mutable=['batch_stats'])`, then `variables = {**variables, **updates}`"
+        )
+    names = ("mean", "var", *(k for k in MEMORY if module.has_variable("batch_stats", k)))
+    state = {name: module.get_variable("batch_stats", name) for name in names}
+    y, new = run_batch_norm(module, x, mask, stream, state)
     for k in MEMORY:
         module.put_variable("batch_stats", k, new[k])
     return y

@@ -73,12 +73,12 @@ def use_stream(model: Any, stream: Stream | None) -> Any:
             node.stream = None
         else:
             node.stream = stream
-            _seed(node)
+            _seed(node, stream)
     return model
 
 
-def _seed(node: BatchNorm) -> None:
-    memory = start_memory(node.mean[...], node.var[...], node.stream.horizon)
+def _seed(node: BatchNorm, stream: Stream) -> None:
+    memory = start_memory(node.mean[...], node.var[...], stream.horizon)
     for k, v in memory.items():
         setattr(node, k, nnx.BatchStat(v))
 
@@ -89,16 +89,17 @@ def reset_stream(model: Any) -> None:
     In place: the memory becomes, bit for bit, what :func:`use_stream` started with.
     """
     for node in _batch_norms(model, "jbn.nnx.reset_stream"):
-        if getattr(node, "stream", None) is not None:
-            _seed(node)
+        stream = getattr(node, "stream", None)
+        if stream is not None:
+            _seed(node, stream)
 
 
-def stream_call(bn: BatchNorm, x: Any, mask: Any) -> jax.Array:
+def stream_call(bn: BatchNorm, stream: Stream, x: Any, mask: Any) -> jax.Array:
     """``bn``'s output in the stream mode; updates its memory (``BatchNorm.__call__``'s hook)."""
     x, params, state = bn.prepare(x)
     state = {**state, **{k: getattr(bn, k)[...] for k in MEMORY}}
     kwargs = {**options.forward_kwargs(bn), "prior": None}
-    y, new = bn_forward(params, state, x, bn.stream, mask=mask, **kwargs)
+    y, new = bn_forward(params, state, x, stream, mask=mask, **kwargs)
     for k in MEMORY:
         getattr(bn, k)[...] = new[k]
     return y
