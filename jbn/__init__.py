@@ -20,6 +20,10 @@ from ._fold import fold_batch_norm as fold_batch_norm
 from ._fold import fold_batch_norm_variables as fold_batch_norm_variables
 from ._fold_trace import FoldReport as FoldReport
 from ._optimize import optimize_only as optimize_only
+from ._prior import Prior as Prior
+from ._stream import Stream as Stream
+from ._stream import reset_stream as reset_stream
+from ._stream import start_stream as start_stream
 from ._sync import sync_batch_stats as sync_batch_stats
 
 if TYPE_CHECKING:
@@ -37,12 +41,16 @@ except PackageNotFoundError:  # running from a checkout that is not installed
 # The core, which needs jax alone, so `from jbn import *` works without any framework.
 __all__ = (
     "FoldReport",
+    "Prior",
+    "Stream",
     "bn_forward",
     "bn_init",
     "bn_stats",
     "fold_batch_norm",
     "fold_batch_norm_variables",
     "optimize_only",
+    "reset_stream",
+    "start_stream",
     "sync_batch_stats",
 )
 

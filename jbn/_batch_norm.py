@@ -19,11 +19,14 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from . import _checks as checks
+from . import _modes as modes
 from . import _options as options
+from . import _stream as stream_mode
 from ._checks import PriorForm, Residual
-from ._prior import prior_forward
+from ._prior import Prior, prior_forward
 from ._running import update_running
 from ._stats import StatsConfig, batch_stats, broadcast_shape, compute_dtype, real_dtype
+from ._stream import Stream
 from ._train import TrainConfig, bn_train, bn_train_reference
 from ._variants import renorm_affine, split_ghost_batches, split_named_ghost_batches
 
@@ -151,7 +154,7 @@ def bn_forward(
     params: Params,
     state: State,
     x: ArrayLike,
-    train: bool,
+    train: bool | Prior | Stream,
     *,
     axis: int | Sequence[int] = -1,
     momentum: float | ArrayLike | None = 0.99,
@@ -179,9 +182,12 @@ def bn_forward(
     the batch, per feature, over every axis of ``x`` except ``axis`` (and over the
     devices of ``axis_name``); the running statistics are updated from them. In
     evaluation mode the running statistics are used and ``state`` is returned as
-    is. With ``train=False`` and a ``prior`` N (test-time adaptation), each call
-    normalizes with the running statistics, counted as N examples, pooled with the
-    batch's own. Statistics and arithmetic are float32 (float64 for float64 input); the
+    is. ``train`` may also be a test-time mode, which carries its settings:
+    ``jbn.Prior(N)`` normalizes with the running statistics, counted as N
+    examples, pooled with the batch's own (the same as ``train=False,
+    prior=N``), and ``jbn.Stream(horizon, prior)`` with a memory of the
+    stream's statistics pooled with the batch's, the memory returned updated in
+    the new state (see :class:`jbn.Stream`). Statistics and arithmetic are float32 (float64 for float64 input); the
     output has ``x``'s dtype unless ``dtype`` says otherwise.
 
     The training-mode gradient is the analytic batch-norm backward (a
@@ -201,7 +207,8 @@ def bn_forward(
         keeps its count). A scalar count (an older checkpoint) is broadcast, and
         the new state's count has the feature shape.
       x: input, floating point, e.g. (N, C), (N, H, W, C), (N, C, H, W) or (N, T, C).
-      train: Python bool: batch statistics (True) or running statistics (False).
+      train: the mode: a Python bool, batch statistics (True) or running
+        statistics (False); or ``jbn.Prior(N)`` or ``jbn.Stream(horizon, prior)``.
       axis: feature axis or axes (default -1). ``axis=1`` for NCHW; ``axis=(1, 2, 3)``
         for one mean per pixel and channel of NHWC input.
       momentum: running-average decay as in flax, ``new = momentum * old + (1 -
@@ -230,15 +237,17 @@ def bn_forward(
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated running
-      statistics (``state`` itself when ``train=False``).
+      statistics (``state`` itself in evaluation and ``jbn.Prior``; with the
+      updated memory in ``jbn.Stream``). A memory in ``state`` that the mode does
+      not use is returned as it is.
     """
     x = checks.input_array(x)
-    train = checks.train(train)
+    mode = modes.resolve(train, prior, prior_form)
+    train = mode is True
     checks.momentum(momentum)
     given = locals()
     jbn_options = options.check_all({name: given[name] for name in options.JBN})
     residual, renorm = jbn_options["residual"], jbn_options["renorm"]
-    prior_count = checks.prior(prior, train)
     stats_cfg, axes = _stats_config(x, axis, axis_name, axis_index_groups)
     cfg = _train_config(
         x, stats_cfg, epsilon=epsilon, residual=residual, min_scale=min_scale, dtype=dtype
@@ -249,7 +258,9 @@ def bn_forward(
     scale, bias = checks.params(params, feature_shape, needs)
     debias = checks.python_bool(debias, "debias")
     need_count = train and (momentum is None or debias)
+    state, memory = stream_mode.split_memory(state)
     state = checks.state(state, feature_shape, needs, need_count=need_count)
+    memory = stream_mode.check_memory(memory, feature_shape, needs)
     mask = checks.mask(mask, x.shape)
     virtual_batch_size = checks.virtual_batch_size(virtual_batch_size, axes, stats_cfg.axis_name)
     cd = compute_dtype(x.dtype)
@@ -259,19 +270,26 @@ def bn_forward(
     scale = jnp.ones(bshape, rd) if scale is None else scale.reshape(bshape)
     bias = jnp.zeros(bshape, rd) if bias is None else bias.reshape(bshape)
 
-    if prior_count is not None:
+    if isinstance(mode, (Prior, Stream)):
         checks.axis_size(stats_cfg.axis_name)
         checks.batch_not_empty(x.shape, stats_cfg.reduce_axes, stats_cfg.axis_name, "bn_forward")
+    if isinstance(mode, Prior):
         running = (state["mean"].reshape(bshape), state["var"].reshape(bshape))
-        y, _, _ = prior_forward(x, scale, bias, mask, running, prior_count, cfg, prior_form)
-        return y, dict(state)
+        n = jnp.asarray(mode.n, jnp.float32)  # checked by Prior
+        y, _ = prior_forward(x, scale, bias, mask, running, n, cfg, mode.form)
+        return y, {**state, **memory}
+    if isinstance(mode, Stream):
+        if not memory:
+            memory = stream_mode.start_memory(state["mean"], state["var"], mode.horizon)
+        y, memory = stream_mode.stream_forward(x, scale, bias, mask, memory, mode, cfg)
+        return y, {**state, **memory}
 
     if not train:
         mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)
         var = lax.stop_gradient(state["var"]).astype(rd).reshape(bshape)
         a = eval_multiplier(scale.astype(rd), var, cfg.epsilon)
         y = eval_affine(x.astype(cd), mean, a, bias.astype(rd))
-        return y.astype(cfg.out_dtype), dict(state)
+        return y.astype(cfg.out_dtype), {**state, **memory}
 
     values = math.prod(x.shape[a] for a in stats_cfg.reduce_axes)
     values *= checks.axis_size(stats_cfg.axis_name)
@@ -307,4 +325,4 @@ def bn_forward(
     )
     if group is not None:  # this device's own group
         y = lax.dynamic_index_in_dim(y, group, 0, keepdims=False)
-    return y.reshape(x_shape), new_state
+    return y.reshape(x_shape), {**new_state, **memory}

@@ -21,14 +21,43 @@ custom_vjp), so test-time entropy minimization (TENT) can train through it.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _checks as checks
+from ._checks import PriorForm
 from ._stats import abs_sq, batch_stats, compute_dtype, real_dtype
 from ._train import TrainConfig
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """The prior mode of :func:`jbn.bn_forward` (its ``train`` argument): test-time adaptation.
+
+    ``bn_forward(params, state, x, jbn.Prior(16))`` normalizes with the running
+    statistics, counted as ``n`` examples, pooled with the batch's, and updates
+    nothing; it is what ``bn_forward(params, state, x, False, prior=16)`` does.
+
+    Attributes:
+      n: N, the number of examples the running statistics count as: a number
+        >= 0 (``inf``: the running statistics alone; 0: the batch's), or a scalar
+        array (e.g. traced under jit; the mode is then not hashable).
+      form: ``"pooled"`` (default: Chan's exact pooling) or ``"linear"``
+        (Schneider et al.'s mix, without the between-groups term).
+    """
+
+    n: Any
+    form: PriorForm = "pooled"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n", checks.prior_option(self.n, "n"))
+        checks.prior_form(self.form)
 
 
 def prior_weight(prior: Array, n: Array, per_example: int) -> Array:
@@ -71,7 +100,9 @@ def prior_forward(
     prior: Array,
     cfg: TrainConfig,
     form: str,
-) -> tuple[Array, Array, Array]:
+    *,
+    finite_only: bool = False,
+) -> tuple[Array, tuple[Array, Array, Array]]:
     """y = γ (x - μ) / √(σ² + ε) + β with prior-weighted statistics.
 
     Args:
@@ -82,22 +113,36 @@ def prior_forward(
       prior: N examples, a float32 scalar (inf allowed).
       cfg: the call's ``TrainConfig`` (statistics settings, epsilon, dtypes).
       form: ``"pooled"`` or ``"linear"``.
+      finite_only: a feature whose batch statistics are not finite has no say
+        (it is normalized with the running statistics alone).
 
     Returns:
-      ``(y, mean, var)``: the output and the statistics it was normalized with.
+      ``(y, (mean_b, var_b, examples))``: the output, and the batch's own
+      statistics and number of examples per feature, without gradient; where the
+      batch has no say (no counted value, or ``finite_only`` and not finite),
+      ``examples`` is 0 and the statistics are the running ones.
     """
     cd = compute_dtype(x.dtype)
     rd = real_dtype(cd)
     mean_b, var_b, n = batch_stats(x, mask, cfg.stats)
+    n = n.astype(rd)
+    if finite_only:
+        n = jnp.where(jnp.isfinite(mean_b) & jnp.isfinite(var_b), n, 0.0)
     run_mean = lax.stop_gradient(running[0]).astype(cd)
     run_var = lax.stop_gradient(running[1]).astype(rd)
     per_example = examples_size(x.shape, cfg.stats.reduce_axes)
-    w = prior_weight(lax.stop_gradient(prior), n.astype(rd), per_example)
+    w = prior_weight(lax.stop_gradient(prior), n, per_example)
     # Where the batch has no say (w = 1) its statistics may be NaN (an empty or
     # non-finite feature): keep them out of the result and of the gradient.
-    mean_b = jnp.where(w < 1, mean_b, run_mean)
-    var_b = jnp.where(w < 1, var_b, run_var)
-    mean, var = prior_stats(run_mean, run_var, mean_b, var_b, w, form)
+    mean_w = jnp.where(w < 1, mean_b, run_mean)
+    var_w = jnp.where(w < 1, var_b, run_var)
+    mean, var = prior_stats(run_mean, run_var, mean_w, var_w, w, form)
     a = scale.astype(rd) * lax.rsqrt(var + cfg.epsilon)
     y = (x.astype(cd) - mean) * a + bias.astype(rd)
-    return y.astype(cfg.out_dtype), mean, var
+    has_say = n > 0
+    batch = (
+        lax.stop_gradient(jnp.where(has_say, mean_b, run_mean)),
+        lax.stop_gradient(jnp.where(has_say, var_b, run_var)),
+        lax.stop_gradient(n / per_example),
+    )
+    return y.astype(cfg.out_dtype), batch

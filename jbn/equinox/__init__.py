@@ -31,6 +31,8 @@ from ._prior import Tent as Tent
 from ._prior import batch_norm_mask as batch_norm_mask
 from ._prior import use_prior as use_prior
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+from ._stream import reset_stream as reset_stream
+from ._stream import use_stream as use_stream
 from ._sync import sync_batch_stats as sync_batch_stats
 
 __all__ = (
@@ -42,7 +44,9 @@ __all__ = (
     "fold_batch_norms",
     "freeze_batch_norms",
     "recalibrate_batch_stats",
+    "reset_stream",
     "sync_batch_stats",
     "unfreeze_batch_norms",
     "use_prior",
+    "use_stream",
 )

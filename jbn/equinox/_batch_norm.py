@@ -15,6 +15,7 @@ from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward, bn_init
 from .._checks import PriorForm, Residual
+from .._stream import MEMORY, Stream
 
 _EMA_MODES = ("ema", "legacy")
 _STATIC_FLAGS = "; under jax.jit keep the model's flags static (eqx.filter_jit does)"
@@ -132,6 +133,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     autodiff: bool = eqx.field(static=True)
     prior: float | None = eqx.field(static=True)
     prior_form: PriorForm = eqx.field(static=True)
+    stream: Stream | None = eqx.field(static=True)  # set by jbn.equinox.use_stream
 
     def __init__(
         self,
@@ -169,6 +171,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = checks.python_bool(inference, "inference")
         self.autodiff = checks.python_bool(autodiff, "autodiff")
         self.mode = mode
+        self.stream = None
         dtype = _default_dtype() if dtype is None else dtype
         params, state = bn_init(input_size, dtype=dtype, cumulative=True)
         self.weight, self.bias = (
@@ -217,7 +220,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"{self.input_size}) takes one example of shape ({self.input_size}, *spatial); "
                 "map it over the batch with jax.vmap(..., axis_name=...)"
             )
-        if not inference or self.prior is not None:  # a prior pools the named axes' batch
+        # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference says.
+        mode = self.stream or (None if self.prior is None else False)
+        if not inference or mode is not None:
             _check_bound(self.axis_name)
         mask = checks.mask(mask, x.shape)
         squeeze = x.ndim == 1
@@ -229,25 +234,31 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # A state without "feature_count" (made before it existed) starts from the step count.
         running = {k: stored[k] for k in ("mean", "var")}
         running["count"] = stored.get("feature_count", stored["count"])
+        memory = {k: stored[k] for k in MEMORY if k in stored}  # jbn.equinox.use_stream's
+        running |= memory
         y, new = bn_forward(
             params,
             running,
             x,
-            not inference and self.prior is None,
+            not inference if mode is None else mode,
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,
             mask=mask,
-            axis_name=None if inference and self.prior is None else self.axis_name,
+            axis_name=None if inference and mode is None else self.axis_name,
             autodiff=self.autodiff,
             debias=self.momentum is not None,
-            **options.jbn_kwargs(self),
+            **{**options.jbn_kwargs(self), "prior": self.prior if self.stream is None else None},
         )
         if squeeze:
             y = y[:, 0]
-        if not inference and self.prior is None:
-            new = {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1} | (
-                {"feature_count": new["count"]} if "feature_count" in stored else {}
+        if self.stream is not None:
+            state = state.set(self.state_index, {**stored, **{k: new[k] for k in MEMORY}})
+        elif not inference and self.prior is None:
+            new = (
+                {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1}
+                | memory
+                | ({"feature_count": new["count"]} if "feature_count" in stored else {})
             )
             state = state.set(self.state_index, new)
         return y, state

@@ -22,6 +22,8 @@ from ._intercept import intercept as intercept
 from ._prior import Tent as Tent
 from ._prior import use_prior as use_prior
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
+from ._stream import reset_stream as reset_stream
+from ._stream import use_stream as use_stream
 
 __all__ = (
     "BatchNorm",
@@ -31,6 +33,8 @@ __all__ = (
     "frozen_batch_norms",
     "intercept",
     "recalibrate_batch_stats",
+    "reset_stream",
     "sync_batch_stats",
     "use_prior",
+    "use_stream",
 )

@@ -18,16 +18,16 @@ from typing import Any
 
 import jax
 from flax import linen as nn
-from flax.linen import dtypes as linen_dtypes
 from flax.linen.module import InterceptorContext
 
 from .. import _checks as checks
-from .._batch_norm import bn_forward
 from .._checks import PriorForm
 from .._optimize import optimize_only
+from .._prior import Prior
 from .._tent import TentLoop, optimizer
 from ._calls import SubclassCalls, never_reaches_base
 from ._freeze import batch_norm_mask
+from ._stream import run_batch_norm
 
 
 class _State(threading.local):
@@ -41,29 +41,8 @@ _state = _State()
 
 def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: PriorForm) -> jax.Array:
     """The module's output with prior-weighted statistics, from its own variables."""
-    params = {
-        name: module.get_variable("params", name)
-        for name, used in (("scale", module.use_scale), ("bias", module.use_bias))
-        if used
-    }
     state = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")}
-    x = jax.numpy.asarray(x)
-    dtype = linen_dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
-    y, _ = bn_forward(
-        params,
-        state,
-        x,
-        False,
-        axis=module.axis,
-        epsilon=module.epsilon,
-        mask=mask,
-        axis_name=module.axis_name,
-        axis_index_groups=module.axis_index_groups,
-        dtype=dtype,
-        prior=prior,
-        prior_form=form,
-    )
-    return y
+    return run_batch_norm(module, x, mask, Prior(prior, form), state)[0]
 
 
 def _interceptor(

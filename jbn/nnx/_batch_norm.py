@@ -22,6 +22,9 @@ from .. import _options as options
 from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
 
+if TYPE_CHECKING:
+    from .._stream import Stream
+
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
     "constructor (jbn.nnx.BatchNorm(..., use_running_average=True/False)), to the call "
@@ -80,6 +83,7 @@ class BatchNorm(nnx.Module):
     if TYPE_CHECKING:  # set in __init__ from the options declared in jbn/_options.py
         prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
         prior_form: PriorForm
+        stream: Stream | None  # set by jbn.nnx.use_stream
 
     def __init__(
         self,
@@ -178,6 +182,11 @@ class BatchNorm(nnx.Module):
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
+        stream = getattr(self, "stream", None)
+        if stream is not None:  # jbn.nnx.use_stream
+            from ._stream import stream_call
+
+            return stream_call(self, stream, x, mask)
         x, params, state = self.prepare(x)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
         train = not use_running_average and self.prior is None

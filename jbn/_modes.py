@@ -1,0 +1,44 @@
+"""The mode of :func:`jbn.bn_forward`: one value, its ``train`` argument.
+
+``True`` (training: batch statistics, the running ones updated), ``False``
+(evaluation: the running statistics), :class:`jbn.Prior` (test-time
+adaptation: the running statistics pooled with the batch's, nothing updated)
+or :class:`jbn.Stream` (a memory of the stream's statistics pooled with the
+batch's, the memory updated). Each mode carries its own settings; the older
+keywords ``prior=N, prior_form=...`` with ``train=False`` are the same
+``Prior`` mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _checks as checks
+from ._prior import Prior
+from ._stream import Stream
+
+Mode = bool | Prior | Stream
+
+
+def resolve(train: Any, prior: Any, prior_form: Any) -> Mode:
+    """The one mode that ``train`` and the ``prior``/``prior_form`` keywords select."""
+    if isinstance(train, (Prior, Stream)):
+        if prior is not None:
+            raise ValueError(
+                f"train={train!r} already is a mode; prior={prior!r} is the older spelling of "
+                "train=jbn.Prior(N): pass one of them"
+            )
+        return train
+    if not isinstance(train, (bool, np.bool_)):
+        raise TypeError(
+            "train must be a Python bool or a mode (jbn.Prior(N), jbn.Stream(horizon, prior)), "
+            f"got {train!r}; under jax.jit make it static, e.g. jax.jit(step, "
+            "static_argnames='train')"
+        )
+    train = bool(train)
+    if prior is None:
+        return train
+    checks.prior(prior, train)  # a prior with train=True is an error
+    return Prior(prior, prior_form)  # Prior checks the form

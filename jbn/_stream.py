@@ -1,0 +1,218 @@
+"""Statistics that follow a stream: test-time adaptation with a memory of the test statistics.
+
+In the stream mode of :func:`jbn.bn_forward` (``train=jbn.Stream(horizon,
+prior)``) each batch is normalized as in the prior mode (:mod:`jbn._prior`),
+but with a *memory* of the stream's statistics in place of the running ones:
+the memory, counted as ``prior`` = N examples, is pooled with the batch's n
+examples by Chan's formula. The memory is then updated, exactly: the memory
+(n_m, μ_m, σ²_m) and the batch (n_b, μ_b, σ²_b) are combined by Chan's formula,
+
+    w = n_m / (n_m + n_b),   μ = w μ_m + (1 - w) μ_b,
+    σ² = w σ²_m + (1 - w) σ²_b + w (1 - w) (μ_m - μ_b)²,
+
+and the count n_m + n_b is capped at ``horizon`` examples. Capping scales the
+count and the sum of squares M2 = n σ² alike, so σ² is kept and older data
+decays in proportion: a horizon counted in examples serves any batch size.
+
+The memory starts from the running (training) statistics, counted as
+``horizon`` examples, and lives in the state as ``stream_mean``,
+``stream_var`` and ``stream_count`` (per feature), created when absent;
+:func:`reset_stream` drops them, so the next call starts again from the
+training statistics. With ``horizon=inf`` the memory never leaves the training
+statistics (the prior mode); with ``prior=0`` each batch is normalized with its
+own statistics. A feature whose batch has no counted value, or whose batch
+statistics are not finite, is normalized with the memory alone and leaves the
+memory as it was. The memory carries no gradient; the batch's share does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _checks as checks
+from ._prior import prior_forward, prior_stats
+from ._stats import compute_dtype, real_dtype
+from ._train import TrainConfig
+
+Array = jax.Array
+
+# The state entries of the memory, each of the feature shape.
+MEMORY = ("stream_mean", "stream_var", "stream_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """The stream mode of :func:`jbn.bn_forward` (its ``train`` argument).
+
+    Each batch is normalized with a memory of the stream's statistics, counted
+    as ``prior`` examples, pooled with the batch's own (Chan's formula); the
+    memory, an exact count-weighted pool of the batches seen over the last
+    ``horizon`` examples, then takes the batch in. It starts from the running
+    (training) statistics and is returned in the new state (``stream_mean``,
+    ``stream_var``, ``stream_count``)::
+
+      >>> import jax.numpy as jnp, jbn
+      >>> params, state = jbn.bn_init(3)
+      >>> y, state = jbn.bn_forward(params, state, jnp.ones((2, 3)), jbn.Stream(100.0, 16.0))
+      >>> float(state["stream_count"][0])
+      100.0
+
+    Attributes:
+      horizon: the memory's length in examples, > 0 (``inf``: the memory never
+        leaves the training statistics). Default 2000.
+      prior: N, the examples the memory counts as when a batch is normalized,
+        >= 0 (``inf``: the memory alone; 0: the batch's statistics). Default 1024.
+    """
+
+    horizon: float = 2000.0
+    prior: float = 1024.0
+
+    def __post_init__(self) -> None:
+        horizon = checks.real(self.horizon, "horizon", low=0.0, strict=True)
+        object.__setattr__(self, "horizon", horizon)
+        object.__setattr__(self, "prior", checks.real(self.prior, "prior", low=0.0))
+
+
+def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
+    """``state`` as ``(running statistics, memory)``: the entries of :data:`MEMORY` apart.
+
+    Anything but a mapping is returned as it is, for the state's own check to refuse.
+    """
+    if not isinstance(state, Mapping):
+        return state, {}
+    rest = {k: v for k, v in state.items() if k not in MEMORY}
+    return rest, {k: v for k, v in state.items() if k in MEMORY}
+
+
+def start_memory(mean: Array, var: Array, horizon: float) -> dict[str, Array]:
+    """A memory seeded with running statistics ``(mean, var)``, counted as ``horizon`` examples."""
+    cd = compute_dtype(jnp.asarray(mean).dtype)
+    mean = jnp.asarray(mean).astype(cd)
+    var = jnp.asarray(var).astype(real_dtype(cd))
+    count = jnp.full(mean.shape, horizon, real_dtype(cd))
+    return {"stream_mean": mean, "stream_var": var, "stream_count": count}
+
+
+def start_stream(state: Mapping[str, Any], stream: Stream) -> dict[str, Array]:
+    """``state`` with the memory of ``stream`` seeded from its running statistics.
+
+    Any memory already in ``state`` is replaced. Use it to give ``jax.lax.scan``
+    a carry of fixed structure before the first batch.
+
+    Args:
+      state: running statistics ``{"mean", "var", ...}`` (see :func:`jbn.bn_init`).
+      stream: a :class:`jbn.Stream`.
+
+    Returns:
+      A new state with ``stream_mean``, ``stream_var`` and ``stream_count``.
+    """
+    stream = check_stream(stream)
+    rest, _ = split_memory(_mapping(state))
+    for key in ("mean", "var"):
+        if key not in rest:
+            raise ValueError(f"state is missing {key!r}: pass the running statistics")
+    return {**rest, **start_memory(rest["mean"], rest["var"], stream.horizon)}
+
+
+def reset_stream(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without the memory of the stream mode: back to the training statistics.
+
+    The next :func:`jbn.bn_forward` in the stream mode starts the memory again
+    from the running statistics, bit for bit as the first time.
+    """
+    rest, _ = split_memory(_mapping(state))
+    return rest
+
+
+def _mapping(state: Any) -> Mapping[str, Any]:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of running statistics, got {type(state).__name__}")
+    return state
+
+
+def check_stream(value: Any) -> Stream:
+    if not isinstance(value, Stream):
+        raise TypeError(f"stream must be a jbn.Stream(horizon, prior), got {value!r}")
+    return value
+
+
+def check_memory(
+    memory: Mapping[str, Any], feature_shape: tuple[int, ...], needs: str
+) -> dict[str, Array]:
+    """The memory entries, all or none, each of the feature shape."""
+    missing = [k for k in MEMORY if k not in memory]
+    if memory and missing:
+        raise ValueError(
+            f"state has a partial stream memory, missing {missing}: pass all of {list(MEMORY)} "
+            "or none (jbn.reset_stream drops them)"
+        )
+    out = {}
+    for key, value in memory.items():
+        value = jnp.asarray(value)
+        if value.shape != feature_shape:
+            raise ValueError(
+                f"state[{key!r}] must have the feature shape {feature_shape} for {needs}, got "
+                f"shape {value.shape}"
+            )
+        out[key] = value
+    return out
+
+
+def update_memory(
+    memory: Mapping[str, Array], batch: tuple[Array, Array, Array], horizon: float
+) -> dict[str, Array]:
+    """The memory after taking in a batch's ``(mean, var, examples)`` (Chan, capped at horizon).
+
+    A feature with no examples (0: no counted value, or not finite) keeps its memory.
+    """
+    mean_m, var_m, count = (lax.stop_gradient(memory[k]) for k in MEMORY)
+    mean_b, var_b, n_b = (lax.stop_gradient(v).reshape(count.shape) for v in batch)
+    rd = count.dtype
+    n_b = n_b.astype(rd)
+    # w = n_m / (n_m + n_b) as 1 / (1 + n_b / n_m): 1 for an infinite memory.
+    w = jnp.where(n_b > 0, 1.0 / (1.0 + n_b / count), 1.0).astype(rd)
+    mean, var = prior_stats(
+        mean_m, var_m, mean_b.astype(mean_m.dtype), var_b.astype(rd), w, "pooled"
+    )
+    new_count = jnp.minimum(count + n_b, jnp.asarray(horizon, rd))
+    took = n_b > 0
+    return {
+        "stream_mean": jnp.where(took, mean, mean_m).astype(mean_m.dtype),
+        "stream_var": jnp.where(took, var, var_m).astype(var_m.dtype),
+        "stream_count": jnp.where(took, new_count, count),
+    }
+
+
+def stream_forward(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    memory: Mapping[str, Array],
+    stream: Stream,
+    cfg: TrainConfig,
+) -> tuple[Array, dict[str, Array]]:
+    """y normalized with the memory pooled with the batch, and the updated memory.
+
+    Args:
+      x: the input.
+      scale, bias: already in the broadcast feature shape.
+      mask: boolean of ``x``'s shape, or None.
+      memory: ``{"stream_mean", "stream_var", "stream_count"}`` of the feature shape.
+      stream: the mode's settings.
+      cfg: the call's ``TrainConfig``.
+
+    Returns:
+      ``(y, new_memory)``.
+    """
+    bshape = scale.shape
+    running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
+    prior = jnp.asarray(stream.prior, jnp.float32)
+    y, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
+    return y, update_memory(memory, batch, stream.horizon)

@@ -1,0 +1,271 @@
+"""The stream mode of ``bn_forward`` (``train=jbn.Stream(horizon, prior)``) and the mode values.
+
+Reference: a float64 NumPy transcription that keeps the memory as (count, mean,
+M2), combines it with each batch by Chan's formula and caps the count at the
+horizon by scaling count and M2 alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jbn
+
+C = 5
+EPS = 1e-5
+
+
+def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior):
+    """Outputs and memories (count, mean, var) after each (B, C) batch, in float64."""
+    scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
+    n_m = np.full(C, horizon, np.float64)
+    mu = np.asarray(mean0, np.float64)
+    m2 = np.asarray(var0, np.float64) * (horizon if math.isfinite(horizon) else 1.0)
+    ys, memories = [], []
+    for x, mask in zip(xs, masks, strict=True):
+        x = np.asarray(x, np.float64)
+        mask = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+        cnt = mask.sum(0).astype(np.float64)
+        good = cnt > 0
+        mu_b = np.where(good, np.sum(np.where(mask, x, 0.0), 0) / np.maximum(cnt, 1), 0.0)
+        var_b = np.sum(np.where(mask, (x - mu_b) ** 2, 0.0), 0) / np.maximum(cnt, 1)
+        good &= np.isfinite(mu_b) & np.isfinite(var_b)
+        cnt = np.where(good, cnt, 0.0)
+        mu_b, var_b = np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0)
+        var_m = m2 / n_m if math.isfinite(horizon) else m2
+        if math.isinf(prior):
+            mean, var = mu, var_m
+        else:
+            tot = prior + cnt
+            mean = (prior * mu + cnt * mu_b) / tot
+            var = (prior * var_m + cnt * var_b + prior * cnt / tot * (mu - mu_b) ** 2) / tot
+        ys.append(scale * (x - mean) / np.sqrt(var + EPS) + bias)
+        if math.isfinite(horizon):
+            n = n_m + cnt
+            delta = mu_b - mu
+            mu = mu + delta * cnt / n
+            m2 = m2 + cnt * var_b + delta**2 * n_m * cnt / n
+            capped = np.minimum(n, horizon)
+            m2, n_m = m2 * capped / n, capped
+        memories.append((n_m.copy(), mu.copy(), (m2 / n_m if math.isfinite(horizon) else m2)))
+    return ys, memories
+
+
+def setup(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"scale": rng.normal(1, 0.3, C), "bias": rng.normal(0, 0.3, C)}
+    state = {"mean": rng.normal(0, 1, C), "var": rng.uniform(0.5, 2, C)}
+    params, state = (
+        {k: jnp.asarray(v, jnp.float32) for k, v in d.items()} for d in (params, state)
+    )
+    return rng, params, state
+
+
+@jax.jit(static_argnames="mode")
+def step(params, state, x, mask, mode):
+    return jbn.bn_forward(params, state, x, mode, mask=mask)
+
+
+def assert_memory(state, memory, rtol=2e-5):
+    count, mean, var = memory
+    np.testing.assert_allclose(state["stream_count"], count, rtol=1e-6)
+    np.testing.assert_allclose(state["stream_mean"], mean, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(state["stream_var"], var, rtol=rtol, atol=rtol)
+
+
+def test_memory_matches_numpy_with_unequal_batches_and_masks():
+    rng, params, state = setup()
+    mode = jbn.Stream(horizon=12.0, prior=4.0)
+    # Batches of 8, 1, 6 and 3 examples (masks), then 8 with single values masked out.
+    counts = (8, 1, 6, 3)
+    xs = [rng.normal(2.0 + i, 1.0 + i, (8, C)).astype(np.float32) for i in range(5)]
+    masks = [np.arange(8)[:, None] < c for c in counts]
+    masks.append(rng.uniform(size=(8, C)) > 0.3)
+    ys_ref, mem_ref = np_stream(xs, masks, params["scale"], params["bias"],
+                                state["mean"], state["var"], 12.0, 4.0)  # fmt: skip
+    s = state
+    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
+        y, s = step(params, s, x, mask, mode)
+        counted = np.broadcast_to(mask, y.shape)
+        np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
+        assert_memory(s, memory)
+        for k in ("mean", "var"):  # the training statistics are left alone
+            np.testing.assert_array_equal(s[k], state[k])
+    assert float(s["stream_count"][0]) == 12.0  # capped at the horizon
+
+
+def test_infinite_horizon_is_the_prior_and_zero_prior_is_batch_statistics():
+    rng, params, state = setup(1)
+    xs = [rng.normal(3.0, 2.0, (8, C)).astype(np.float32) for _ in range(3)]
+    s_inf, s_zero = state, state
+    for x in xs:
+        y, s_inf = step(params, s_inf, x, None, jbn.Stream(math.inf, 4.0))
+        want, _ = jbn.bn_forward(params, state, x, False, prior=4.0)
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(s_inf["stream_mean"], state["mean"])
+        np.testing.assert_array_equal(s_inf["stream_var"], state["var"])
+        y, s_zero = step(params, s_zero, x, None, jbn.Stream(16.0, 0.0))
+        want, _ = jbn.bn_forward(params, state, x, True)
+        np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+    assert not np.array_equal(s_zero["stream_mean"], state["mean"])  # it still remembers
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_never_enter_the_memory(bad):
+    rng, params, state = setup(2)
+    mode = jbn.Stream(20.0, 8.0)
+    y0, s = step(params, state, rng.normal(1, 2, (8, C)).astype(np.float32), None, mode)
+    x = rng.normal(1, 2, (8, C)).astype(np.float32)
+    x[3, 1] = bad
+    y, s2 = step(params, s, x, None, mode)
+    for k in ("stream_mean", "stream_var", "stream_count"):
+        np.testing.assert_array_equal(s2[k][1], s[k][1])  # feature 1 kept its memory
+        assert np.all(np.isfinite(s2[k]))
+    assert not np.array_equal(s2["stream_mean"][0], s["stream_mean"][0])
+    # The other examples of feature 1 are normalized with the memory alone.
+    memory_only = {"mean": s["stream_mean"], "var": s["stream_var"]}
+    want, _ = jbn.bn_forward(params, memory_only, x, False)
+    keep = np.arange(8) != 3
+    np.testing.assert_allclose(np.asarray(y)[keep, 1], np.asarray(want)[keep, 1], rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(y)[keep]))
+
+
+def test_reset_is_bit_identical_to_the_start():
+    rng, params, state = setup(3)
+    mode = jbn.Stream(10.0, 2.0)
+    xs = [rng.normal(-1, 3, (8, C)).astype(np.float32) for _ in range(3)]
+    y_first, s = step(params, state, xs[0], None, mode)
+    for x in xs[1:]:
+        _, s = step(params, s, x, None, mode)
+    back = jbn.reset_stream(s)
+    assert back.keys() == state.keys()
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+    y_again, _ = step(params, back, xs[0], None, mode)
+    np.testing.assert_array_equal(y_again, y_first)
+    # start_stream seeds the same memory the first call makes.
+    y_started, _ = step(params, jbn.start_stream(state, mode), xs[0], None, mode)
+    np.testing.assert_array_equal(y_started, y_first)
+
+
+def test_scan_over_a_stream_and_bf16():
+    rng, params, state = setup(4)
+    mode = jbn.Stream(24.0, 6.0)
+    xs = rng.normal(5, 2, (6, 8, C)).astype(np.float32)
+    ys_ref, mem_ref = np_stream(xs, [None] * 6, params["scale"], params["bias"],
+                                state["mean"], state["var"], 24.0, 6.0)  # fmt: skip
+
+    @jax.jit
+    def run(state, xs):
+        return jax.lax.scan(lambda s, x: jbn.bn_forward(params, s, x, mode)[::-1], state, xs)
+
+    s, ys = run(jbn.start_stream(state, mode), xs)
+    np.testing.assert_allclose(ys, np.stack(ys_ref), rtol=3e-5, atol=3e-5)
+    assert_memory(s, mem_ref[-1])
+    # bf16 input: float32 memory, bf16 output, the same statistics as the rounded input's.
+    xb = jnp.asarray(xs, jnp.bfloat16)
+    s16, ys16 = run(jbn.start_stream(state, mode), xb)
+    assert ys16.dtype == jnp.bfloat16 and s16["stream_mean"].dtype == jnp.float32
+    s32, _ = run(jbn.start_stream(state, mode), xb.astype(jnp.float32))
+    for k in ("stream_mean", "stream_var", "stream_count"):
+        np.testing.assert_allclose(s16[k], s32[k], rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_through_the_batch_share_only():
+    _, params, state = setup(5)
+    mode = jbn.Stream(10.0, 3.0)
+    x = jnp.asarray(np.random.default_rng(5).normal(1, 2, (8, C)), jnp.float32)
+    s = jbn.start_stream(state, mode)
+    s = {**s, "stream_mean": s["stream_mean"] + 0.5}
+    as_prior = {"mean": s["stream_mean"], "var": s["stream_var"]}
+
+    def loss(p, x, st, m):
+        return jnp.sum(jnp.sin(jbn.bn_forward(p, st, x, m)[0]))
+
+    g = jax.grad(loss, argnums=(0, 1, 2))(params, x, s, mode)
+    want = jax.grad(loss, argnums=(0, 1))(params, x, as_prior, jbn.Prior(3.0))
+    for got, ref in zip(jax.tree.leaves(g[:2]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    for k in ("stream_mean", "stream_var"):
+        np.testing.assert_array_equal(g[2][k], 0.0)
+
+
+def test_four_devices_unequal_counts_match_numpy(four_devices):
+    rng, params, state = setup(6)
+    mode = jbn.Stream(20.0, 5.0)
+    mesh = Mesh(np.array(four_devices), ("data",))
+    xs = rng.normal(2, 3, (3, 8, C)).astype(np.float32)
+    # 8 examples, 2 per device; the masks count unequal numbers on each device (some none).
+    keeps = ([0, 1, 2, 5], [7], [0, 2, 3, 4, 6])
+    masks = np.stack([np.isin(np.arange(8), keep)[:, None] for keep in keeps])
+
+    def per_device(state, x, mask):
+        return jbn.bn_forward(params, state, x, mode, mask=mask, axis_name="data")
+
+    run = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                out_specs=(P("data"), P())))  # fmt: skip
+    ys_ref, mem_ref = np_stream(xs, list(masks), params["scale"], params["bias"],
+                                state["mean"], state["var"], 20.0, 5.0)  # fmt: skip
+    s = jbn.start_stream(state, mode)
+    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
+        y, s = run(s, x, mask)
+        rows = mask[:, 0]
+        np.testing.assert_allclose(np.asarray(y)[rows], y_ref[rows], rtol=3e-5, atol=3e-5)
+        assert_memory(s, memory)
+
+
+def test_modes_are_hashable_values_and_the_old_keywords_are_the_prior_mode():
+    _, params, state = setup(7)
+    x = jnp.ones((4, C)) * jnp.arange(4.0)[:, None]
+    assert hash(jbn.Stream(100.0, 8.0)) == hash(jbn.Stream(100, 8))
+    assert jbn.Prior(4) == jbn.Prior(4.0, "pooled")
+    for form in ("pooled", "linear"):
+        old, _ = jbn.bn_forward(params, state, x, False, prior=4.0, prior_form=form)
+        new, out = jbn.bn_forward(params, state, x, jbn.Prior(4.0, form))
+        np.testing.assert_array_equal(new, old)
+        assert out.keys() == state.keys()
+    # Training and evaluation carry a memory through untouched.
+    _, s = jbn.bn_forward(params, state, x, jbn.Stream(8.0, 2.0))
+    for train in (True, False):
+        _, out = jbn.bn_forward(params, s, x, train)
+        for k in ("stream_mean", "stream_var", "stream_count"):
+            np.testing.assert_array_equal(out[k], s[k])
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: jbn.Stream(0.0, 1.0), ValueError, "horizon must be > 0"),
+        (lambda: jbn.Stream(10.0, -1.0), ValueError, "prior must be >= 0"),
+        (lambda: jbn.Stream("long"), TypeError, "horizon must be a Python float"),
+        (lambda: jbn.Prior(-2.0), ValueError, "prior must be >= 0"),
+        (lambda: jbn.Prior(2.0, "mixed"), ValueError, "prior_form must be one of"),
+        (lambda: jbn.start_stream({"mean": 0.0}, jbn.Stream()), ValueError, "missing 'var'"),
+        (lambda: jbn.start_stream(jbn.bn_init(2)[1], 5.0), TypeError, "jbn.Stream"),
+        (lambda: jbn.reset_stream([1.0]), TypeError, "state must be a dict"),
+    ],
+)
+def test_bad_modes(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_calls():
+    params, state = jbn.bn_init(C)
+    x = jnp.ones((4, C))
+    with pytest.raises(ValueError, match="already is a mode"):
+        jbn.bn_forward(params, state, x, jbn.Stream(), prior=2.0)
+    with pytest.raises(TypeError, match=r"train must be a Python bool or a mode \(jbn.Prior"):
+        jbn.bn_forward(params, state, x, "stream")
+    with pytest.raises(ValueError, match="partial stream memory, missing"):
+        jbn.bn_forward(params, {**state, "stream_mean": state["mean"]}, x, jbn.Stream())
+    bad = {**jbn.start_stream(state, jbn.Stream()), "stream_count": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"state\['stream_count'\] must have the feature shape"):
+        jbn.bn_forward(params, bad, x, jbn.Stream())
