@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import _checks as checks
 from ._batch_norm import BatchNorm
 
 # Step count given to running statistics converted from an Equinox mode="ema" layer,
@@ -91,6 +92,12 @@ def _converted_stats(
     }
 
 
+def count_batch_norms(model: Any) -> int:
+    """The ``eqx.nn.BatchNorm`` and ``jbn.equinox.BatchNorm`` layers of ``model``."""
+    is_bn = lambda n: isinstance(n, (BatchNorm, eqx.nn.BatchNorm))  # noqa: E731
+    return sum(map(is_bn, jax.tree.leaves(model, is_leaf=is_bn)))
+
+
 def convert(
     model: Any, state: eqx.nn.State, *, allow_ema: bool = False, **options: Any
 ) -> tuple[Any, eqx.nn.State]:
@@ -124,6 +131,11 @@ def convert(
     bad = sorted(set(options) & {"input_size", "axis_name", "eps", "channelwise_affine"})
     if bad:
         raise ValueError(f"options {bad} are taken from each converted layer; leave them out")
+    checks.found_batch_norms(
+        count_batch_norms(model),
+        "jbn.equinox.convert",
+        "eqx.nn.BatchNorm and jbn.equinox.BatchNorm layers",
+    )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_leaf)
     prefix = type(model).__name__
     new_leaves = []

@@ -27,7 +27,7 @@ from flax.linen.module import InterceptorContext
 
 from .. import _tree as tree
 from .._batch_norm import bn_forward
-from ._calls import SubclassCalls, never_reaches_base
+from ._calls import SubclassCalls, intercepting, never_reaches_base
 
 
 class _State(threading.local):
@@ -117,7 +117,7 @@ def frozen_batch_norms(*, stop_gradient: bool = False) -> Iterator[None]:
         raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
     _state.stop_gradient.append(stop_gradient)
     try:
-        with nn.intercept_methods(_freezing_interceptor):
+        with intercepting(_freezing_interceptor, "jbn.linen.frozen_batch_norms", (stop_gradient,)):
             yield
     finally:
         _state.stop_gradient.pop()

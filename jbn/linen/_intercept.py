@@ -21,7 +21,7 @@ from flax import linen as nn
 from flax.linen.module import InterceptorContext
 
 from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls
+from ._calls import SubclassCalls, intercepting
 
 __all__ = ("intercept",)
 
@@ -178,7 +178,7 @@ def intercept(**options: Any) -> Iterator[None]:
         )
     _state.options.append(dict(options))
     try:
-        with nn.intercept_methods(_interceptor):
+        with intercepting(_interceptor, "jbn.linen.intercept", tuple(sorted(options.items()))):
             yield
     finally:
         _state.options.pop()

@@ -26,7 +26,7 @@ from .._batch_norm import bn_forward
 from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, optimizer
-from ._calls import SubclassCalls, never_reaches_base
+from ._calls import SubclassCalls, intercepting, never_reaches_base
 from ._freeze import batch_norm_mask
 
 
@@ -143,7 +143,7 @@ def use_prior(
         raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
     _state.settings.append((prior, prior_form, where))
     try:
-        with nn.intercept_methods(_interceptor):
+        with intercepting(_interceptor, "jbn.linen.use_prior", (prior, prior_form, where)):
             yield
     finally:
         _state.settings.pop()
