@@ -100,8 +100,10 @@ def frozen_batch_norms(*, stop_gradient: bool = False) -> Iterator[None]:
       >>> bool((updates["batch_stats"]["layers_1"]["mean"] == 0).all())
       True
 
-    Like :func:`jbn.linen.intercept`, it works as a decorator, the safe way to
-    combine it with ``jax.jit`` (jit replays what it traced). ``init`` is left as
+    Like :func:`jbn.linen.intercept`, it works as a decorator too, and a
+    function jitted outside it is traced anew inside it (the context is part of
+    jit's cache key). A model that runs no batch norm inside it raises a
+    ``ValueError`` on exit. ``init`` is left as
     it is (it creates the variables and updates nothing). The output is that of
     evaluation mode, computed with :func:`jbn.bn_forward`.
 

@@ -119,9 +119,10 @@ def use_prior(
 
     ``prior=0`` is the batch statistics alone, ``prior=inf`` the running
     statistics; None inside another ``use_prior`` takes the layers out again.
-    Contexts nest (the innermost applies) and work as decorators, the safe way
-    to combine them with ``jax.jit`` (what counts is whether the context was
-    active when the function was traced). Models adopted through
+    Contexts nest (the innermost applies) and work as decorators; the settings
+    are part of ``jax.jit``'s cache key, so a function jitted outside is traced
+    anew under each new setting. A model that runs no batch norm inside the
+    context raises a ``ValueError`` on exit. Models adopted through
     :func:`jbn.linen.intercept` work too; ``init`` is left as it is.
 
     Args:
