@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.linen.module import InterceptorContext
+from jax.core import Tracer
 
 from ._batch_norm import BatchNorm
 
@@ -48,13 +49,13 @@ class _Seen(threading.local):
 _seen = _Seen()
 
 
-def jit_key(value: Any) -> Hashable:
+def jit_key(value: Any) -> Any:
     """A setting as part of jit's cache key: itself if hashable, a number for a concrete scalar.
 
     Anything else (a traced prior) gets a key of its own, so a jitted function
     is traced anew under every such context: never a stale program.
     """
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         return object()
     if isinstance(value, (jax.Array, np.ndarray, np.generic)) and jnp.shape(value) == ():
         return float(value)
