@@ -64,7 +64,7 @@ def _check_batch(shape: tuple[int, ...], axis_name: Any, input_size: int) -> Non
         return
     raise ValueError(
         f"jbn.equinox.BatchNorm(input_size={input_size}) in training needs more than 1 value "
-        f"per channel, but got a batch of {examples} example(s) of shape {shape} over "
+        f"per feature (channel), but got a batch of {examples} example(s) of shape {shape} over "
         f"axis_name={axis_name!r}: train on a batch of at least 2 examples, or run inference "
         "(inference=True or eqx.nn.inference_mode) on a single example"
     )

@@ -74,7 +74,7 @@ def test_errors_speak_equinox_terms():
     bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(8, "batch")
     match = (
         r"jbn.equinox.BatchNorm\(input_size=8\) in training needs more than 1 value per "
-        r"channel, but got a batch of 1 example\(s\) of shape \(8,\)"
+        r"feature \(channel\), but got a batch of 1 example\(s\) of shape \(8,\)"
     )
     with pytest.raises(ValueError, match=match):
         train(bn, state, jnp.ones((1, 8)))
