@@ -129,7 +129,8 @@ def bn_stats(
     recalibrate or inspect a network.
 
     Args:
-      x: input array, floating point.
+      x: input array: floating point; an integer or bool ``x`` is promoted to float32
+        (flax's rule).
       axis: the feature axis or axes; every other axis is reduced.
       mask: optional boolean array broadcastable to ``x``; only True entries count.
       axis_name: optional named axis (pmap, shard_map, vmap) to sum over.
@@ -206,7 +207,9 @@ def bn_forward(
         number of batches each feature counted (a feature whose update is skipped
         keeps its count). A scalar count (an older checkpoint) is broadcast, and
         the new state's count has the feature shape.
-      x: input, floating point, e.g. (N, C), (N, H, W, C), (N, C, H, W) or (N, T, C).
+      x: input, e.g. (N, C), (N, H, W, C), (N, C, H, W) or (N, T, C): floating point or
+        complex; an integer or bool ``x`` is promoted to float32, as flax does (the
+        output is then float32 unless ``dtype`` says otherwise).
       train: the mode: a Python bool, batch statistics (True) or running
         statistics (False); or ``jbn.Prior(N)`` or ``jbn.Stream(horizon, prior)``.
       axis: feature axis or axes (default -1). ``axis=1`` for NCHW; ``axis=(1, 2, 3)``

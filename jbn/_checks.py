@@ -76,15 +76,22 @@ def feature_axes(axis: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def input_array(x: ArrayLike) -> Array:
-    """``x`` as a floating-point (or complex) array."""
+    """``x`` as a floating-point (or complex) array: integer and bool inputs become float32.
+
+    flax's rule (``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` promote an
+    integer input to the float dtype they compute in), so that ``intercept()`` and
+    ``convert`` stay drop-ins.
+    """
     if not isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number, list, tuple)):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(
-            f"x must have a floating-point dtype, got {x.dtype} (shape {x.shape}); cast it "
-            "first, e.g. x.astype(jnp.float32) (complex dtypes work too)"
-        )
+        if not jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.bool_:
+            raise TypeError(
+                f"x must have a numeric dtype, got {x.dtype} (shape {x.shape}); floating-point, "
+                "complex, integer and bool inputs work"
+            )
+        x = x.astype(jnp.float32)
     return x
 
 
@@ -485,3 +492,40 @@ def prior_form(value: Any, name: str = "prior_form") -> str:
             f"running and batch statistics; 'linear': the paper's mix), got {value!r}"
         )
     return value
+
+
+def found_batch_norms(count: int, tool: str, kinds: str) -> None:
+    """A tool that walks a model refuses one in which it found no batch norm."""
+    if not count:
+        raise ValueError(
+            f"{tool} found no batch norm in the model: it looks for {kinds}, and the model has "
+            "none, so there is nothing to change"
+        )
+
+
+def features_match(
+    x_shape: tuple[int, ...], axis: Any, feature_shape: tuple[int, ...], layer: str
+) -> None:
+    """A layer's check, in its own terms, that ``x``'s feature axes have its feature sizes.
+
+    Args:
+      x_shape: the shape of the ``x`` the user passed.
+      axis: the layer's feature axis or axes.
+      feature_shape: the sizes the layer's variables have.
+      layer: the layer as the user wrote it, e.g. ``"jbn.nnx.BatchNorm(num_features=3, axis=-1)"``.
+    """
+    axes = feature_axes(axis, x_shape)
+    got = tuple(x_shape[a] for a in axes)
+    if got == tuple(feature_shape):
+        return
+    hint = ""
+    if len(feature_shape) == 1:
+        # The likely fix: the axis that has the size (channels first: axis=1).
+        fits = [a for a in range(1, len(x_shape)) if x_shape[a] == feature_shape[0]]
+        if fits:
+            where = " (channels first, e.g. NCHW)" if fits[0] == 1 else ""
+            hint = f"; axis {fits[0]} has size {feature_shape[0]}: pass axis={fits[0]}{where}"
+    raise ValueError(
+        f"{layer} got x of shape {x_shape}, whose feature axis {axis!r} has size(s) {got}, but "
+        f"the layer's variables have the feature shape {tuple(feature_shape)}{hint}"
+    )

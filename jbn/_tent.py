@@ -8,6 +8,12 @@ the batch-norm scales and biases. Only the masked leaves are differentiated
 and moved; every other leaf is returned as the same array, bit for bit. The
 optimizer is any optax ``GradientTransformation``, passed in (this module
 imports optax only to build the default, :func:`optimizer`).
+
+A step whose loss or gradient is not finite (a NaN or inf in the batch) moves
+nothing: the parameters and the optimizer state stay bit for bit as they were,
+and the step is counted in ``skipped``. The choice is made inside the jitted
+step (``jnp.where`` on one all-finite flag), so a stream costs no extra host
+synchronization.
 """
 
 from __future__ import annotations
@@ -78,6 +84,10 @@ class TentLoop:
       mask: bools of ``params``' structure, True on what TENT adapts.
       tx: an optax ``GradientTransformation`` for the masked leaves.
       episodic: reset to the source parameters before every :meth:`step`.
+
+    Attributes:
+      skipped: the number of steps skipped, since the loop was made, because
+        their loss or gradient was not finite (:meth:`reset` keeps the count).
     """
 
     def __init__(
@@ -104,27 +114,41 @@ class TentLoop:
             logits = logits_fn(jax.tree.unflatten(treedef, leaves), x)
             return entropy(logits), logits
 
-        def step(params: Any, opt_state: Any, x: Any) -> tuple[Any, Any, Array]:
+        def step(
+            params: Any, opt_state: Any, skipped: Array, x: Any
+        ) -> tuple[Any, Any, Array, Array]:
             leaves = jax.tree.leaves(params)
             adapted = [v for v, f in zip(leaves, flags, strict=True) if f]
             frozen = [v for v, f in zip(leaves, flags, strict=True) if not f]
             (loss, _), grads = jax.value_and_grad(adapted_loss, has_aux=True)(adapted, frozen, x)
+            finite = jnp.all(jnp.isfinite(loss))
+            for g in grads:
+                finite &= jnp.all(jnp.isfinite(g))
             it = iter(grads)
             full = [
                 next(it) if f else jnp.zeros_like(v) for v, f in zip(leaves, flags, strict=True)
             ]
-            updates, opt_state = tx.update(jax.tree.unflatten(treedef, full), opt_state, params)
+            updates, new_opt = tx.update(jax.tree.unflatten(treedef, full), opt_state, params)
             it_u = iter(jax.tree.leaves(updates))
             new = []
             for v, f in zip(leaves, flags, strict=True):
                 u = next(it_u)
                 # A frozen leaf is returned as it is: bit-identical, whatever tx does.
-                new.append((v + u).astype(v.dtype) if f else v)
-            return jax.tree.unflatten(treedef, new), opt_state, loss
+                new.append(jnp.where(finite, (v + u).astype(v.dtype), v) if f else v)
+            # A non-finite step keeps the old optimizer state too (a NaN moment would stay).
+            opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+            skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
+            return jax.tree.unflatten(treedef, new), opt_state, skipped, loss
 
         self._step = jax.jit(step)
         self._predict = jax.jit(logits_fn)
+        self._skipped = jnp.zeros((), jnp.int32)
         self.reset()
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite loss or gradient (never reset)."""
+        return int(self._skipped)
 
     def reset(self) -> None:
         """Back to the source parameters and a fresh optimizer state (episodic TENT)."""
@@ -133,10 +157,16 @@ class TentLoop:
         self.loss = None
 
     def update(self, x: Any) -> None:
-        """One entropy-minimization step on the batch ``x`` (no prediction)."""
+        """One entropy-minimization step on the batch ``x`` (no prediction).
+
+        A batch whose loss or gradient is not finite changes nothing and is
+        counted in :attr:`skipped`.
+        """
         if self.episodic:
             self.reset()
-        self.params, self.opt_state, self.loss = self._step(self.params, self.opt_state, x)
+        self.params, self.opt_state, self._skipped, self.loss = self._step(
+            self.params, self.opt_state, self._skipped, x
+        )
 
     def step(self, x: Any) -> Array:
         """Online TENT: one step on ``x``, then the logits of ``x`` with the new parameters."""

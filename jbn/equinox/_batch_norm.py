@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
@@ -52,6 +53,22 @@ def _check_bound(axis_name: Hashable | tuple[Hashable, ...]) -> None:
                 "(x, state); or run inference with bn(x, state, inference=True) or "
                 "eqx.nn.inference_mode(model), which needs no named axis"
             ) from None
+
+
+def _check_batch(shape: tuple[int, ...], axis_name: Any, input_size: int) -> None:
+    """Training needs more than one value per channel: over the batch and the spatial axes."""
+    examples = 1
+    for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+        examples *= lax.axis_size(name)
+    spatial = math.prod(shape[1:])
+    if examples * spatial > 1:
+        return
+    raise ValueError(
+        f"jbn.equinox.BatchNorm(input_size={input_size}) in training needs more than 1 value "
+        f"per feature (channel), but got a batch of {examples} example(s) of shape {shape} over "
+        f"axis_name={axis_name!r}: train on a batch of at least 2 examples, or run inference "
+        "(inference=True or eqx.nn.inference_mode) on a single example"
+    )
 
 
 @options.document
@@ -224,7 +241,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mode = self.stream or (None if self.prior is None else False)
         if not inference or mode is not None:
             _check_bound(self.axis_name)
+        for name in ("weight", "bias"):
+            value = getattr(self, name)
+            if value is not None and jnp.shape(value) != (self.input_size,):
+                raise ValueError(
+                    f"jbn.equinox.BatchNorm(input_size={self.input_size}) has a {name} of shape "
+                    f"{jnp.shape(value)}; it must have shape ({self.input_size},)"
+                )
         mask = checks.mask(mask, x.shape)
+        if not inference and self.prior is None:
+            _check_batch(x.shape, self.axis_name, self.input_size)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
             x = x[:, None]

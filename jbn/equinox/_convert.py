@@ -8,7 +8,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import _checks as checks
 from ._batch_norm import BatchNorm
+from ._forward import is_batch_norm
 
 # Step count given to running statistics converted from an Equinox mode="ema" layer,
 # whose state has no step counter: large enough that momentum**count is 0 in float32
@@ -91,6 +93,11 @@ def _converted_stats(
     }
 
 
+def count_batch_norms(model: Any) -> int:
+    """The ``eqx.nn.BatchNorm`` and ``jbn.equinox.BatchNorm`` layers of ``model``."""
+    return sum(map(is_batch_norm, jax.tree.leaves(model, is_leaf=is_batch_norm)))
+
+
 def convert(
     model: Any, state: eqx.nn.State, *, allow_ema: bool = False, **options: Any
 ) -> tuple[Any, eqx.nn.State]:
@@ -124,6 +131,11 @@ def convert(
     bad = sorted(set(options) & {"input_size", "axis_name", "eps", "channelwise_affine"})
     if bad:
         raise ValueError(f"options {bad} are taken from each converted layer; leave them out")
+    checks.found_batch_norms(
+        count_batch_norms(model),
+        "jbn.equinox.convert",
+        "eqx.nn.BatchNorm and jbn.equinox.BatchNorm layers",
+    )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_leaf)
     prefix = type(model).__name__
     new_leaves = []

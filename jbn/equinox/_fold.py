@@ -23,6 +23,7 @@ from .._fold import fold_batch_norm
 from .._fold_trace import Folded, Recorder, fold_traced
 from ._batch_norm import BatchNorm
 from ._convert import _get
+from ._forward import is_batch_norm
 
 _TOOL = "jbn.equinox.fold_batch_norms"
 _LAYERS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
@@ -124,7 +125,7 @@ def _with_bias(layer: Any, weight: jax.Array, bias: jax.Array) -> Any:
 
 
 def _axis_name(model: Any) -> Any:
-    for leaf in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, _BNS)):
+    for leaf in jax.tree.leaves(model, is_leaf=is_batch_norm):
         if isinstance(leaf, _BNS):
             return leaf.axis_name
     return None

@@ -23,6 +23,7 @@ from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm
+from ._convert import count_batch_norms
 from ._forward import is_batch_norm, vmapped_forward
 from ._freeze import FrozenBatchNorm
 
@@ -60,6 +61,7 @@ def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "poole
         checks.prior(prior, False)
         prior = float(prior)
     checks.prior_form(prior_form)
+    _check_has_batch_norm(model, "jbn.equinox.use_prior")
 
     def set_prior(node: Any) -> Any:
         if isinstance(node, eqx.nn.BatchNorm):
@@ -78,6 +80,10 @@ def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "poole
         return node
 
     return jax.tree.map(set_prior, model, is_leaf=is_batch_norm)
+
+
+def _check_has_batch_norm(model: Any, tool: str) -> None:
+    checks.found_batch_norms(count_batch_norms(model), tool, "jbn.equinox.BatchNorm layers")
 
 
 def batch_norm_mask(model: Any) -> Any:
@@ -137,6 +143,7 @@ class Tent(TentLoop):
         prior_form: PriorForm = "pooled",
         episodic: bool = False,
     ) -> None:
+        _check_has_batch_norm(model, "jbn.equinox.Tent")
         model = use_prior(model, prior, prior_form=prior_form)
         tx = optimizer(tx, "jbn.equinox.Tent")
         if apply_fn is None:

@@ -14,24 +14,21 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from .. import _checks as checks
 from .._stream import MEMORY, Stream, check_stream, start_memory
 from ._batch_norm import BatchNorm
-
-
-def _is_bn(node: Any) -> bool:
-    return isinstance(node, (BatchNorm, eqx.nn.BatchNorm))
+from ._forward import is_batch_norm
 
 
 def _batch_norms(model: Any, tool: str) -> list[BatchNorm]:
-    leaves = jax.tree.leaves(model, is_leaf=_is_bn)
+    leaves = jax.tree.leaves(model, is_leaf=is_batch_norm)
     if any(isinstance(leaf, eqx.nn.BatchNorm) for leaf in leaves):
         raise TypeError(
             f"{tool} adapts jbn.equinox.BatchNorm layers; this model has an eqx.nn.BatchNorm: "
             "convert it first with jbn.equinox.convert(model, state)"
         )
     found = [leaf for leaf in leaves if isinstance(leaf, BatchNorm)]
-    if not found:
-        raise ValueError(f"{tool} found no jbn.equinox.BatchNorm in the model")
+    checks.found_batch_norms(len(found), tool, "jbn.equinox.BatchNorm layers")
     return found
 
 
@@ -93,7 +90,9 @@ def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[
     bns = _batch_norms(model, "jbn.equinox.use_stream")
     new_state = _memories(state, bns, [stream] * len(bns))
     return jax.tree.map(
-        lambda n: _with_stream(n, stream) if isinstance(n, BatchNorm) else n, model, is_leaf=_is_bn
+        lambda n: _with_stream(n, stream) if isinstance(n, BatchNorm) else n,
+        model,
+        is_leaf=is_batch_norm,
     ), new_state
 
 

@@ -133,7 +133,7 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = checks.input_array(x)
+        given, x = x, checks.input_array(x)  # an integer x computes in float32, as in flax
         axes = checks.feature_axes(self.axis, x.shape)
         feature_shape = tuple(x.shape[a] for a in axes)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -144,12 +144,16 @@ class BatchNorm(nn.Module):
             "count": lambda: jnp.zeros(feature_shape, jnp.int32),
         }
         running = {k: self.variable("batch_stats", k, inits[k]) for k in names}
+        checks.features_match(
+            x.shape, self.axis, running["mean"].value.shape, f"jbn.BatchNorm(axis={self.axis!r})"
+        )
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+        # flax's output dtype: the given x promoted with the parameters.
+        dtype = dtypes.canonicalize_dtype(jnp.asarray(given), *params.values(), dtype=self.dtype)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
         train = not use_running_average and self.prior is None
         state = {k: v.value for k, v in running.items()}

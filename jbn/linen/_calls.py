@@ -5,18 +5,96 @@
 its own ``__call__`` keeps its code, provided that code reaches the base
 ``__call__``; one that never does would silently keep normalizing its own way, so
 it gets an error instead. This per-thread tracker is that check, written once.
+
+:func:`intercepting` is the body the three contexts (``intercept``,
+``frozen_batch_norms``, ``use_prior``) share. It puts the context's settings
+into ``jax.jit``'s cache key (:func:`jax.make_user_context`), so a function
+jitted outside the context is traced anew inside it instead of replaying a
+program that never met the context; and it refuses, on leaving, a context in
+which linen modules ran but no batch norm did (a model without batch norm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.linen.module import InterceptorContext
+from jax.core import Tracer
 
 from ._batch_norm import BatchNorm
+
+# The settings of the active contexts, innermost last: part of jax.jit's cache key.
+_JIT_KEY = jax.make_user_context(())
+
+
+class _Seen(threading.local):
+    """Per thread, one ``[linen module calls, batch-norm calls]`` per active context."""
+
+    def __init__(self) -> None:
+        self.stack: list[list[int]] = []
+
+    def count(self, batch_norm: bool) -> None:
+        if self.stack:
+            self.stack[-1][0] += 1
+            self.stack[-1][1] += batch_norm
+
+
+_seen = _Seen()
+
+
+def jit_key(value: Any) -> Any:
+    """A setting as part of jit's cache key: itself if hashable, a number for a concrete scalar.
+
+    Anything else (a traced prior) gets a key of its own, so a jitted function
+    is traced anew under every such context: never a stale program.
+    """
+    if isinstance(value, Tracer):
+        return object()
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and jnp.shape(value) == ():
+        return float(value)
+    try:
+        hash(value)
+    except TypeError:
+        return object()
+    return value
+
+
+@contextlib.contextmanager
+def intercepting(
+    interceptor: Callable[..., Any], tool: str, settings: tuple[Any, ...]
+) -> Iterator[None]:
+    """Runs a linen tool's ``interceptor`` while the context is active.
+
+    ``settings`` (what the interceptor does, e.g. the prior) join ``jax.jit``'s
+    cache key, so jit traces anew under a context with other settings (a
+    program traced outside it would run flax's batch norm). On a normal exit,
+    a context in which linen modules ran but no batch norm did raises a
+    ``ValueError`` naming ``tool``.
+    """
+    key = (tool, *(jit_key(v) for v in settings))
+    seen = [0, 0]
+    _seen.stack.append(seen)
+    try:
+        with _JIT_KEY((*_JIT_KEY.value, key)), nn.intercept_methods(interceptor):
+            yield
+    finally:
+        _seen.stack.pop()
+        if _seen.stack:  # the enclosing context saw them too
+            _seen.stack[-1][0] += seen[0]
+            _seen.stack[-1][1] += seen[1]
+    if seen[0] and not seen[1]:
+        raise ValueError(
+            f"{tool} found no batch norm: the linen modules that ran inside it include no "
+            "flax.linen.BatchNorm or jbn.BatchNorm (a model without batch norm has nothing "
+            "for it to change)"
+        )
 
 
 class SubclassCalls(threading.local):
@@ -77,7 +155,10 @@ class SubclassCalls(threading.local):
         if bases is None:
             bases = raw_calls()
         module = context.module
-        if not active or context.method_name != "__call__" or not isinstance(module, classes):
+        is_call = context.method_name == "__call__"
+        if active and is_call:
+            _seen.count(isinstance(module, (nn.BatchNorm, BatchNorm)))
+        if not active or not is_call or not isinstance(module, classes):
             return next_fun(*args, **kwargs)
         if check is not None:
             check(type(module))

@@ -27,7 +27,7 @@ from flax.linen.module import InterceptorContext
 
 from .. import _tree as tree
 from .._batch_norm import bn_forward
-from ._calls import SubclassCalls, never_reaches_base
+from ._calls import SubclassCalls, intercepting, never_reaches_base
 
 
 class _State(threading.local):
@@ -100,8 +100,10 @@ def frozen_batch_norms(*, stop_gradient: bool = False) -> Iterator[None]:
       >>> bool((updates["batch_stats"]["layers_1"]["mean"] == 0).all())
       True
 
-    Like :func:`jbn.linen.intercept`, it works as a decorator, the safe way to
-    combine it with ``jax.jit`` (jit replays what it traced). ``init`` is left as
+    Like :func:`jbn.linen.intercept`, it works as a decorator too, and a
+    function jitted outside it is traced anew inside it (the context is part of
+    jit's cache key). A model that runs no batch norm inside it raises a
+    ``ValueError`` on exit. ``init`` is left as
     it is (it creates the variables and updates nothing). The output is that of
     evaluation mode, computed with :func:`jbn.bn_forward`.
 
@@ -117,7 +119,7 @@ def frozen_batch_norms(*, stop_gradient: bool = False) -> Iterator[None]:
         raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
     _state.stop_gradient.append(stop_gradient)
     try:
-        with nn.intercept_methods(_freezing_interceptor):
+        with intercepting(_freezing_interceptor, "jbn.linen.frozen_batch_norms", (stop_gradient,)):
             yield
     finally:
         _state.stop_gradient.pop()

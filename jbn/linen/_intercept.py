@@ -21,7 +21,7 @@ from flax import linen as nn
 from flax.linen.module import InterceptorContext
 
 from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls
+from ._calls import SubclassCalls, intercepting
 
 __all__ = ("intercept",)
 
@@ -147,11 +147,12 @@ def intercept(**options: Any) -> Iterator[None]:
       ...     y, updates = model.apply(variables, x, mutable=["batch_stats"])
 
     Leaving the context (also by an exception) restores flax's BatchNorm; contexts
-    nest, the innermost options apply. ``intercept()`` also works as a decorator,
-    which is the safe way to combine it with ``jax.jit``: jit traces a function
-    once per input shape and replays the trace, so what decides is whether the
-    context was active when the function was *traced*. ``jax.jit(intercept()(step))``
-    is traced with jbn whenever it is traced.
+    nest, the innermost options apply. ``intercept()`` also works as a decorator.
+    The context and its options are part of ``jax.jit``'s cache key
+    (:func:`jax.make_user_context`): a function jitted and traced outside it is
+    traced anew inside it, with jbn, instead of replaying flax's program. Linen
+    modules that run inside it without a single batch norm raise a
+    ``ValueError`` on exit (nothing to intercept).
 
     Subclasses of ``flax.linen.BatchNorm`` that only change fields work. One that
     overrides ``__call__`` keeps its own code and the ``super().__call__`` it
@@ -178,7 +179,7 @@ def intercept(**options: Any) -> Iterator[None]:
         )
     _state.options.append(dict(options))
     try:
-        with nn.intercept_methods(_interceptor):
+        with intercepting(_interceptor, "jbn.linen.intercept", tuple(sorted(options.items()))):
             yield
     finally:
         _state.options.pop()

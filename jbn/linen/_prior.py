@@ -25,7 +25,7 @@ from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._prior import Prior
 from .._tent import TentLoop, optimizer
-from ._calls import SubclassCalls, never_reaches_base
+from ._calls import SubclassCalls, intercepting, never_reaches_base
 from ._freeze import batch_norm_mask
 from ._stream import run_batch_norm
 
@@ -98,9 +98,10 @@ def use_prior(
 
     ``prior=0`` is the batch statistics alone, ``prior=inf`` the running
     statistics; None inside another ``use_prior`` takes the layers out again.
-    Contexts nest (the innermost applies) and work as decorators, the safe way
-    to combine them with ``jax.jit`` (what counts is whether the context was
-    active when the function was traced). Models adopted through
+    Contexts nest (the innermost applies) and work as decorators; the settings
+    are part of ``jax.jit``'s cache key, so a function jitted outside is traced
+    anew under each new setting. A model that runs no batch norm inside the
+    context raises a ``ValueError`` on exit. Models adopted through
     :func:`jbn.linen.intercept` work too; ``init`` is left as it is.
 
     Args:
@@ -122,7 +123,7 @@ def use_prior(
         raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
     _state.settings.append((prior, prior_form, where))
     try:
-        with nn.intercept_methods(_interceptor):
+        with intercepting(_interceptor, "jbn.linen.use_prior", (prior, prior_form, where)):
             yield
     finally:
         _state.settings.pop()

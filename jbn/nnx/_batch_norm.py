@@ -188,6 +188,12 @@ class BatchNorm(nnx.Module):
 
             return stream_call(self, stream, x, mask)
         x, params, state = self.prepare(x)
+        checks.features_match(
+            x.shape,
+            self.axis,
+            self.mean.shape,
+            f"jbn.nnx.BatchNorm(num_features={self.num_features!r}, axis={self.axis!r})",
+        )
         # A prior selects test-time adaptation: evaluation with pooled statistics.
         train = not use_running_average and self.prior is None
         y, new_state = bn_forward(

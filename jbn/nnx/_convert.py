@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from flax import nnx
 from flax.nnx import graph
 
+from .. import _checks as checks
 from . import _batch_norm as jbn_nnx
 from ._graph import replace_modules
 
@@ -167,12 +168,24 @@ def convert(model: Any, *, to: Literal["jbn", "flax"] = "jbn") -> Any:
       ``model``, converted in place; when ``model`` is itself a batch norm, the
       new layer.
     """
-
+    if to not in ("jbn", "flax"):
+        raise ValueError(f"to must be 'jbn' or 'flax', got {to!r}")
+    checks.found_batch_norms(
+        count_batch_norms(model),
+        "jbn.nnx.convert",
+        "flax.nnx.BatchNorm and jbn.nnx.BatchNorm layers",
+    )
     if to == "jbn":
         return _swap(model, nnx.BatchNorm, _check_to_jbn, _to_jbn)
     if to == "flax":
         return _swap(model, jbn_nnx.BatchNorm, _flax_num_features, _to_flax)
     raise ValueError(f"to must be 'jbn' or 'flax', got {to!r}")
+
+
+def count_batch_norms(model: Any) -> int:
+    """The ``flax.nnx.BatchNorm`` and ``jbn.nnx.BatchNorm`` layers of ``model`` (itself included)."""
+    types = (nnx.BatchNorm, jbn_nnx.BatchNorm)
+    return sum(isinstance(n, types) for _, n in [((), model), *graph.iter_graph(model)])
 
 
 def _swap(

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 from flax.nnx import graph
 
+from .. import _checks as checks
 from .._batch_norm import bn_forward
 from ._batch_norm import BatchNorm as JbnNnxBatchNorm
 from ._graph import replace_modules
@@ -96,6 +97,9 @@ _VARIABLES = ("mean", "var", "scale", "bias", "count", "recalibration")
 _INTERNAL = ("_pytree__nodes", "_pytree__state")
 
 
+_KINDS = "flax.nnx.BatchNorm, jbn.nnx.BatchNorm and jbn.nnx.FrozenBatchNorm layers"
+
+
 def _batch_norm_types() -> tuple[type, ...]:
     return (nnx.BatchNorm, JbnNnxBatchNorm)
 
@@ -141,7 +145,13 @@ def freeze_batch_norms(model: Any, *, stop_gradient: bool = False) -> Any:
         if recalibrating:
             raise ValueError("freeze_batch_norms: a layer is being recalibrated")
 
-    for _, node in [((), model), *graph.iter_graph(model)]:
+    nodes = [node for _, node in [((), model), *graph.iter_graph(model)]]
+    checks.found_batch_norms(
+        sum(isinstance(n, (*types, FrozenBatchNorm)) for n in nodes),
+        "jbn.nnx.freeze_batch_norms",
+        _KINDS,
+    )
+    for node in nodes:
         if isinstance(node, types):
             check(node)
     return replace_modules(
@@ -163,6 +173,13 @@ def unfreeze_batch_norms(model: Any) -> Any:
     Returns:
       ``model``, changed in place (the new layer if ``model`` is itself frozen).
     """
+
+    types = (*_batch_norm_types(), FrozenBatchNorm)
+    checks.found_batch_norms(
+        sum(isinstance(n, types) for _, n in [((), model), *graph.iter_graph(model)]),
+        "jbn.nnx.unfreeze_batch_norms",
+        _KINDS,
+    )
 
     def make(frozen: FrozenBatchNorm) -> nnx.Module:
         options = dict(frozen.layer_options)

@@ -20,7 +20,7 @@ from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._tent import TentLoop, optimizer
 from ._batch_norm import BatchNorm as JbnNnxBatchNorm
-from ._convert import _check_to_jbn, _to_jbn
+from ._convert import _check_to_jbn, _to_jbn, count_batch_norms
 from ._freeze import batch_norm_mask
 from ._graph import replace_modules
 
@@ -58,6 +58,7 @@ def use_prior(
     if prior is not None:
         checks.prior(prior, False)
     checks.prior_form(prior_form)
+    _check_has_batch_norm(model, "jbn.nnx.use_prior")
     if prior is not None:
         for _, node in [((), model), *graph.iter_graph(model)]:
             if isinstance(node, nnx.BatchNorm):
@@ -68,6 +69,12 @@ def use_prior(
             node.prior = prior
             node.prior_form = prior_form
     return model
+
+
+def _check_has_batch_norm(model: Any, tool: str) -> None:
+    checks.found_batch_norms(
+        count_batch_norms(model), tool, "flax.nnx.BatchNorm and jbn.nnx.BatchNorm layers"
+    )
 
 
 class Tent(TentLoop):
@@ -107,6 +114,7 @@ class Tent(TentLoop):
         episodic: bool = False,
     ) -> None:
         checks.prior(prior, False)
+        _check_has_batch_norm(model, "jbn.nnx.Tent")
         use_prior(model, prior, prior_form=prior_form)
         tx = optimizer(tx, "jbn.nnx.Tent")
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -228,3 +228,25 @@ def test_hessian_works_without_autodiff():
     np.testing.assert_allclose(h(x, False), h(x, True), rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda x: f(x, False), (x,), (x,))
+
+
+def test_integer_and_bool_inputs_compute_in_float32():
+    """flax's rule: an integer or bool x is promoted to float32 (issue 26, item 3)."""
+    params, state = jbn.bn_init(3)
+    xi = jnp.arange(24, dtype=jnp.int32).reshape(8, 3) % 5
+    xf = xi.astype(jnp.float32)
+    for kwargs in (dict(train=True), dict(train=False), dict(train=False, prior=4.0)):
+        yi, si = jbn.bn_forward(params, state, xi, **kwargs)
+        yf, sf = jbn.bn_forward(params, state, xf, **kwargs)
+        assert yi.dtype == jnp.float32
+        np.testing.assert_array_equal(yi, yf)
+        jax.tree.map(np.testing.assert_array_equal, si, sf)
+    y16, _ = jbn.bn_forward(params, state, xi, True, dtype=jnp.bfloat16)
+    assert y16.dtype == jnp.bfloat16
+    for a, b in zip(jbn.bn_stats(xi), jbn.bn_stats(xf), strict=True):
+        np.testing.assert_array_equal(a, b)
+    yb, _ = jbn.bn_forward(params, state, xi > 2, True)
+    np.testing.assert_array_equal(yb, jbn.bn_forward(params, state, xf > 2, True)[0])
+    x64 = np.asarray(xf, np.float64)  # the float64 NumPy reference of the formula
+    want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    np.testing.assert_allclose(jbn.bn_forward(params, state, xi, True)[0], want, rtol=1e-5)

@@ -219,8 +219,10 @@ def test_errors_from_the_core_name_the_problem():
         bn.apply(v, x, mutable=["batch_stats"])
     with pytest.raises(ValueError, match="residual must be 'input' or 'output'"):
         jbn.BatchNorm(use_running_average=True, residual="none").init(jax.random.key(0), x)
-    with pytest.raises(TypeError, match="floating-point"):
-        jbn.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((6, 3), jnp.int32))
+    # An integer x is promoted as flax promotes it (issue 26): no error.
+    xi = jnp.ones((6, 3), jnp.int32)
+    vi = jbn.BatchNorm(use_running_average=True).init(jax.random.key(0), xi)
+    assert jbn.BatchNorm(use_running_average=True).apply(vi, xi).dtype == jnp.float32
 
 
 def test_bn_init_matches_flax_variables():
