@@ -283,7 +283,7 @@ def bn_forward(
         return y, {**state, **memory}
     if isinstance(mode, Stream):
         if not memory:
-            memory = stream_mode.start_memory(state["mean"], state["var"], mode.horizon)
+            memory = stream_mode.start_memory(state["mean"], state["var"], mode)
         y, memory = stream_mode.stream_forward(x, scale, bias, mask, memory, mode, cfg)
         return y, {**state, **memory}
 

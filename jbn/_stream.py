@@ -37,7 +37,7 @@ from jax import lax
 
 from . import _checks as checks
 from ._prior import prior_forward, prior_stats
-from ._stats import compute_dtype, real_dtype
+from ._stats import abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
 
 Array = jax.Array
@@ -68,15 +68,37 @@ class Stream:
         leaves the training statistics). Default 2000.
       prior: N, the examples the memory counts as when a batch is normalized,
         >= 0 (``inf``: the memory alone; 0: the batch's statistics). Default 1024.
+      surprise: τ > 0, or None (default: off). When set, a batch that the
+        memory does not expect shortens the memory before it is taken in: with
+        r the mean over features of (σ²_b + (μ_b - μ_m)²) / (σ²_m + ε), the
+        batch's second moment about the memory's mean in units of its variance
+        (1 for data drawn from the memory's distribution, at any batch size),
+        and s = |log r| / τ, the memory's count is cut to
+        max(min_horizon, horizon / (1 + s²)), then grows again by the examples
+        taken in, up to ``horizon``. A domain shift (|log r| of 0.5 to 1.7 on
+        the demo's shifted domains) is followed within a few hundred examples,
+        while a run of one class (|log r| up to about 0.5) barely shortens the
+        memory, so a long ``horizon`` keeps its class balance.
+      min_horizon: the shortest the surprise may cut the memory to, in examples,
+        0 to ``horizon``. Default 0.
     """
 
     horizon: float = 2000.0
     prior: float = 1024.0
+    surprise: float | None = None
+    min_horizon: float = 0.0
 
     def __post_init__(self) -> None:
         horizon = checks.real(self.horizon, "horizon", low=0.0, strict=True)
         object.__setattr__(self, "horizon", horizon)
         object.__setattr__(self, "prior", checks.real(self.prior, "prior", low=0.0))
+        if self.surprise is not None:
+            surprise = checks.real(self.surprise, "surprise", low=0.0, strict=True)
+            object.__setattr__(self, "surprise", surprise)
+        shortest = checks.real(self.min_horizon, "min_horizon", low=0.0)
+        if shortest > horizon:
+            raise ValueError(f"min_horizon must be <= horizon ({horizon}), got {shortest}")
+        object.__setattr__(self, "min_horizon", shortest)
 
 
 def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
@@ -90,12 +112,12 @@ def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
     return rest, {k: v for k, v in state.items() if k in MEMORY}
 
 
-def start_memory(mean: Array, var: Array, horizon: float) -> dict[str, Array]:
-    """A memory seeded with running statistics ``(mean, var)``, counted as ``horizon`` examples."""
+def start_memory(mean: Array, var: Array, stream: Stream) -> dict[str, Array]:
+    """A memory seeded with running statistics ``(mean, var)``, counted as ``stream.horizon``."""
     cd = compute_dtype(jnp.asarray(mean).dtype)
     mean = jnp.asarray(mean).astype(cd)
     var = jnp.asarray(var).astype(real_dtype(cd))
-    count = jnp.full(mean.shape, horizon, real_dtype(cd))
+    count = jnp.full(mean.shape, stream.horizon, real_dtype(cd))
     return {"stream_mean": mean, "stream_var": var, "stream_count": count}
 
 
@@ -117,7 +139,7 @@ def start_stream(state: Mapping[str, Any], stream: Stream) -> dict[str, Array]:
     for key in ("mean", "var"):
         if key not in rest:
             raise ValueError(f"state is missing {key!r}: pass the running statistics")
-    return {**rest, **start_memory(rest["mean"], rest["var"], stream.horizon)}
+    return {**rest, **start_memory(rest["mean"], rest["var"], stream)}
 
 
 def reset_stream(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,23 +186,52 @@ def check_memory(
     return out
 
 
+def surprise_cap(
+    memory: tuple[Array, Array], batch: tuple[Array, Array, Array], stream: Stream, epsilon: float
+) -> Array:
+    """The count the memory is cut to before a batch: max(min_horizon, horizon / (1 + s²)).
+
+    ``s = |log r| / stream.surprise`` with ``r`` the mean over the features with
+    examples of ``(σ²_b + (μ_b - μ_m)²) / (σ²_m + ε)``; ``horizon`` if no
+    feature has an example.
+    """
+    mean_m, var_m = memory
+    mean_b, var_b, n_b = batch
+    took = n_b > 0
+    ratio = (var_b + abs_sq(mean_b - mean_m).astype(var_b.dtype)) / (var_m + epsilon)
+    features = jnp.sum(took)
+    r = jnp.sum(jnp.where(took, ratio, 0.0)) / jnp.maximum(features, 1)
+    r = jnp.where(features > 0, r, 1.0)
+    assert stream.surprise is not None
+    s = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny)) / stream.surprise
+    return jnp.maximum(stream.horizon / (1.0 + s * s), stream.min_horizon).astype(var_m.dtype)
+
+
 def update_memory(
-    memory: Mapping[str, Array], batch: tuple[Array, Array, Array], horizon: float
+    memory: Mapping[str, Array],
+    batch: tuple[Array, Array, Array],
+    stream: Stream,
+    epsilon: float,
 ) -> dict[str, Array]:
     """The memory after taking in a batch's ``(mean, var, examples)`` (Chan, capped at horizon).
 
-    A feature with no examples (0: no counted value, or not finite) keeps its memory.
+    With ``stream.surprise`` set, the memory's count is first cut to
+    :func:`surprise_cap`. A feature with no examples (0: no counted value, or
+    not finite) keeps its memory, count included.
     """
     mean_m, var_m, count = (lax.stop_gradient(memory[k]) for k in MEMORY)
     mean_b, var_b, n_b = (lax.stop_gradient(v).reshape(count.shape) for v in batch)
     rd = count.dtype
-    n_b = n_b.astype(rd)
+    n_b, var_b, mean_b = n_b.astype(rd), var_b.astype(rd), mean_b.astype(mean_m.dtype)
+    kept = count
+    if stream.surprise is not None:
+        kept = jnp.minimum(
+            count, surprise_cap((mean_m, var_m), (mean_b, var_b, n_b), stream, epsilon)
+        )
     # w = n_m / (n_m + n_b) as 1 / (1 + n_b / n_m): 1 for an infinite memory.
-    w = jnp.where(n_b > 0, 1.0 / (1.0 + n_b / count), 1.0).astype(rd)
-    mean, var = prior_stats(
-        mean_m, var_m, mean_b.astype(mean_m.dtype), var_b.astype(rd), w, "pooled"
-    )
-    new_count = jnp.minimum(count + n_b, jnp.asarray(horizon, rd))
+    w = jnp.where(n_b > 0, 1.0 / (1.0 + n_b / kept), 1.0).astype(rd)
+    mean, var = prior_stats(mean_m, var_m, mean_b, var_b, w, "pooled")
+    new_count = jnp.minimum(kept + n_b, jnp.asarray(stream.horizon, rd))
     took = n_b > 0
     return {
         "stream_mean": jnp.where(took, mean, mean_m).astype(mean_m.dtype),
@@ -215,4 +266,4 @@ def stream_forward(
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
     y, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
-    return y, update_memory(memory, batch, stream.horizon)
+    return y, update_memory(memory, batch, stream, cfg.epsilon)

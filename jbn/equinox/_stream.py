@@ -51,7 +51,7 @@ def _memories(
         stored = state.get(bn.state_index)
         kept = {k: v for k, v in stored.items() if k not in MEMORY}
         if stream is not None:
-            kept |= start_memory(stored["mean"], stored["var"], stream.horizon)
+            kept |= start_memory(stored["mean"], stored["var"], stream)
         new[bn.state_index.marker] = kept
     return eqx.nn.State.tree_unflatten(keys, [new[k] for k in keys])
 

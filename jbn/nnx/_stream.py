@@ -78,7 +78,7 @@ def use_stream(model: Any, stream: Stream | None) -> Any:
 
 
 def _seed(node: BatchNorm, stream: Stream) -> None:
-    memory = start_memory(node.mean[...], node.var[...], stream.horizon)
+    memory = start_memory(node.mean[...], node.var[...], stream)
     for k, v in memory.items():
         setattr(node, k, nnx.BatchStat(v))
 

@@ -22,8 +22,13 @@ C = 5
 EPS = 1e-5
 
 
-def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior):
-    """Outputs and memories (count, mean, var) after each (B, C) batch, in float64."""
+def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=None, shortest=0.0):
+    """Outputs and memories (count, mean, var) after each (B, C) batch, in float64.
+
+    With ``surprise`` (τ), the count is first cut to max(shortest, horizon / (1 +
+    (log r / τ)²)), r the mean over the features with values of the batch's mean
+    squared deviation from the memory's mean over the memory's variance + ε.
+    """
     scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
     n_m = np.full(C, horizon, np.float64)
     mu = np.asarray(mean0, np.float64)
@@ -47,6 +52,12 @@ def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior):
             mean = (prior * mu + cnt * mu_b) / tot
             var = (prior * var_m + cnt * var_b + prior * cnt / tot * (mu - mu_b) ** 2) / tot
         ys.append(scale * (x - mean) / np.sqrt(var + EPS) + bias)
+        if surprise is not None and good.any():
+            sq = np.sum(np.where(mask, (x - mu) ** 2, 0.0), 0) / np.maximum(cnt, 1)
+            r = np.mean((sq / (var_m + EPS))[good])
+            cut = max(shortest, horizon / (1.0 + (np.log(r) / surprise) ** 2))
+            n_m = np.where(good, np.minimum(n_m, cut), n_m)
+            m2 = var_m * n_m
         if math.isfinite(horizon):
             n = n_m + cnt
             delta = mu_b - mu
@@ -99,6 +110,41 @@ def test_memory_matches_numpy_with_unequal_batches_and_masks():
         for k in ("mean", "var"):  # the training statistics are left alone
             np.testing.assert_array_equal(s[k], state[k])
     assert float(s["stream_count"][0]) == 12.0  # capped at the horizon
+
+
+def test_surprise_cuts_the_memory_as_numpy_does():
+    rng, params, state = setup(8)
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.5, min_horizon=3.0)
+    # A shifted stream: far from the running statistics, then back to them; masks.
+    locs = (4.0, 4.0, 0.0, 0.0, 4.0)
+    xs = [rng.normal(loc, 1.0 + loc, (8, C)).astype(np.float32) for loc in locs]
+    masks = [np.arange(8)[:, None] < c for c in (8, 2, 8, 5)]
+    masks.append(rng.uniform(size=(8, C)) > 0.3)
+    ys_ref, mem_ref = np_stream(xs, masks, params["scale"], params["bias"], state["mean"],
+                                state["var"], 40.0, 4.0, surprise=0.5, shortest=3.0)  # fmt: skip
+    s = state
+    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
+        y, s = step(params, s, x, mask, mode)
+        counted = np.broadcast_to(mask, y.shape)
+        np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
+        assert_memory(s, memory)
+    counts = [float(m[0][0]) for m in mem_ref]
+    assert counts[0] < 12.0  # the shift cut the memory from 40 examples
+    assert min(counts) >= 3.0 + 1.0  # never below min_horizon (plus the batch taken in)
+    # Without the surprise, the same stream keeps the memory at the horizon.
+    _, plain = np_stream(xs, masks, params["scale"], params["bias"], state["mean"],
+                         state["var"], 40.0, 4.0)  # fmt: skip
+    assert float(plain[0][0][0]) == 40.0
+
+
+def test_infinite_horizon_with_surprise_stays_the_prior():
+    rng, params, state = setup(9)
+    x = rng.normal(3.0, 2.0, (8, C)).astype(np.float32)
+    y, s = step(params, state, x, None, jbn.Stream(math.inf, 4.0, surprise=0.5))
+    want, _ = jbn.bn_forward(params, state, x, False, prior=4.0)
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(s["stream_mean"], state["mean"])
+    assert np.all(np.isinf(s["stream_count"]))
 
 
 def test_infinite_horizon_is_the_prior_and_zero_prior_is_batch_statistics():
@@ -197,9 +243,10 @@ def test_gradient_through_the_batch_share_only():
         np.testing.assert_array_equal(g[2][k], 0.0)
 
 
-def test_four_devices_unequal_counts_match_numpy(four_devices):
+@pytest.mark.parametrize("surprise", [None, 0.5])
+def test_four_devices_unequal_counts_match_numpy(four_devices, surprise):
     rng, params, state = setup(6)
-    mode = jbn.Stream(20.0, 5.0)
+    mode = jbn.Stream(20.0, 5.0, surprise=surprise)
     mesh = Mesh(np.array(four_devices), ("data",))
     xs = rng.normal(2, 3, (3, 8, C)).astype(np.float32)
     # 8 examples, 2 per device; the masks count unequal numbers on each device (some none).
@@ -212,7 +259,7 @@ def test_four_devices_unequal_counts_match_numpy(four_devices):
     run = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
                                 out_specs=(P("data"), P())))  # fmt: skip
     ys_ref, mem_ref = np_stream(xs, list(masks), params["scale"], params["bias"],
-                                state["mean"], state["var"], 20.0, 5.0)  # fmt: skip
+                                state["mean"], state["var"], 20.0, 5.0, surprise)  # fmt: skip
     s = jbn.start_stream(state, mode)
     for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
         y, s = run(s, x, mask)
@@ -245,6 +292,8 @@ def test_modes_are_hashable_values_and_the_old_keywords_are_the_prior_mode():
         (lambda: jbn.Stream(0.0, 1.0), ValueError, "horizon must be > 0"),
         (lambda: jbn.Stream(10.0, -1.0), ValueError, "prior must be >= 0"),
         (lambda: jbn.Stream("long"), TypeError, "horizon must be a Python float"),
+        (lambda: jbn.Stream(10.0, 1.0, surprise=0.0), ValueError, "surprise must be > 0"),
+        (lambda: jbn.Stream(10.0, 1.0, min_horizon=20.0), ValueError, "min_horizon must be <="),
         (lambda: jbn.Prior(-2.0), ValueError, "prior must be >= 0"),
         (lambda: jbn.Prior(2.0, "mixed"), ValueError, "prior_form must be one of"),
         (lambda: jbn.start_stream({"mean": 0.0}, jbn.Stream()), ValueError, "missing 'var'"),
