@@ -91,6 +91,19 @@ def assert_memory(state, memory, rtol=2e-5):
     np.testing.assert_allclose(state["stream_var"], var, rtol=rtol, atol=rtol)
 
 
+def check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref):
+    """Runs the stream batch by batch against the reference; returns the last state."""
+    s = state
+    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
+        y, s = step(params, s, x, mask, mode)
+        counted = np.broadcast_to(mask, y.shape)
+        np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
+        assert_memory(s, memory)
+        for k in ("mean", "var"):  # the training statistics are left alone
+            np.testing.assert_array_equal(s[k], state[k])
+    return s
+
+
 def test_memory_matches_numpy_with_unequal_batches_and_masks():
     rng, params, state = setup()
     mode = jbn.Stream(horizon=12.0, prior=4.0)
@@ -101,14 +114,7 @@ def test_memory_matches_numpy_with_unequal_batches_and_masks():
     masks.append(rng.uniform(size=(8, C)) > 0.3)
     ys_ref, mem_ref = np_stream(xs, masks, params["scale"], params["bias"],
                                 state["mean"], state["var"], 12.0, 4.0)  # fmt: skip
-    s = state
-    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
-        y, s = step(params, s, x, mask, mode)
-        counted = np.broadcast_to(mask, y.shape)
-        np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
-        assert_memory(s, memory)
-        for k in ("mean", "var"):  # the training statistics are left alone
-            np.testing.assert_array_equal(s[k], state[k])
+    s = check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref)
     assert float(s["stream_count"][0]) == 12.0  # capped at the horizon
 
 
@@ -122,12 +128,7 @@ def test_surprise_cuts_the_memory_as_numpy_does():
     masks.append(rng.uniform(size=(8, C)) > 0.3)
     ys_ref, mem_ref = np_stream(xs, masks, params["scale"], params["bias"], state["mean"],
                                 state["var"], 40.0, 4.0, surprise=0.5, shortest=3.0)  # fmt: skip
-    s = state
-    for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
-        y, s = step(params, s, x, mask, mode)
-        counted = np.broadcast_to(mask, y.shape)
-        np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
-        assert_memory(s, memory)
+    check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref)
     counts = [float(m[0][0]) for m in mem_ref]
     assert counts[0] < 12.0  # the shift cut the memory from 40 examples
     assert min(counts) >= 3.0 + 1.0  # never below min_horizon (plus the batch taken in)
