@@ -13,6 +13,9 @@ examples by Chan's formula. The memory is then updated, exactly: the memory
 and the count n_m + n_b is capped at ``horizon`` examples. Capping scales the
 count and the sum of squares M2 = n σ² alike, so σ² is kept and older data
 decays in proportion: a horizon counted in examples serves any batch size.
+With ``surprise`` (on by default), the count is first cut when the batch holds
+an example the memory does not describe (:func:`surprise_cut`): the memory
+follows a domain shift fast and stays long, and so class-balanced, otherwise.
 
 The memory starts from the running (training) statistics, counted as
 ``horizon`` examples, and lives in the state as ``stream_mean``,
@@ -63,30 +66,35 @@ class Stream:
       >>> float(state["stream_count"][0])
       100.0
 
+    A long memory stays balanced when a stream's classes come in runs, but
+    leaves stale statistics slowly; ``surprise`` lets the data shorten it. Each
+    example's surprise is r, the mean over features of its values' mean
+    (x - μ_m)² / (σ²_m + ε): its second moment about the memory's mean in units
+    of the memory's variance, about 1 for an example the memory describes. Before
+    a batch is taken in, the memory's count is cut to horizon / (1 + (log r /
+    τ)²) for the batch's most surprising example (over all devices), so any
+    batch size behaves as batches of one; it then grows back by the examples
+    taken in, up to ``horizon``. A domain shift (|log r| of 0.5 to 1.7 on the
+    demo's shifted MNIST) is followed within a few hundred examples, while a
+    run of one class (|log r| up to about 0.5) barely shortens the memory.
+
+    The defaults were chosen on the demo's CNN: 63 % mean accuracy over four
+    shifted domains and >= 99.1 % clean, at batch 1, 8 and 64, with the test
+    set streamed in its own order or sorted by label (runs of one class); see
+    the test-time adaptation guide.
+
     Attributes:
       horizon: the memory's length in examples, > 0 (``inf``: the memory never
-        leaves the training statistics). Default 2000.
+        leaves the training statistics). Default 8000.
       prior: N, the examples the memory counts as when a batch is normalized,
-        >= 0 (``inf``: the memory alone; 0: the batch's statistics). Default 1024.
-      surprise: τ > 0, or None (default: off). When set, a batch that the
-        memory does not expect shortens the memory before it is taken in: with
-        r the mean over features of (σ²_b + (μ_b - μ_m)²) / (σ²_m + ε), the
-        batch's second moment about the memory's mean in units of its variance
-        (1 for data drawn from the memory's distribution, at any batch size),
-        and s = |log r| / τ, the memory's count is cut to
-        max(min_horizon, horizon / (1 + s²)), then grows again by the examples
-        taken in, up to ``horizon``. A domain shift (|log r| of 0.5 to 1.7 on
-        the demo's shifted domains) is followed within a few hundred examples,
-        while a run of one class (|log r| up to about 0.5) barely shortens the
-        memory, so a long ``horizon`` keeps its class balance.
-      min_horizon: the shortest the surprise may cut the memory to, in examples,
-        0 to ``horizon``. Default 0.
+        >= 0 (``inf``: the memory alone; 0: the batch's statistics). Default 4096.
+      surprise: τ > 0, how much a surprising example shortens the memory
+        (smaller: more), or None: never. Default 0.6.
     """
 
-    horizon: float = 2000.0
-    prior: float = 1024.0
-    surprise: float | None = None
-    min_horizon: float = 0.0
+    horizon: float = 8000.0
+    prior: float = 4096.0
+    surprise: float | None = 0.6
 
     def __post_init__(self) -> None:
         horizon = checks.real(self.horizon, "horizon", low=0.0, strict=True)
@@ -95,10 +103,6 @@ class Stream:
         if self.surprise is not None:
             surprise = checks.real(self.surprise, "surprise", low=0.0, strict=True)
             object.__setattr__(self, "surprise", surprise)
-        shortest = checks.real(self.min_horizon, "min_horizon", low=0.0)
-        if shortest > horizon:
-            raise ValueError(f"min_horizon must be <= horizon ({horizon}), got {shortest}")
-        object.__setattr__(self, "min_horizon", shortest)
 
 
 def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
@@ -186,52 +190,64 @@ def check_memory(
     return out
 
 
-def surprise_cap(
-    memory: tuple[Array, Array], batch: tuple[Array, Array, Array], stream: Stream, epsilon: float
+def surprise_cut(
+    x: Array, mask: Array | None, memory: tuple[Array, Array], stream: Stream, cfg: TrainConfig
 ) -> Array:
-    """The count the memory is cut to before a batch: max(min_horizon, horizon / (1 + s²)).
+    """The count the memory is cut to before a batch: the strongest cut of its examples.
 
-    ``s = |log r| / stream.surprise`` with ``r`` the mean over the features with
-    examples of ``(σ²_b + (μ_b - μ_m)²) / (σ²_m + ε)``; ``horizon`` if no
-    feature has an example.
+    Each example's cut is ``horizon / (1 + (log r / τ)²)``, with
+    ``r`` its mean over features of its values' mean ``(x - μ_m)² / (σ²_m + ε)``
+    (features without a counted finite value left out); the batch's is the least
+    over its examples (and over the devices of ``axis_name``), so a batch of n
+    examples is cut as its most surprising example would cut it alone, at any
+    batch size. ``horizon`` where no example has a counted value.
     """
-    mean_m, var_m = memory
-    mean_b, var_b, n_b = batch
-    took = n_b > 0
-    ratio = (var_b + abs_sq(mean_b - mean_m).astype(var_b.dtype)) / (var_m + epsilon)
-    features = jnp.sum(took)
-    r = jnp.sum(jnp.where(took, ratio, 0.0)) / jnp.maximum(features, 1)
-    r = jnp.where(features > 0, r, 1.0)
     assert stream.surprise is not None
-    s = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny)) / stream.surprise
-    return jnp.maximum(stream.horizon / (1.0 + s * s), stream.min_horizon).astype(var_m.dtype)
+    mean_m, var_m = (lax.stop_gradient(v) for v in memory)
+    x = lax.stop_gradient(x).astype(compute_dtype(x.dtype))
+    sq = abs_sq(x - mean_m.astype(x.dtype)) / (var_m.astype(real_dtype(x.dtype)) + cfg.epsilon)
+    counted = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
+    per_example = 0 in cfg.stats.reduce_axes
+    inner = tuple(a for a in cfg.stats.reduce_axes if a != 0)
+    if not per_example:  # the whole local array is one example (e.g. under Equinox's vmap)
+        sq, counted, inner = sq[None], counted[None], tuple(a + 1 for a in cfg.stats.reduce_axes)
+    values = jnp.sum(counted, inner, keepdims=True)
+    e = jnp.sum(jnp.where(counted, sq, 0.0), inner, keepdims=True) / jnp.maximum(values, 1)
+    valid = (values > 0) & jnp.isfinite(e)
+    rest = tuple(range(1, e.ndim))
+    features = jnp.sum(valid, rest)
+    r = jnp.sum(jnp.where(valid, e, 0.0), rest) / jnp.maximum(features, 1)
+    log_r = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny)) / stream.surprise
+    cuts = jnp.where(features > 0, stream.horizon / (1.0 + log_r * log_r), stream.horizon)
+    cut = jnp.min(cuts)
+    if cfg.stats.axis_name is not None:
+        cut = lax.pmin(cut, cfg.stats.axis_name, axis_index_groups=cfg.stats.axis_index_groups)
+    return cut
 
 
 def update_memory(
     memory: Mapping[str, Array],
     batch: tuple[Array, Array, Array],
-    stream: Stream,
-    epsilon: float,
+    horizon: float,
+    cut: Array | None = None,
 ) -> dict[str, Array]:
     """The memory after taking in a batch's ``(mean, var, examples)`` (Chan, capped at horizon).
 
-    With ``stream.surprise`` set, the memory's count is first cut to
-    :func:`surprise_cap`. A feature with no examples (0: no counted value, or
-    not finite) keeps its memory, count included.
+    With ``cut`` (see :func:`surprise_cut`), the memory's count is first cut to
+    it. A feature with no examples (0: no counted value, or not finite) keeps its
+    memory, count included.
     """
     mean_m, var_m, count = (lax.stop_gradient(memory[k]) for k in MEMORY)
     mean_b, var_b, n_b = (lax.stop_gradient(v).reshape(count.shape) for v in batch)
     rd = count.dtype
     n_b, var_b, mean_b = n_b.astype(rd), var_b.astype(rd), mean_b.astype(mean_m.dtype)
     kept = count
-    if stream.surprise is not None:
-        kept = jnp.minimum(
-            count, surprise_cap((mean_m, var_m), (mean_b, var_b, n_b), stream, epsilon)
-        )
+    if cut is not None:
+        kept = jnp.minimum(count, cut.astype(rd))
     # w = n_m / (n_m + n_b) as 1 / (1 + n_b / n_m): 1 for an infinite memory.
     w = jnp.where(n_b > 0, 1.0 / (1.0 + n_b / kept), 1.0).astype(rd)
     mean, var = prior_stats(mean_m, var_m, mean_b, var_b, w, "pooled")
-    new_count = jnp.minimum(kept + n_b, jnp.asarray(stream.horizon, rd))
+    new_count = jnp.minimum(kept + n_b, jnp.asarray(horizon, rd))
     took = n_b > 0
     return {
         "stream_mean": jnp.where(took, mean, mean_m).astype(mean_m.dtype),
@@ -266,4 +282,7 @@ def stream_forward(
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
     y, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
-    return y, update_memory(memory, batch, stream, cfg.epsilon)
+    cut = None
+    if stream.surprise is not None:
+        cut = surprise_cut(x, mask, running, stream, cfg)
+    return y, update_memory(memory, batch, stream.horizon, cut)
