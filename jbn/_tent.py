@@ -84,6 +84,11 @@ class TentLoop:
       mask: bools of ``params``' structure, True on what TENT adapts.
       tx: an optax ``GradientTransformation`` for the masked leaves.
       episodic: reset to the source parameters before every :meth:`step`.
+      carry: None, or a pytree the model carries from batch to batch (the
+        memory of :class:`jbn.Stream`); ``logits_fn`` is then ``(params, carry,
+        x) -> (logits, new_carry)``. A step keeps the new carry (a non-finite
+        step keeps the old one); :meth:`predict` uses the carry without keeping
+        what it returns, and :meth:`reset` returns to the first carry.
 
     Attributes:
       skipped: the number of steps skipped, since the loop was made, because
@@ -92,12 +97,13 @@ class TentLoop:
 
     def __init__(
         self,
-        logits_fn: Callable[[Any, Any], Array],
+        logits_fn: Callable[..., Any],
         params: Any,
         mask: Any,
         tx: Any,
         *,
         episodic: bool = False,
+        carry: Any = None,
     ) -> None:
         if not isinstance(episodic, bool):
             raise TypeError(f"episodic must be a bool, got {episodic!r}")
@@ -106,21 +112,29 @@ class TentLoop:
         self.mask = mask
         self.tx = optimizer(tx, "jbn's TENT")
         self.episodic = episodic
+        self.source_carry = carry
         _, flags, treedef = _split(params, mask)
 
-        def adapted_loss(adapted: list, frozen: list, x: Any) -> tuple[Array, Array]:
+        def run(params: Any, carry: Any, x: Any) -> tuple[Array, Any]:
+            if self.source_carry is None:
+                return logits_fn(params, x), carry
+            return logits_fn(params, carry, x)
+
+        def adapted_loss(adapted: list, frozen: list, carry: Any, x: Any) -> tuple[Array, Any]:
             it_a, it_f = iter(adapted), iter(frozen)
             leaves = [next(it_a) if f else next(it_f) for f in flags]
-            logits = logits_fn(jax.tree.unflatten(treedef, leaves), x)
-            return entropy(logits), logits
+            logits, carry = run(jax.tree.unflatten(treedef, leaves), carry, x)
+            return entropy(logits), carry
 
         def step(
-            params: Any, opt_state: Any, skipped: Array, x: Any
-        ) -> tuple[Any, Any, Array, Array]:
+            params: Any, opt_state: Any, skipped: Array, carry: Any, x: Any
+        ) -> tuple[Any, Any, Array, Any, Array]:
             leaves = jax.tree.leaves(params)
             adapted = [v for v, f in zip(leaves, flags, strict=True) if f]
             frozen = [v for v, f in zip(leaves, flags, strict=True) if not f]
-            (loss, _), grads = jax.value_and_grad(adapted_loss, has_aux=True)(adapted, frozen, x)
+            (loss, new_carry), grads = jax.value_and_grad(adapted_loss, has_aux=True)(
+                adapted, frozen, carry, x
+            )
             finite = jnp.all(jnp.isfinite(loss))
             for g in grads:
                 finite &= jnp.all(jnp.isfinite(g))
@@ -137,11 +151,12 @@ class TentLoop:
                 new.append(jnp.where(finite, (v + u).astype(v.dtype), v) if f else v)
             # A non-finite step keeps the old optimizer state too (a NaN moment would stay).
             opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+            carry = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_carry, carry)
             skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
-            return jax.tree.unflatten(treedef, new), opt_state, skipped, loss
+            return jax.tree.unflatten(treedef, new), opt_state, skipped, carry, loss
 
         self._step = jax.jit(step)
-        self._predict = jax.jit(logits_fn)
+        self._predict = jax.jit(lambda params, carry, x: run(params, carry, x)[0])
         self._skipped = jnp.zeros((), jnp.int32)
         self.reset()
 
@@ -154,6 +169,7 @@ class TentLoop:
         """Back to the source parameters and a fresh optimizer state (episodic TENT)."""
         self.params = self.source
         self.opt_state = self.tx.init(self.source)
+        self.carry = self.source_carry
         self.loss = None
 
     def update(self, x: Any) -> None:
@@ -164,8 +180,8 @@ class TentLoop:
         """
         if self.episodic:
             self.reset()
-        self.params, self.opt_state, self._skipped, self.loss = self._step(
-            self.params, self.opt_state, self._skipped, x
+        self.params, self.opt_state, self._skipped, self.carry, self.loss = self._step(
+            self.params, self.opt_state, self._skipped, self.carry, x
         )
 
     def step(self, x: Any) -> Array:
@@ -183,4 +199,4 @@ class TentLoop:
 
     def predict(self, x: Any) -> Array:
         """The logits of ``x`` with the current parameters (no step)."""
-        return self._predict(self.params, x)
+        return self._predict(self.params, self.carry, x)

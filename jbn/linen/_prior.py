@@ -24,10 +24,11 @@ from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._prior import Prior
+from .._stream import Stream, check_stream, start_stream
 from .._tent import TentLoop, optimizer
 from ._calls import SubclassCalls, intercepting, never_reaches_base
 from ._freeze import batch_norm_mask
-from ._stream import run_batch_norm
+from ._stream import run_batch_norm, use_stream
 
 
 class _State(threading.local):
@@ -153,9 +154,17 @@ class Tent(TentLoop):
       prior: N of the prior-weighted statistics (default 0: the batch's).
       prior_form: ``"pooled"`` or ``"linear"``.
       episodic: reset to the source model before every step.
+      stream: a :class:`jbn.Stream`: adapt with the stream statistics
+        (:func:`use_stream`) in place of the prior, which does not collapse
+        when the stream's classes come in runs. ``apply_fn`` must then return
+        ``(logits, updates)``, e.g. ``lambda v, x: model.apply(v, x,
+        train=False, mutable=["batch_stats"])``; the memory starts from the
+        running statistics, each step takes its batch in, and ``reset`` starts
+        it again.
 
     Attributes:
-      variables: the current (adapted) variables.
+      variables: the current (adapted) variables, the memory of ``stream``
+        included.
       loss: the mean entropy at the last step (before it).
     """
 
@@ -168,22 +177,63 @@ class Tent(TentLoop):
         prior: float | jax.typing.ArrayLike = 0.0,
         prior_form: PriorForm = "pooled",
         episodic: bool = False,
+        stream: Stream | None = None,
     ) -> None:
         checks.prior(prior, False)
         checks.prior_form(prior_form)
+        if stream is not None:
+            check_stream(stream)
+            if not (isinstance(prior, (int, float)) and prior == 0.0):
+                raise ValueError(
+                    f"pass prior={prior!r} or stream={stream!r}, not both: the stream mode "
+                    "normalizes with its memory counted as stream.prior examples"
+                )
         mask = batch_norm_mask(variables)
         others = {k: v for k, v in variables.items() if k != "params"}
-
-        def logits_fn(params: Any, x: Any) -> Any:
-            with use_prior(prior, prior_form=prior_form):
-                return apply_fn({**others, "params": params}, x)
-
         tx = optimizer(tx, "jbn.linen.Tent")
         self._others = others
+        self._stream = stream
+        if stream is None:
+
+            def logits_fn(params: Any, x: Any) -> Any:
+                with use_prior(prior, prior_form=prior_form):
+                    return apply_fn({**others, "params": params}, x)
+
+            super().__init__(
+                logits_fn, variables["params"], mask, optimize_only(tx, mask), episodic=episodic
+            )
+            return
+
+        def stream_fn(params: Any, memory: Any, x: Any) -> tuple[Any, Any]:
+            with use_stream(stream):
+                out = apply_fn({**others, "batch_stats": memory, "params": params}, x)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError(
+                    "jbn.linen.Tent(stream=...) needs apply_fn to return (logits, updates): "
+                    "call model.apply(..., mutable=['batch_stats'])"
+                )
+            return out[0], out[1]["batch_stats"]
+
         super().__init__(
-            logits_fn, variables["params"], mask, optimize_only(tx, mask), episodic=episodic
+            stream_fn,
+            variables["params"],
+            mask,
+            optimize_only(tx, mask),
+            episodic=episodic,
+            carry=_start(others["batch_stats"], stream),
         )
 
     @property
     def variables(self) -> dict[str, Any]:
-        return {**self._others, "params": self.params}
+        if self._stream is None:
+            return {**self._others, "params": self.params}
+        return {**self._others, "batch_stats": self.carry, "params": self.params}
+
+
+def _start(tree: Any, stream: Stream) -> Any:
+    """``batch_stats`` with the memory of ``stream`` started in every batch norm's entry."""
+    if isinstance(tree, Mapping):
+        if "mean" in tree and "var" in tree:
+            return start_stream(tree, stream)
+        return {k: _start(v, stream) for k, v in tree.items()}
+    return tree

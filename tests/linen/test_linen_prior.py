@@ -234,3 +234,37 @@ def test_tent_errors():
         Tent(apply_eval, {"params": VARIABLES["params"]})
     with pytest.raises(ValueError, match="epochs must be"):
         Tent(apply_eval, VARIABLES).adapt([X], epochs=0)
+
+
+def apply_mutable(variables, x):
+    return MODEL.apply(variables, x, train=False, mutable=["batch_stats"])
+
+
+def test_tent_with_the_stream_statistics():
+    stream = jbn.Stream(50.0, 8.0)
+    tent = Tent(apply_mutable, VARIABLES, tx=optax.adam(1e-2), stream=stream)
+    start = tent.variables["batch_stats"]
+    tent.update(X)
+    # The step's forward ran the source parameters in the stream mode: its memory is the step's.
+    with jbn.linen.use_stream(stream):
+        _, want = apply_mutable({**VARIABLES, "batch_stats": start}, X)
+    for got, ref in zip(
+        jax.tree.leaves(tent.variables["batch_stats"]),
+        jax.tree.leaves(want["batch_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    moved = tent.variables
+    logits = tent.predict(X)  # predicting keeps the memory
+    with jbn.linen.use_stream(stream):
+        np.testing.assert_allclose(logits, apply_mutable(moved, X)[0], rtol=1e-5, atol=1e-5)
+    assert tent.carry is moved["batch_stats"]
+    tent.reset()
+    for a, b in zip(jax.tree.leaves(tent.carry), jax.tree.leaves(start), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    with pytest.raises(ValueError, match="not both"):
+        Tent(apply_mutable, VARIABLES, prior=4.0, stream=stream)
+    with pytest.raises(TypeError, match="jbn.Stream"):
+        Tent(apply_mutable, VARIABLES, stream=50.0)
+    with pytest.raises(ValueError, match=r"pass mutable=\['batch_stats'\]"):
+        Tent(apply_eval, VARIABLES, stream=stream).update(X)
