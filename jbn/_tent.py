@@ -66,6 +66,20 @@ def optimizer(tx: Any, owner: str) -> Any:
     return tx
 
 
+def check_stream(prior: Any, stream: Any) -> None:
+    """``stream`` is None or a :class:`jbn.Stream`, and then ``prior`` is left at 0."""
+    if stream is None:
+        return
+    from ._stream import check_stream as check_mode
+
+    check_mode(stream)
+    if not (isinstance(prior, (int, float)) and prior == 0.0):
+        raise ValueError(
+            f"pass prior={prior!r} or stream={stream!r}, not both: the stream mode normalizes "
+            "with its memory counted as stream.prior examples"
+        )
+
+
 def check_mask(params: Any, mask: Any) -> None:
     _, flags, _ = _split(params, mask)
     if not any(flags):

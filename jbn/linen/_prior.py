@@ -24,8 +24,8 @@ from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._prior import Prior
-from .._stream import Stream, check_stream, start_stream
-from .._tent import TentLoop, optimizer
+from .._stream import Stream, start_stream
+from .._tent import TentLoop, check_stream, optimizer
 from ._calls import SubclassCalls, intercepting, never_reaches_base
 from ._freeze import batch_norm_mask
 from ._stream import run_batch_norm, use_stream
@@ -181,13 +181,7 @@ class Tent(TentLoop):
     ) -> None:
         checks.prior(prior, False)
         checks.prior_form(prior_form)
-        if stream is not None:
-            check_stream(stream)
-            if not (isinstance(prior, (int, float)) and prior == 0.0):
-                raise ValueError(
-                    f"pass prior={prior!r} or stream={stream!r}, not both: the stream mode "
-                    "normalizes with its memory counted as stream.prior examples"
-                )
+        check_stream(prior, stream)
         mask = batch_norm_mask(variables)
         others = {k: v for k, v in variables.items() if k != "params"}
         tx = optimizer(tx, "jbn.linen.Tent")

@@ -18,11 +18,13 @@ from flax.nnx import graph
 from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
-from .._tent import TentLoop, optimizer
+from .._stream import Stream
+from .._tent import TentLoop, check_stream, optimizer
 from ._batch_norm import BatchNorm as JbnNnxBatchNorm
 from ._convert import _check_to_jbn, _to_jbn, count_batch_norms
 from ._freeze import batch_norm_mask
 from ._graph import replace_modules
+from ._stream import use_stream
 
 
 def use_prior(
@@ -101,6 +103,10 @@ class Tent(TentLoop):
       prior: N of the prior-weighted statistics (default 0: the batch's).
       prior_form: ``"pooled"`` or ``"linear"``.
       episodic: reset to the source parameters before every step.
+      stream: a :class:`jbn.Stream`: adapt with the stream statistics in place
+        of the prior (:func:`jbn.nnx.use_stream`), which does not collapse when
+        the stream's classes come in runs; the memory, in the model, takes each
+        step's batch in, and ``reset`` starts it again.
     """
 
     def __init__(
@@ -112,10 +118,15 @@ class Tent(TentLoop):
         prior: float | jax.typing.ArrayLike = 0.0,
         prior_form: PriorForm = "pooled",
         episodic: bool = False,
+        stream: Stream | None = None,
     ) -> None:
         checks.prior(prior, False)
+        check_stream(prior, stream)
         _check_has_batch_norm(model, "jbn.nnx.Tent")
-        use_prior(model, prior, prior_form=prior_form)
+        if stream is None:
+            use_prior(model, prior, prior_form=prior_form)
+        else:
+            use_stream(model, stream)
         tx = optimizer(tx, "jbn.nnx.Tent")
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         mask = batch_norm_mask(model)
@@ -126,12 +137,24 @@ class Tent(TentLoop):
         def logits_fn(params: Any, x: Any) -> Any:
             return apply_fn(nnx.merge(graphdef, params, rest), x)
 
+        def stream_fn(params: Any, memory: Any, x: Any) -> tuple[Any, Any]:
+            adapted = nnx.merge(graphdef, params, memory)
+            logits = apply_fn(adapted, x)
+            return logits, nnx.as_pure(nnx.split(adapted, nnx.Param, ...)[2])
+
         super().__init__(
-            logits_fn, nnx.as_pure(params), mask, optimize_only(tx, mask), episodic=episodic
+            logits_fn if stream is None else stream_fn,
+            nnx.as_pure(params),
+            mask,
+            optimize_only(tx, mask),
+            episodic=episodic,
+            carry=None if stream is None else rest,
         )
 
     def _sync(self) -> None:
         nnx.update(self.model, self.params)
+        if self.carry is not None:
+            nnx.update(self.model, self.carry)
 
     def reset(self) -> None:
         super().reset()

@@ -81,3 +81,28 @@ def test_tent_moves_only_batch_norm_parameters():
     np.testing.assert_allclose(tent.predict(X), model(X), rtol=1e-5, atol=1e-6)
     tent.reset()
     np.testing.assert_array_equal(model.bn1.scale[...], source["bn1"]["scale"][...])
+
+
+def test_tent_with_the_stream_statistics():
+    stream = jbn.Stream(50.0, 8.0)
+    model, reference = net(), net()
+    tent = jbn.nnx.Tent(model, tx=optax.adam(1e-2), stream=stream)
+    start = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    tent.update(X)
+    # The step's forward ran the source parameters in the stream mode: the memory is the step's.
+    jbn.nnx.use_stream(reference, stream)
+    reference(X)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model, nnx.BatchStat)),
+        jax.tree.leaves(nnx.state(reference, nnx.BatchStat)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(model.bn1.stream_mean[...], start["bn1"]["stream_mean"][...])
+    tent.reset()
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model, nnx.BatchStat)), jax.tree.leaves(start), strict=True
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    with pytest.raises(ValueError, match="not both"):
+        jbn.nnx.Tent(net(), prior=4.0, stream=stream)
