@@ -21,11 +21,13 @@ from jax.core import Tracer
 from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
-from .._tent import TentLoop, optimizer
+from .._stream import Stream
+from .._tent import TentLoop, check_stream, optimizer
 from ._batch_norm import BatchNorm
 from ._convert import count_batch_norms
 from ._forward import is_batch_norm, vmapped_forward
 from ._freeze import FrozenBatchNorm
+from ._stream import use_stream
 
 
 def use_prior(model: Any, prior: float | None, *, prior_form: PriorForm = "pooled") -> Any:
@@ -130,6 +132,11 @@ class Tent(TentLoop):
       prior: N of the prior-weighted statistics (default 0: the batch's).
       prior_form: ``"pooled"`` or ``"linear"``.
       episodic: reset to the source model before every step.
+      stream: a :class:`jbn.Stream`: adapt with the stream statistics in place
+        of the prior (:func:`jbn.equinox.use_stream`), which does not collapse
+        when the stream's classes come in runs. The memory lives in the state
+        (:attr:`state`), takes each step's batch in, and ``reset`` starts it
+        again; ``apply_fn`` must then return ``(logits, state)``.
     """
 
     def __init__(
@@ -142,13 +149,18 @@ class Tent(TentLoop):
         prior: float = 0.0,
         prior_form: PriorForm = "pooled",
         episodic: bool = False,
+        stream: Stream | None = None,
     ) -> None:
+        check_stream(prior, stream)
         _check_has_batch_norm(model, "jbn.equinox.Tent")
-        model = use_prior(model, prior, prior_form=prior_form)
+        if stream is None:
+            model = use_prior(model, prior, prior_form=prior_form)
+        else:
+            model, state = use_stream(model, state, stream)
         tx = optimizer(tx, "jbn.equinox.Tent")
         if apply_fn is None:
             forward = vmapped_forward(model, "jbn.equinox.Tent")
-            apply_fn = lambda model, state, x: forward(model, state, x)[0]  # noqa: E731
+            apply_fn = forward if stream is not None else lambda m, s, x: forward(m, s, x)[0]
 
         params, static = eqx.partition(model, eqx.is_inexact_array)
         mask = batch_norm_mask(model)
@@ -156,10 +168,27 @@ class Tent(TentLoop):
         def logits_fn(params: Any, x: Any) -> Any:
             return apply_fn(eqx.combine(params, static), state, x)
 
+        def stream_fn(params: Any, memory: Any, x: Any) -> tuple[Any, Any]:
+            logits, memory = apply_fn(eqx.combine(params, static), memory, x)
+            return logits, memory
+
         self._static = static
+        self._state = state
         # An Equinox module is callable, which optax would take for a mask function.
         tx = optimize_only(tx, lambda _: mask)
-        super().__init__(logits_fn, params, mask, tx, episodic=episodic)
+        super().__init__(
+            logits_fn if stream is None else stream_fn,
+            params,
+            mask,
+            tx,
+            episodic=episodic,
+            carry=None if stream is None else state,
+        )
+
+    @property
+    def state(self) -> eqx.nn.State:
+        """The state: with ``stream``, the memory after the last step."""
+        return self._state if self.carry is None else self.carry
 
     @property
     def model(self) -> Any:

@@ -106,3 +106,22 @@ def test_tent_moves_only_batch_norm_parameters():
     np.testing.assert_allclose(logits, run(tent.model, state, X)[0], rtol=1e-5, atol=1e-6)
     tent.reset()
     np.testing.assert_array_equal(tent.model.bn1.weight, model.bn1.weight)
+
+
+def test_tent_with_the_stream_statistics():
+    stream = jbn.Stream(50.0, 8.0)
+    model, state = converted()
+    tent = jbn.equinox.Tent(model, state, tx=optax.adam(1e-2), stream=stream)
+    start = tent.state
+    tent.update(X)
+    # The step's forward ran the source model in the stream mode: the memory is the step's.
+    streaming, memory = jbn.equinox.use_stream(model, state, stream)
+    _, want = run(streaming, memory, X)
+    for a, b in zip(jax.tree.leaves(tent.state), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert tent.model.bn1.stream == stream
+    tent.reset()
+    for a, b in zip(jax.tree.leaves(tent.state), jax.tree.leaves(start), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    with pytest.raises(ValueError, match="not both"):
+        jbn.equinox.Tent(model, state, prior=4.0, stream=stream)
