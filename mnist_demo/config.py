@@ -29,7 +29,9 @@ MODES: dict[str, str] = {
     "for a fixed budget: writes lr_sweep.png/.md/.json to --out",
     "domain_shift": "measure the trained model of --out (trained first if there is none) on "
     "shifted test domains: stale, recalibrated and fine-tuned batch norms, batch statistics; "
-    "writes domain_shift.json/.md/.png to --out",
+    "writes domain_shift.json/.md/.png to --out; then streams each domain in test-set order "
+    "and sorted by label (stale, batch statistics, best prior, jbn.Stream(), TENT with it): "
+    "domain_shift_streams.json/.md",
     "compare": "train the model with jbn, flax's batch norm and none (same seed and data "
     "order) into --out/<norm>; writes compare.json/.md/.png to --out",
 }
