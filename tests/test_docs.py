@@ -95,3 +95,18 @@ def test_readme_names_setup_and_how_to_browse_the_docs():
     assert "`make venv`" in readme and "make venv" in makefile.split("\n\n")[0]
     assert "site/index.html" in readme and "make docs-serve" in readme
     assert "http://127.0.0.1:8000" in readme
+
+
+def test_index_tool_table_links_every_frontend_to_an_api_entry():
+    """The index's tool × frontend table: a row per tool, every frontend cell a link to an API entry."""
+    index = (DOCS / "index.md").read_text()
+    table = index.split("## Every tool in every frontend", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 10
+    entries = api_entries()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for cell in cells[2:5]:  # linen, NNX, Equinox
+            links = re.findall(r"\(api/\w+\.md#([\w.]+)\)", cell)
+            assert links, f"no API link in {cell!r} of {row!r}"
+            assert set(links) <= entries, f"{links} not all in docs/api: {row!r}"

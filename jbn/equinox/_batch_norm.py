@@ -231,25 +231,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         inference = self.inference if inference is None else inference
         checks.python_bool(inference, "inference", _STATIC_FLAGS)
         x = jnp.asarray(x)
-        if x.ndim < 1 or x.shape[0] != self.input_size:
-            raise ValueError(
-                f"x has shape {x.shape}, but jbn.equinox.BatchNorm(input_size="
-                f"{self.input_size}) takes one example of shape ({self.input_size}, *spatial); "
-                "map it over the batch with jax.vmap(..., axis_name=...)"
-            )
+        _check_example(x.shape, self.input_size)
         # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference says.
         mode = self.stream or (None if self.prior is None else False)
         if not inference or mode is not None:
             _check_bound(self.axis_name)
-        for name in ("weight", "bias"):
-            value = getattr(self, name)
-            if value is not None and jnp.shape(value) != (self.input_size,):
-                raise ValueError(
-                    f"jbn.equinox.BatchNorm(input_size={self.input_size}) has a {name} of shape "
-                    f"{jnp.shape(value)}; it must have shape ({self.input_size},)"
-                )
+        _check_params(self.weight, self.bias, self.input_size)
         mask = checks.mask(mask, x.shape)
-        if not inference and self.prior is None:
+        if not inference and mode is None:
             _check_batch(x.shape, self.axis_name, self.input_size)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
@@ -260,8 +249,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # A state without "feature_count" (made before it existed) starts from the step count.
         running = {k: stored[k] for k in ("mean", "var")}
         running["count"] = stored.get("feature_count", stored["count"])
-        memory = {k: stored[k] for k in MEMORY if k in stored}  # jbn.equinox.use_stream's
-        running |= memory
+        running |= {k: stored[k] for k in MEMORY if k in stored}  # jbn.equinox.use_stream's
         y, new = bn_forward(
             params,
             running,
@@ -278,13 +266,36 @@ class BatchNorm(eqx.nn.StatefulLayer):
         )
         if squeeze:
             y = y[:, 0]
-        if self.stream is not None:
-            state = state.set(self.state_index, {**stored, **{k: new[k] for k in MEMORY}})
-        elif not inference and self.prior is None:
-            new = (
-                {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1}
-                | memory
-                | ({"feature_count": new["count"]} if "feature_count" in stored else {})
-            )
-            state = state.set(self.state_index, new)
+        if self.stream is not None or (not inference and self.prior is None):
+            state = state.set(self.state_index, _stored(stored, new, training=self.stream is None))
         return y, state
+
+
+def _check_example(shape: tuple[int, ...], input_size: int) -> None:
+    if len(shape) < 1 or shape[0] != input_size:
+        raise ValueError(
+            f"x has shape {shape}, but jbn.equinox.BatchNorm(input_size={input_size}) takes one "
+            f"example of shape ({input_size}, *spatial); map it over the batch with "
+            "jax.vmap(..., axis_name=...)"
+        )
+
+
+def _check_params(weight: Any, bias: Any, input_size: int) -> None:
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and jnp.shape(value) != (input_size,):
+            raise ValueError(
+                f"jbn.equinox.BatchNorm(input_size={input_size}) has a {name} of shape "
+                f"{jnp.shape(value)}; it must have shape ({input_size},)"
+            )
+
+
+def _stored(stored: dict[str, Any], new: dict[str, Any], training: bool) -> dict[str, Any]:
+    """The layer's new state entry: the stream's memory, or a training step's statistics."""
+    memory = {k: new[k] for k in MEMORY if k in new}
+    if not training:
+        return {**stored, **memory}
+    return (
+        {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1}
+        | {k: stored[k] for k in MEMORY if k in stored}
+        | ({"feature_count": new["count"]} if "feature_count" in stored else {})
+    )

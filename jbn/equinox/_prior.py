@@ -97,14 +97,19 @@ def batch_norm_mask(model: Any) -> Any:
     ``eqx.filter(model, eqx.is_inexact_array)``; the mask is a module, which is
     callable, so give optax ``lambda _: mask`` (optax calls a callable mask).
     """
+    is_layer = lambda n: isinstance(n, (BatchNorm, FrozenBatchNorm))  # noqa: E731
+    checks.found_batch_norms(
+        sum(map(is_layer, jax.tree.leaves(model, is_leaf=is_layer))),
+        "jbn.equinox.batch_norm_mask",
+        "jbn.equinox.BatchNorm and jbn.equinox.FrozenBatchNorm layers (convert an "
+        "eqx.nn.BatchNorm model first)",
+    )
     params = eqx.filter(model, eqx.is_inexact_array)
 
     def mark(node: Any) -> Any:
-        if isinstance(node, (BatchNorm, FrozenBatchNorm)):
-            return jax.tree.map(lambda _: True, node)
-        return jax.tree.map(lambda _: False, node)
+        return jax.tree.map(lambda _: is_layer(node), node)
 
-    return jax.tree.map(mark, params, is_leaf=lambda n: isinstance(n, (BatchNorm, FrozenBatchNorm)))
+    return jax.tree.map(mark, params, is_leaf=is_layer)
 
 
 class Tent(TentLoop):

@@ -25,7 +25,7 @@ from .._batch_norm import bn_forward
 from .._prior import Prior
 from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
-from ._calls import SubclassCalls, never_reaches_base
+from ._calls import SubclassCalls, intercepting, never_reaches_base
 
 
 class _State(threading.local):
@@ -142,8 +142,9 @@ def use_stream(
       >>> variables = jbn.linen.reset_stream(variables)
 
     Contexts nest (the innermost applies; None takes the layers out again) and
-    work as decorators, the safe way to combine them with ``jax.jit`` (what
-    counts is whether the context was active when the function was traced).
+    work as decorators. The context's settings are part of ``jax.jit``'s cache
+    key, so a function jitted outside it is traced anew inside it. A context in
+    which linen modules ran but no batch norm did raises a ``ValueError``.
 
     Args:
       stream: a :class:`jbn.Stream`, or None.
@@ -159,7 +160,7 @@ def use_stream(
         raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
     _state.settings.append((stream, where))
     try:
-        with nn.intercept_methods(_interceptor):
+        with intercepting(_interceptor, "jbn.linen.use_stream", (stream, where)):
             yield
     finally:
         _state.settings.pop()

@@ -182,30 +182,17 @@ class BatchNorm(nnx.Module):
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
-        stream = getattr(self, "stream", None)
-        if stream is not None:  # jbn.nnx.use_stream
-            from ._stream import stream_call
-
-            return stream_call(self, stream, x, mask)
+        if getattr(self, "stream", None) is not None:  # jbn.nnx.use_stream
+            return _stream_call(self, x, mask)
         x, params, state = self.prepare(x)
-        checks.features_match(
-            x.shape,
-            self.axis,
-            self.mean.shape,
-            f"jbn.nnx.BatchNorm(num_features={self.num_features!r}, axis={self.axis!r})",
-        )
+        _check_features(self, x.shape)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
         train = not use_running_average and self.prior is None
         y, new_state = bn_forward(
             params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
         )
         if train:
-            for k, v in new_state.items():
-                variable = getattr(self, k)
-                if variable.shape == v.shape:
-                    variable[...] = v
-                else:  # a scalar count (an older checkpoint) becomes per feature
-                    variable.value = v
+            _store(self, new_state)
         return y
 
     def prepare(
@@ -242,3 +229,29 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
         return kwargs
+
+
+def _stream_call(layer: BatchNorm, x: jax.typing.ArrayLike, mask: Any) -> jax.Array:
+    from ._stream import stream_call  # jbn.nnx.use_stream's module imports this one
+
+    assert layer.stream is not None
+    return stream_call(layer, layer.stream, x, mask)
+
+
+def _check_features(layer: BatchNorm, x_shape: tuple[int, ...]) -> None:
+    checks.features_match(
+        x_shape,
+        layer.axis,
+        layer.mean.shape,
+        f"jbn.nnx.BatchNorm(num_features={layer.num_features!r}, axis={layer.axis!r})",
+    )
+
+
+def _store(layer: BatchNorm, new_state: dict[str, jax.Array]) -> None:
+    """Writes a training step's running statistics into the layer's variables."""
+    for k, v in new_state.items():
+        variable = getattr(layer, k)
+        if variable.shape == v.shape:
+            variable[...] = v
+        else:  # a scalar count (an older checkpoint) becomes per feature
+            variable.value = v

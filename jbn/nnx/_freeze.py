@@ -222,6 +222,11 @@ def batch_norm_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
     """
     types = (*_batch_norm_types(), FrozenBatchNorm)
     layers = {path for path, m in nnx.iter_modules(model) if isinstance(m, types)}
+    checks.found_batch_norms(
+        len(layers),
+        "jbn.nnx.batch_norm_mask",
+        "flax.nnx.BatchNorm, jbn.nnx.BatchNorm and jbn.nnx.FrozenBatchNorm layers",
+    )
     state = nnx.state(model, wrt)
     flat = nnx.to_flat_state(state)
     mask = [(path, path[:-1] in layers) for path, _ in flat]

@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 from flax.nnx import graph
 
+from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
 from .._stream import MEMORY, Stream, check_stream, start_memory
@@ -25,8 +26,7 @@ from ._graph import replace_modules
 
 def _batch_norms(model: Any, tool: str) -> list[BatchNorm]:
     found = [n for _, n in [((), model), *graph.iter_graph(model)] if isinstance(n, BatchNorm)]
-    if not found:
-        raise ValueError(f"{tool} found no batch norm in the model (jbn.nnx.BatchNorm or flax's)")
+    checks.found_batch_norms(len(found), tool, "jbn.nnx.BatchNorm layers (or flax's, converted)")
     return found
 
 

@@ -89,3 +89,24 @@ def test_errors_speak_equinox_terms():
         )
     one = jax.vmap(eqx.nn.inference_mode(bn), in_axes=(0, None), out_axes=(0, None))
     assert one(jnp.ones((1, 8)), state)[0].shape == (1, 8)  # inference takes a batch of one
+
+
+NO_BN_REFUSED = r"(found|holds|ran) no (batch norm|jbn\.equinox\.(Frozen)?BatchNorm)"
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        jbn.equinox.batch_norm_mask,
+        jbn.equinox.freeze_batch_norms,
+        jbn.equinox.unfreeze_batch_norms,
+        lambda m: jbn.equinox.use_stream(m, eqx.nn.State(m), jbn.Stream()),
+        lambda m: jbn.equinox.recalibrate_batch_stats(m, eqx.nn.State(m), [X]),
+        lambda m: jbn.equinox.fold_batch_norms(m, eqx.nn.State(m), X),
+        lambda m: jbn.equinox.sync_batch_stats([eqx.nn.State(m)] * 2),
+    ],
+    ids=["mask", "freeze", "unfreeze", "stream", "recalibrate", "fold", "sync"],
+)
+def test_the_toolbox_refuses_a_model_without_batch_norm(tool):
+    with pytest.raises(ValueError, match=NO_BN_REFUSED):
+        tool(NO_BN)

@@ -13,7 +13,14 @@ import optax
 import pytest
 
 import jbn
-from jbn.linen import Tent, frozen_batch_norms, intercept, recalibrate_batch_stats, use_prior
+from jbn.linen import (
+    Tent,
+    frozen_batch_norms,
+    intercept,
+    recalibrate_batch_stats,
+    use_prior,
+    use_stream,
+)
 from tests.tent_checks import check_tent_skips_bad_batches
 
 
@@ -37,7 +44,9 @@ def test_tent_skips_nan_and_inf_batches():
 
 
 @pytest.mark.parametrize(
-    "context", [frozen_batch_norms, intercept, lambda: use_prior(4.0)], ids=lambda c: "ctx"
+    "context",
+    [frozen_batch_norms, intercept, lambda: use_prior(4.0), lambda: use_stream(jbn.Stream())],
+    ids=["frozen", "intercept", "prior", "stream"],
 )
 def test_contexts_refuse_a_model_without_batch_norm(context):
     with pytest.raises(ValueError, match="found no batch norm"):

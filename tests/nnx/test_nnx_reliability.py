@@ -84,3 +84,22 @@ def test_errors_speak_nnx_terms():
         bn(jnp.ones((8, 3)), mask=jnp.ones((8, 2), bool))
     with pytest.raises(ValueError, match=r"more than 1 value per feature.*shape \(1, 3\)"):
         bn(jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        jbn.nnx.batch_norm_mask,
+        lambda m: jbn.nnx.use_stream(m, jbn.Stream()),
+        lambda m: jbn.nnx.recalibrate_batch_stats(m, [jnp.ones((4, 5))]),
+        lambda m: jbn.nnx.fold_batch_norms(m, jnp.ones((4, 5))),
+        lambda m: jbn.nnx.sync_batch_stats([m, m]),
+    ],
+    ids=["mask", "stream", "recalibrate", "fold", "sync"],
+)
+def test_the_toolbox_refuses_a_model_without_batch_norm(tool):
+    model = nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), nnx.relu)
+    before = nnx.state(model)
+    with pytest.raises(ValueError, match=r"(found|ran|contains|holds) no (jbn\.nnx\.)?[Bb]atch ?[Nn]orm"):
+        tool(model)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
