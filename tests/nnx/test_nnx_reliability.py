@@ -100,6 +100,8 @@ def test_errors_speak_nnx_terms():
 def test_the_toolbox_refuses_a_model_without_batch_norm(tool):
     model = nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), nnx.relu)
     before = nnx.state(model)
-    with pytest.raises(ValueError, match=r"(found|ran|contains|holds) no (jbn\.nnx\.)?[Bb]atch ?[Nn]orm"):
+    with pytest.raises(
+        ValueError, match=r"(found|ran|contains|holds) no (jbn\.nnx\.)?[Bb]atch ?[Nn]orm"
+    ):
         tool(model)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
