@@ -12,13 +12,10 @@ biases (Wang et al. 2021).
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-from flax import linen as nn
-from flax.linen.module import InterceptorContext
 
 from .. import _checks as checks
 from .._checks import PriorForm
@@ -26,53 +23,8 @@ from .._optimize import optimize_only
 from .._prior import Prior
 from .._stream import Stream, start_stream
 from .._tent import TentLoop, check_stream, optimizer
-from ._calls import SubclassCalls, intercepting, never_reaches_base
 from ._freeze import batch_norm_mask
-from ._stream import run_batch_norm, use_stream
-
-
-class _State(threading.local):
-    def __init__(self) -> None:
-        self.settings: list[tuple[Any, PriorForm, Any]] = []  # (prior, form, where) per context
-        self.calls = SubclassCalls()
-
-
-_state = _State()
-
-
-def _prior_forward(module: nn.Module, x: Any, mask: Any, prior: Any, form: PriorForm) -> jax.Array:
-    """The module's output with prior-weighted statistics, from its own variables."""
-    state = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")}
-    return run_batch_norm(module, x, mask, Prior(prior, form), state)[0]
-
-
-def _interceptor(
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: InterceptorContext,
-) -> Any:
-    def adapted(module: Any) -> Any:
-        prior, form, where = _state.settings[-1]
-        if (
-            prior is None
-            or (where is not None and not where(module.path))
-            or module.is_initializing()
-            or not module.has_variable("batch_stats", "mean")
-        ):
-            return next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["x"]
-        return _prior_forward(module, x, kwargs.get("mask"), prior, form)
-
-    return _state.calls.dispatch(
-        next_fun,
-        args,
-        kwargs,
-        context,
-        active=bool(_state.settings),
-        on_base=adapted,
-        error=never_reaches_base("jbn.linen.use_prior cannot adapt"),
-    )
+from ._stream import adapting, use_stream
 
 
 @contextlib.contextmanager
@@ -120,14 +72,9 @@ def use_prior(
     if prior is not None:
         checks.prior(prior, False)
     checks.prior_form(prior_form)
-    if where is not None and not callable(where):
-        raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
-    _state.settings.append((prior, prior_form, where))
-    try:
-        with intercepting(_interceptor, "jbn.linen.use_prior", (prior, prior_form, where)):
-            yield
-    finally:
-        _state.settings.pop()
+    mode = None if prior is None else Prior(prior, prior_form)
+    with adapting(mode, where, "jbn.linen.use_prior", (prior, prior_form, where)):
+        yield
 
 
 class Tent(TentLoop):

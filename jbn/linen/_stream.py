@@ -30,7 +30,8 @@ from ._calls import SubclassCalls, intercepting, never_reaches_base
 
 class _State(threading.local):
     def __init__(self) -> None:
-        self.settings: list[tuple[Stream | None, Any]] = []  # (stream, where) per context
+        # (mode, where, tool) per active use_prior / use_stream context, innermost last.
+        self.settings: list[tuple[Prior | Stream | None, Any, str]] = []
         self.calls = SubclassCalls()
 
 
@@ -88,23 +89,32 @@ def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax
     return y
 
 
+def _test_time_forward(module: nn.Module, x: Any, mask: Any, mode: Prior | Stream) -> jax.Array:
+    """The module's output in a test-time mode; a stream's memory goes to its batch_stats."""
+    if isinstance(mode, Stream):
+        return _stream_forward(module, x, mask, mode)
+    state = {name: module.get_variable("batch_stats", name) for name in ("mean", "var")}
+    return run_batch_norm(module, x, mask, mode, state)[0]
+
+
 def _interceptor(
     next_fun: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     context: InterceptorContext,
 ) -> Any:
+    mode, where, tool = _state.settings[-1] if _state.settings else (None, None, "")
+
     def adapted(module: Any) -> Any:
-        stream, where = _state.settings[-1]
         if (
-            stream is None
+            mode is None
             or (where is not None and not where(module.path))
             or module.is_initializing()
             or not module.has_variable("batch_stats", "mean")
         ):
             return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
-        return _stream_forward(module, x, kwargs.get("mask"), stream)
+        return _test_time_forward(module, x, kwargs.get("mask"), mode)
 
     return _state.calls.dispatch(
         next_fun,
@@ -113,8 +123,27 @@ def _interceptor(
         context,
         active=bool(_state.settings),
         on_base=adapted,
-        error=never_reaches_base("jbn.linen.use_stream cannot adapt"),
+        error=never_reaches_base(f"{tool} cannot adapt"),
     )
+
+
+@contextlib.contextmanager
+def adapting(
+    mode: Prior | Stream | None, where: Any, tool: str, settings: tuple[Any, ...]
+) -> Iterator[None]:
+    """The body of :func:`use_prior` and :func:`use_stream`: ``mode`` for every batch norm.
+
+    One stack for both, so the innermost context applies whichever it is; ``settings``
+    join ``jax.jit``'s cache key (:func:`jbn.linen._calls.intercepting`).
+    """
+    if where is not None and not callable(where):
+        raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
+    _state.settings.append((mode, where, tool))
+    try:
+        with intercepting(_interceptor, tool, settings):
+            yield
+    finally:
+        _state.settings.pop()
 
 
 @contextlib.contextmanager
@@ -156,14 +185,8 @@ def use_stream(
     """
     if stream is not None:
         check_stream(stream)
-    if where is not None and not callable(where):
-        raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
-    _state.settings.append((stream, where))
-    try:
-        with intercepting(_interceptor, "jbn.linen.use_stream", (stream, where)):
-            yield
-    finally:
-        _state.settings.pop()
+    with adapting(stream, where, "jbn.linen.use_stream", (stream, where)):
+        yield
 
 
 def reset_stream(variables: Mapping[str, Any]) -> dict[str, Any]:
