@@ -101,5 +101,5 @@ figures: $(STAMP)
 	$(PY) train_mnist.py --compare --out $(FIGURES_OUT)/compare --overwrite --no-progress $(ARGS)
 	$(PY) train_mnist.py --domain-shift --out $(FIGURES_OUT)/compare/jbn --overwrite --no-progress $(ARGS)
 	cp $(FIGURES_OUT)/fig1/fig1.png $(FIGURES_OUT)/compare/compare.png docs/figures/
-	cp $(FIGURES_OUT)/compare/jbn/domain_shift.png docs/figures/
+	cp $(FIGURES_OUT)/compare/jbn/domain_shift.png $(FIGURES_OUT)/compare/jbn/domain_shift_streams.png docs/figures/
 	$(PY) docs/figures/performance.py

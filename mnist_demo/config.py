@@ -31,7 +31,7 @@ MODES: dict[str, str] = {
     "shifted test domains: stale, recalibrated and fine-tuned batch norms, batch statistics; "
     "writes domain_shift.json/.md/.png to --out; then streams each domain in test-set order "
     "and sorted by label (stale, batch statistics, best prior, jbn.Stream(), TENT with it): "
-    "domain_shift_streams.json/.md",
+    "domain_shift_streams.json/.md/.png",
     "compare": "train the model with jbn, flax's batch norm and none (same seed and data "
     "order) into --out/<norm>; writes compare.json/.md/.png to --out",
 }

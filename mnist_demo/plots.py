@@ -243,3 +243,43 @@ def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     # Beside the axes: inside, it would cover the batch-128 curves at the top.
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def plot_streams(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+    """Streamed test-time adaptation: one panel per order (iid, sorted), bars per batch size.
+
+    Top row: the mean accuracy over the shifted domains; bottom row: clean accuracy;
+    one bar per method (the records of :func:`mnist_demo.streams.stream_records`).
+    """
+    plt = _pyplot()
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    orders = list(dict.fromkeys(r["order"] for r in records))
+    sizes = sorted({r["batch_size"] for r in records})
+
+    def accuracy(method: str, order: str, size: int, clean: bool) -> float:
+        accs = [
+            100 * r["test_accuracy"]
+            for r in records
+            if (r["method"], r["order"], r["batch_size"]) == (method, order, size)
+            and (r["domain"] == "clean") == clean
+        ]
+        return float(np.mean(accs)) if accs else np.nan
+
+    fig, axes = plt.subplots(2, len(orders), figsize=(6 * len(orders) + 2.5, 7), squeeze=False)
+    width = 0.8 / len(methods)
+    for col, order in enumerate(orders):
+        for row, (clean, what) in enumerate(((False, "shifted domains (mean)"), (True, "clean"))):
+            ax = axes[row][col]
+            for j, method in enumerate(methods):
+                values = [accuracy(method, order, s, clean) for s in sizes]
+                ax.bar(np.arange(len(sizes)) + j * width, values, width, label=method)
+            ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2, [f"batch {s}" for s in sizes])
+            ax.set(ylabel=f"{what} accuracy (%)", ylim=(0, 100), title=f"{order} stream: {what}")
+            ax.grid(alpha=0.3, axis="y")
+    # Beside the axes, where it covers no bar.
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)

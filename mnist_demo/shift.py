@@ -26,7 +26,7 @@ inverted) :func:`run_domain_shift` measures per domain:
 Then every domain's scoring half is streamed in test-set order and sorted by
 label, at batch sizes 1, 8 and 64 (:mod:`mnist_demo.streams`: stale, batch
 statistics, the best prior, the stream mode and TENT with it), written to
-``domain_shift_streams.json`` and ``.md``.
+``domain_shift_streams.json``, ``.md`` and ``.png``.
 
 Each domain's test set is split in two: the first half provides the images
 that the methods adapt on, the second half is where every method is scored.
@@ -52,7 +52,7 @@ from .config import Config
 from .data import PIXEL_MEAN, PIXEL_STD, Split, get_datasets
 from .files import atomic_write
 from .models import create_model
-from .plots import plot_domain_shift
+from .plots import plot_domain_shift, plot_streams
 from .streams import stream_records, stream_table
 from .train import check_fresh_out, cross_entropy, train_and_evaluate
 
@@ -62,6 +62,7 @@ DOMAIN_SHIFT_FILES = (
     "domain_shift.png",
     "domain_shift_streams.json",
     "domain_shift_streams.md",
+    "domain_shift_streams.png",
 )
 RECALIBRATION_BATCH = 128
 BATCH_STATS_SIZES = (8, 128)
@@ -354,6 +355,7 @@ def run_domain_shift(
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write(workdir / "domain_shift_streams.json", json.dumps(streams, indent=1).encode())
     atomic_write(workdir / "domain_shift_streams.md", stream_table(streams).encode())
+    plot_streams(workdir / "domain_shift_streams.png", streams)
     log(stream_table(streams))
     atomic_write(workdir / "domain_shift.json", json.dumps(records, indent=1).encode())
     table = domain_shift_table(records, adapt_images=half, finetune=config)

@@ -26,6 +26,8 @@ def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no checkpoint" in out  # there was no trained model: it trained one first
     assert (tmp_path / "checkpoint.msgpack").exists()
+    for name in shift.DOMAIN_SHIFT_FILES:  # the stream study's table and figure too
+        assert (tmp_path / name).stat().st_size > 0, name
     records = json.loads((tmp_path / "domain_shift.json").read_text())
     base = {"domain", "method", "batches", "test_accuracy"}
     assert all(set(r) in (base, base | {"batch_size", "prior"}) for r in records)

@@ -131,3 +131,22 @@ def test_fig1_legends_cover_no_curve(drawn, tmp_path):
     plots.plot_fig1(tmp_path / "fig1.png", results)
     for ax in drawn[0].axes:
         assert covered_points(ax) == 0, ax.get_title()
+
+
+def test_streams_figure_legend_covers_no_bar(drawn, tmp_path):
+    records = [
+        {"method": m, "order": o, "batch_size": s, "domain": d, "test_accuracy": a}
+        for m, a in (("stale", 0.2), ("stream", 0.6), ("tent_stream", 0.5))
+        for o in ("iid", "sorted")
+        for s in (1, 8, 64)
+        for d in ("clean", "noise", "inverted")
+    ]
+    plots.plot_streams(tmp_path / "domain_shift_streams.png", records)
+    axes = drawn[0].axes
+    assert len(axes) == 4  # (shifted, clean) x (iid, sorted)
+    assert covered_points(axes[1]) == 0  # the legend, beside the top right panel, on no bar
+    for ax in axes:
+        heights = sorted({round(p.get_height(), 6) for p in ax.patches})
+        assert heights == [20.0, 50.0, 60.0]  # the mean accuracy of each method, in percent
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert labels == ["stale", "stream", "tent_stream"]
