@@ -245,8 +245,16 @@ def test_integer_and_bool_inputs_compute_in_float32():
     assert y16.dtype == jnp.bfloat16
     for a, b in zip(jbn.bn_stats(xi), jbn.bn_stats(xf), strict=True):
         np.testing.assert_array_equal(a, b)
-    yb, _ = jbn.bn_forward(params, state, xi > 2, True)
-    np.testing.assert_array_equal(yb, jbn.bn_forward(params, state, xf > 2, True)[0])
+    # A bool x computes as its 0/1 values: against the float64 reference, dense and NHWC.
+    for shape in ((8, 3), (2, 4, 2, 3)):
+        xb = jnp.arange(np.prod(shape)).reshape(shape) % 5 > 2
+        yb, sb = jbn.bn_forward(params, state, xb, True, momentum=0.9)
+        assert yb.dtype == jnp.float32
+        want, mean, var, _ = np_forward(np.asarray(xb, np.float64), np.ones(3), np.zeros(3))
+        np.testing.assert_allclose(yb, want, rtol=1e-5, atol=1e-5)
+        want_mean, want_var = np_running(state["mean"], state["var"], mean, var, 0.9)
+        np.testing.assert_allclose(sb["mean"], want_mean, rtol=1e-6)
+        np.testing.assert_allclose(sb["var"], want_var, rtol=1e-6)
     x64 = np.asarray(xf, np.float64)  # the float64 NumPy reference of the formula
     want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
     np.testing.assert_allclose(jbn.bn_forward(params, state, xi, True)[0], want, rtol=1e-5)
