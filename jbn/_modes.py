@@ -42,3 +42,15 @@ def resolve(train: Any, prior: Any, prior_form: Any) -> Mode:
         return train
     checks.prior(prior, train)  # a prior with train=True is an error
     return Prior(prior, prior_form)  # Prior checks the form
+
+
+def layer_mode(train: bool, prior: Any, prior_form: Any, stream: Stream | None) -> Mode:
+    """A layer's one mode: its stream, else its prior (as :class:`jbn.Prior`), else ``train``.
+
+    A frontend's layer keeps its test-time mode in attributes (``stream``, set by
+    ``use_stream``; ``prior`` and ``prior_form``, set by ``use_prior`` or the
+    constructor), and it overrides the layer's train flag.
+    """
+    if stream is not None:
+        return stream
+    return train if prior is None else Prior(prior, prior_form)

@@ -16,7 +16,9 @@ from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward, bn_init
 from .._checks import PriorForm, Residual
+from .._modes import layer_mode
 from .._stream import MEMORY, Stream
+from ._layer import Layer, Output
 
 _EMA_MODES = ("ema", "legacy")
 _STATIC_FLAGS = "; under jax.jit keep the model's flags static (eqx.filter_jit does)"
@@ -72,7 +74,7 @@ def _check_batch(shape: tuple[int, ...], axis_name: Any, input_size: int) -> Non
 
 
 @options.document
-class BatchNorm(eqx.nn.StatefulLayer):
+class BatchNorm(Layer):
     r"""Batch normalization for Equinox, with jbn's exact statistics and analytic backward.
 
     A drop-in replacement for ``eqx.nn.BatchNorm(..., mode="batch")``: the same
@@ -199,46 +201,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         state = {**state, "count": jnp.zeros((), jnp.int32), "feature_count": state["count"]}
         self.state_index = eqx.nn.StateIndex(state)
 
-    def __call__(
-        self,
-        x: ArrayLike,
-        state: eqx.nn.State,
-        *,
-        key: Any = None,
-        inference: bool | None = None,
-        mask: ArrayLike | None = None,
-    ) -> tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example.
+    __call__ = Layer.__call__  # Equinox's batch-norm call, written once for jbn's layers
 
-        Args:
-          x: one example, shape ``(input_size, *spatial)``, floating point.
-          state: the ``eqx.nn.State`` holding the running statistics.
-          key: ignored (Equinox's layer signature).
-          inference: overrides ``self.inference`` when not None.
-          mask: optional boolean array broadcastable to ``x``; False entries (e.g. a
-            padding example: ``mask=False``) are left out of the statistics, the
-            running update and the statistics' gradient.
-
-        Returns:
-          ``(y, state)``: ``y`` of ``x``'s shape and dtype, and the state with the
-          updated running statistics (unchanged in inference).
-
-        Raises:
-          NameError: in training, when a name of ``axis_name`` is not bound by an
-            enclosing vmap, pmap or shard_map.
-        """
-        del key
+    def _forward(self, x: ArrayLike, state: eqx.nn.State, inference: Any, mask: Any) -> Output:
+        """One example in the layer's mode: the call, ``key`` aside."""
         inference = self.inference if inference is None else inference
         checks.python_bool(inference, "inference", _STATIC_FLAGS)
         x = jnp.asarray(x)
         _check_example(x.shape, self.input_size)
         # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference says.
-        mode = self.stream or (None if self.prior is None else False)
-        if not inference or mode is not None:
+        mode = layer_mode(not inference, self.prior, self.prior_form, self.stream)
+        if mode is not False:
             _check_bound(self.axis_name)
         _check_params(self.weight, self.bias, self.input_size)
         mask = checks.mask(mask, x.shape)
-        if not inference and mode is None:
+        if mode is True:
             _check_batch(x.shape, self.axis_name, self.input_size)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
@@ -254,20 +231,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
             params,
             running,
             x,
-            not inference if mode is None else mode,
+            mode,
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,
             mask=mask,
-            axis_name=None if inference and mode is None else self.axis_name,
+            axis_name=None if mode is False else self.axis_name,
             autodiff=self.autodiff,
             debias=self.momentum is not None,
-            **{**options.jbn_kwargs(self), "prior": self.prior if self.stream is None else None},
+            **{**options.jbn_kwargs(self), "prior": None},  # the prior is in the mode
         )
         if squeeze:
             y = y[:, 0]
-        if self.stream is not None or (not inference and self.prior is None):
-            state = state.set(self.state_index, _stored(stored, new, training=self.stream is None))
+        if mode is True or isinstance(mode, Stream):
+            state = state.set(self.state_index, _stored(stored, new, training=mode is True))
         return y, state
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from .. import _checks as checks
 from ._batch_norm import BatchNorm
 from ._forward import is_batch_norm
+from ._state import index_with, state_entry
 
 # Step count given to running statistics converted from an Equinox mode="ema" layer,
 # whose state has no step counter: large enough that momentum**count is 0 in float32
@@ -24,24 +25,6 @@ def _is_eqx_bn(node: Any) -> bool:
 
 def _is_leaf(node: Any) -> bool:
     return _is_eqx_bn(node) or isinstance(node, eqx.nn.StateIndex)
-
-
-def _index_with(init: Any, marker: Any) -> eqx.nn.StateIndex:
-    index = eqx.nn.StateIndex(init)
-    object.__setattr__(index, "marker", marker)  # as eqx.nn.make_with_state does
-    return index
-
-
-def _get(state: eqx.nn.State, index: eqx.nn.StateIndex, where: str) -> Any:
-    """``state.get(index)``, or one error naming ``state`` where it has no such entry."""
-    try:
-        return state.get(index)
-    except KeyError:
-        raise ValueError(
-            f"state has no entry {index.marker!r}, which model's {where} needs: state must be "
-            "model's eqx.nn.State (what eqx.nn.make_with_state returned with it), not another "
-            "model's"
-        ) from None
 
 
 def _checked_shape(value: Any, layer: eqx.nn.BatchNorm, where: str) -> None:
@@ -59,8 +42,8 @@ def _converted_stats(
     # Equinox types each mode's state indices as optional: a layer has its mode's only.
     if layer.mode == "batch":
         assert layer.batch_counter is not None and layer.batch_state_index is not None
-        t = _get(state, layer.batch_counter, where)
-        hidden_mean, hidden_var = _get(state, layer.batch_state_index, where)
+        t = state_entry(state, layer.batch_counter, where)
+        hidden_mean, hidden_var = state_entry(state, layer.batch_state_index, where)
         _checked_shape(hidden_mean, layer, where)
         decay = jnp.asarray(layer.momentum, hidden_mean.dtype) ** jnp.asarray(t, hidden_mean.dtype)
         weight = jnp.where(t == 0, 1.0, 1.0 - decay)
@@ -78,8 +61,8 @@ def _converted_stats(
                 "Pass allow_ema=True to convert anyway (the running statistics are kept)"
             )
         assert layer.ema_first_time_index is not None and layer.ema_state_index is not None
-        first_time = _get(state, layer.ema_first_time_index, where)
-        ema_mean, ema_var = _get(state, layer.ema_state_index, where)
+        first_time = state_entry(state, layer.ema_first_time_index, where)
+        ema_mean, ema_var = state_entry(state, layer.ema_state_index, where)
         _checked_shape(ema_mean, layer, where)
         mean = jnp.where(first_time, 0.0, ema_mean)
         var = jnp.where(first_time, 1.0, ema_var)
@@ -142,7 +125,7 @@ def convert(
     for path, leaf in leaves:
         where = prefix + jax.tree_util.keystr(path)
         if isinstance(leaf, eqx.nn.StateIndex):
-            new_leaves.append(_index_with(_get(state, leaf, where), leaf.marker))
+            new_leaves.append(index_with(state_entry(state, leaf, where), leaf.marker))
         elif _is_eqx_bn(leaf):
             running = _converted_stats(leaf, state, allow_ema, where)
             settings = dict(
@@ -157,7 +140,7 @@ def convert(
             layer = eqx.tree_at(
                 lambda b: (b.weight, b.bias, b.state_index),
                 layer,
-                (leaf.weight, leaf.bias, _index_with(running, where + ".state_index")),
+                (leaf.weight, leaf.bias, index_with(running, where + ".state_index")),
                 is_leaf=lambda n: n is None,
             )
             new_leaves.append(layer)

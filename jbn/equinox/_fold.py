@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from .._fold import fold_batch_norm
 from .._fold_trace import Folded, Recorder, fold_traced
 from ._batch_norm import BatchNorm
-from ._convert import _get
 from ._forward import is_batch_norm
+from ._state import state_entry
 
 _TOOL = "jbn.equinox.fold_batch_norms"
 _LAYERS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
@@ -99,16 +99,16 @@ class _FoldedBatchNorm(eqx.nn.StatefulLayer):
 def _statistics(bn: Any, state: eqx.nn.State, where: str) -> dict[str, jax.Array]:
     """The running mean and variance a batch norm normalizes with in inference mode."""
     if isinstance(bn, BatchNorm):
-        stored = _get(state, bn.state_index, where)
+        stored = state_entry(state, bn.state_index, where)
         return {"mean": stored["mean"], "var": stored["var"]}
     if bn.mode == "ema":
         assert bn.ema_state_index is not None
-        mean, var = _get(state, bn.ema_state_index, where)
+        mean, var = state_entry(state, bn.ema_state_index, where)
         return {"mean": mean, "var": var}
     # mode="batch": Equinox's own zero-debiasing of its hidden averages, as its inference does.
     assert bn.batch_counter is not None and bn.batch_state_index is not None
-    counter = _get(state, bn.batch_counter, where)
-    hidden_mean, hidden_var = _get(state, bn.batch_state_index, where)
+    counter = state_entry(state, bn.batch_counter, where)
+    hidden_mean, hidden_var = state_entry(state, bn.batch_state_index, where)
     scale = jnp.where(counter == 0, 1, 1 - bn.momentum**counter)
     return {"mean": hidden_mean / scale, "var": hidden_var / scale}
 

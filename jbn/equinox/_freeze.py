@@ -19,6 +19,7 @@ from jax.typing import ArrayLike
 
 from ._batch_norm import BatchNorm
 from ._forward import is_batch_norm
+from ._layer import Layer, Output
 
 # The fields a frozen layer holds as its own (leaves); the others are kept as options.
 _OWN = ("weight", "bias", "state_index", "inference")
@@ -32,7 +33,7 @@ def _rebuild(layer_type: type, fields: dict[str, Any]) -> Any:
     return layer
 
 
-class FrozenBatchNorm(eqx.nn.StatefulLayer):
+class FrozenBatchNorm(Layer):
     """A batch norm that always normalizes with its running statistics and updates nothing.
 
     Made by :func:`freeze_batch_norms` from a ``jbn.equinox.BatchNorm``, whose
@@ -84,28 +85,11 @@ class FrozenBatchNorm(eqx.nn.StatefulLayer):
         """The ``jbn.equinox.BatchNorm`` this layer froze, with its current parameters and mode."""
         return _rebuild(self.layer_type, self._fields())
 
-    def __call__(
-        self,
-        x: ArrayLike,
-        state: eqx.nn.State,
-        *,
-        key: Any = None,
-        inference: bool | None = None,
-        mask: ArrayLike | None = None,
-    ) -> tuple[jax.Array, eqx.nn.State]:
-        """Normalizes one example with the running statistics.
+    __call__ = Layer.__call__  # Equinox's batch-norm call, written once for jbn's layers
 
-        Args:
-          x: one example, shape ``(input_size, *spatial)``.
-          state: the ``eqx.nn.State`` holding the running statistics.
-          key: ignored (Equinox's layer signature).
-          inference: ignored: the layer is frozen.
-          mask: ignored: the running statistics need none.
-
-        Returns:
-          ``(y, state)``: ``y`` of ``x``'s shape and dtype, and ``state`` unchanged.
-        """
-        del key, inference, mask
+    def _forward(self, x: ArrayLike, state: eqx.nn.State, inference: Any, mask: Any) -> Output:
+        """The layer's output in inference mode, ``state`` unchanged; ``inference``, ``mask`` ignored."""
+        del inference, mask
         # A prior would pool the batch's statistics in: frozen means the running ones alone.
         fields = {**self._fields(), "prior": None}
         if self.stop_gradient:

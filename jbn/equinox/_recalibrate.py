@@ -19,8 +19,9 @@ from jax.typing import ArrayLike
 from .. import _checks as checks
 from .._recalibrate import accumulate, new_accumulator, recalibrated, run_passes
 from ._batch_norm import BatchNorm
-from ._convert import _get, _index_with
 from ._forward import Forward, is_batch_norm, vmapped_forward
+from ._layer import Layer, Output
+from ._state import index_with, state_entry
 
 _TOOL = "jbn.equinox.recalibrate_batch_stats"
 
@@ -35,7 +36,7 @@ class _Layout(NamedTuple):
     finite_running_stats: bool
 
 
-class _Collecting(eqx.nn.StatefulLayer):
+class _Collecting(Layer):
     """Wraps a ``jbn.equinox.BatchNorm`` while recalibrating: same outputs, statistics collected."""
 
     layer: BatchNorm
@@ -45,15 +46,7 @@ class _Collecting(eqx.nn.StatefulLayer):
     def __init__(self, layer: BatchNorm, acc_index: eqx.nn.StateIndex, where: str) -> None:
         self.layer, self.acc_index, self.where = layer, acc_index, where
 
-    def __call__(
-        self,
-        x: ArrayLike,
-        state: eqx.nn.State,
-        *,
-        key: Any = None,
-        inference: bool | None = None,
-        mask: ArrayLike | None = None,
-    ) -> tuple[jax.Array, eqx.nn.State]:
+    def _forward(self, x: ArrayLike, state: eqx.nn.State, inference: Any, mask: Any) -> Output:
         layer = self.layer
         if checks.bound_axis_name(layer.axis_name) is None:
             raise ValueError(
@@ -63,7 +56,7 @@ class _Collecting(eqx.nn.StatefulLayer):
                 "out_axes=(0, None)) (or pmap / shard_map), as the default forward does"
             )
         running = state.get(layer.state_index)
-        y, state = layer(x, state, key=key, inference=inference, mask=mask)
+        y, state = layer(x, state, inference=inference, mask=mask)
         x = jnp.asarray(x)
         mask = checks.mask(mask, x.shape)
         if x.ndim == 1:  # as the layer does: a spatial axis of size 1
@@ -176,14 +169,14 @@ def recalibrate_batch_stats(
     values, keys = state.tree_flatten()  # a copy: state itself stays valid and unchanged
     current = dict(zip(keys, values, strict=True))
     for where, layer in layers.values():
-        entry = _get(state, layer.state_index, where)
+        entry = state_entry(state, layer.state_index, where)
         if not (isinstance(entry, dict) and {"mean", "var", "count"} <= set(entry)):
             raise ValueError(
                 f"state's entry for {where} is not a jbn.equinox.BatchNorm's running statistics "
                 "(a dict with 'mean', 'var' and 'count'): state must be model's eqx.nn.State"
             )
     # One accumulator per state entry (a layer used twice collects both calls' inputs).
-    accs = {m: _index_with(None, ("jbn.recalibration", m)) for m in layers}
+    accs = {m: index_with(None, ("jbn.recalibration", m)) for m in layers}
 
     def fresh() -> dict[Hashable, Any]:
         return {m: new_accumulator(jnp.asarray(current[m]["mean"])) for m in layers}
