@@ -21,10 +21,25 @@ from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
+from .._modes import layer_mode
+from .._stream import MEMORY, Stream
 
-if TYPE_CHECKING:
-    from .._stream import Stream
-
+# flax.nnx.BatchNorm's settings, kept as attributes under flax's names.
+_SETTINGS = (
+    "num_features",
+    "use_running_average",
+    "axis",
+    "momentum",
+    "epsilon",
+    "dtype",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "axis_name",
+    "axis_index_groups",
+    "use_fast_variance",
+    "promote_dtype",
+)
 _NO_MODE = (
     "No `use_running_average` argument was provided to jbn.nnx.BatchNorm. Pass it to the "
     "constructor (jbn.nnx.BatchNorm(..., use_running_average=True/False)), to the call "
@@ -80,7 +95,14 @@ class BatchNorm(nnx.Module):
       <jbn options>
     """
 
-    if TYPE_CHECKING:  # set in __init__ from the options declared in jbn/_options.py
+    if TYPE_CHECKING:  # set in __init__: flax's settings as given, then jbn's options
+        num_features: int | Sequence[int]
+        use_running_average: bool | None
+        axis: int | Sequence[int]
+        momentum: float | None
+        epsilon: float
+        dtype: Dtype | None
+        promote_dtype: PromoteDtypeFn
         prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
         prior_form: PriorForm
         stream: Stream | None  # set by jbn.nnx.use_stream
@@ -141,19 +163,8 @@ class BatchNorm(nnx.Module):
             )
         else:
             self.bias = nnx.data(None)
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
+        for name in _SETTINGS:
+            setattr(self, name, given[name])
         for name, value in jbn_options.items():
             setattr(self, name, value)
 
@@ -182,17 +193,20 @@ class BatchNorm(nnx.Module):
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
-        if getattr(self, "stream", None) is not None:  # jbn.nnx.use_stream
-            return _stream_call(self, x, mask)
         x, params, state = self.prepare(x)
         _check_features(self, x.shape)
-        # A prior selects test-time adaptation: evaluation with pooled statistics.
-        train = not use_running_average and self.prior is None
-        y, new_state = bn_forward(
-            params, state, x, train, mask=mask, **options.forward_kwargs(self, rmax=rmax, dmax=dmax)
-        )
-        if train:
+        # A test-time mode (a prior, jbn.nnx.use_stream's stream) overrides use_running_average.
+        stream = getattr(self, "stream", None)
+        mode = layer_mode(not use_running_average, self.prior, self.prior_form, stream)
+        if isinstance(mode, Stream):
+            state |= {k: getattr(self, k)[...] for k in MEMORY}
+        kwargs = options.forward_kwargs(self, rmax=rmax, dmax=dmax)
+        y, new_state = bn_forward(params, state, x, mode, mask=mask, **{**kwargs, "prior": None})
+        if mode is True:
             _store(self, new_state)
+        elif isinstance(mode, Stream):  # the memory; the running statistics are left alone
+            for k in MEMORY:
+                getattr(self, k)[...] = new_state[k]
         return y
 
     def prepare(
@@ -229,13 +243,6 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
         return kwargs
-
-
-def _stream_call(layer: BatchNorm, x: jax.typing.ArrayLike, mask: Any) -> jax.Array:
-    from ._stream import stream_call  # jbn.nnx.use_stream's module imports this one
-
-    assert layer.stream is not None
-    return stream_call(layer, layer.stream, x, mask)
 
 
 def _check_features(layer: BatchNorm, x_shape: tuple[int, ...]) -> None:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from flax import nnx
 from flax.nnx import graph
 
 from .. import _checks as checks
-from .. import _options as options
-from .._batch_norm import bn_forward
 from .._stream import MEMORY, Stream, check_stream, start_memory
 from ._batch_norm import BatchNorm
 from ._convert import _check_to_jbn, _to_jbn
@@ -92,14 +89,3 @@ def reset_stream(model: Any) -> None:
         stream = getattr(node, "stream", None)
         if stream is not None:
             _seed(node, stream)
-
-
-def stream_call(bn: BatchNorm, stream: Stream, x: Any, mask: Any) -> jax.Array:
-    """``bn``'s output in the stream mode; updates its memory (``BatchNorm.__call__``'s hook)."""
-    x, params, state = bn.prepare(x)
-    state = {**state, **{k: getattr(bn, k)[...] for k in MEMORY}}
-    kwargs = {**options.forward_kwargs(bn), "prior": None}
-    y, new = bn_forward(params, state, x, stream, mask=mask, **kwargs)
-    for k in MEMORY:
-        getattr(bn, k)[...] = new[k]
-    return y

@@ -72,12 +72,10 @@ def sync_batch_stats(
 
     Args:
       models: the replica models, as above.
-      counts: how many values each replica's statistics summarize: shape
-        ``(replicas,)``, or this device's scalar with ``axis_name``. None: equal.
-        A replica with count 0 contributes nothing, whatever it holds.
+      counts: how many values each replica's statistics summarize (None: equal),
+        as :func:`jbn.sync_batch_stats` takes them, with ``axis_name`` and ``unbiased``.
       axis_name: the named mapped axis whose devices hold the replicas, or None.
-      unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``);
-        needs ``counts``, see :func:`jbn.sync_batch_stats`.
+      unbiased: the variances are Bessel-corrected (``unbiased_running_var=True``).
     """
     fn = "jbn.nnx.sync_batch_stats"
     if isinstance(models, nnx.Module):
