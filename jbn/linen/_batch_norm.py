@@ -22,6 +22,7 @@ from .. import _checks as checks
 from .. import _options as options
 from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
+from .._modes import layer_mode
 
 
 @options.document
@@ -155,7 +156,7 @@ class BatchNorm(nn.Module):
         # flax's output dtype: the given x promoted with the parameters.
         dtype = dtypes.canonicalize_dtype(jnp.asarray(given), *params.values(), dtype=self.dtype)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
-        train = not use_running_average and self.prior is None
+        mode = layer_mode(not use_running_average, self.prior, self.prior_form, None)
         state = {k: v.value for k, v in running.items()}
 
         if self.is_initializing():
@@ -165,11 +166,11 @@ class BatchNorm(nn.Module):
             kwargs = {k: getattr(self, k) for k in ("axis", "momentum", "epsilon")}
             kwargs.update(residual=self.residual, min_scale=self.min_scale)
             y, _ = bn_forward(
-                params, state, x, train and values > 1, mask=mask, dtype=dtype, **kwargs
+                params, state, x, mode is True and values > 1, mask=mask, dtype=dtype, **kwargs
             )
             return y
 
-        if train and not self.is_mutable_collection("batch_stats"):
+        if mode is True and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 "jbn.BatchNorm in training mode (use_running_average=False) updates its running "
                 "statistics: pass mutable=['batch_stats'] to apply, e.g. `y, updates = "
@@ -177,16 +178,11 @@ class BatchNorm(nn.Module):
                 "`variables = {**variables, **updates}`; for evaluation use "
                 "use_running_average=True"
             )
+        kwargs = options.forward_kwargs(self, rmax=rmax, dmax=dmax)
         y, new_state = bn_forward(
-            params,
-            state,
-            x,
-            train,
-            mask=mask,
-            dtype=dtype,
-            **options.forward_kwargs(self, rmax=rmax, dmax=dmax),
+            params, state, x, mode, mask=mask, dtype=dtype, **{**kwargs, "prior": None}
         )
-        if train:
+        if mode is True:
             for k, variable in running.items():
                 variable.value = new_state[k]
         return y

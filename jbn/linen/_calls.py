@@ -17,6 +17,7 @@ which linen modules ran but no batch norm did (a model without batch norm).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -166,6 +167,64 @@ class SubclassCalls(threading.local):
             self.reached_base()
             return on_base(module)
         return self.run(next_fun, args, kwargs, lambda: error(type(module)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One batch-norm ``__call__`` an interceptor stands in for: the original and its arguments."""
+
+    next_fun: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def run(self) -> Any:
+        """The original call, unchanged."""
+        return self.next_fun(*self.args, **self.kwargs)
+
+    @property
+    def x(self) -> Any:
+        """The input (flax's and jbn's BatchNorm both name it ``x``)."""
+        return self.args[0] if self.args else self.kwargs["x"]
+
+
+def interceptor(
+    on_base: Callable[[Any, Call], Any],
+    *,
+    active: Callable[[], bool],
+    error: Callable[[type], Exception],
+    classes: tuple[type, ...] | None = None,
+    bases: tuple[Any, ...] | None = None,
+    check: Callable[[type], None] | None = None,
+) -> Callable[..., Any]:
+    """A linen tool's interceptor: every call through :meth:`SubclassCalls.dispatch`.
+
+    A base ``__call__`` becomes ``on_base(module, call)``; ``active()`` says whether
+    the tool's context is open; the other arguments are :meth:`SubclassCalls.dispatch`'s.
+    The tracker of subclass calls is the interceptor's own (per thread).
+    """
+    calls = SubclassCalls()
+
+    def intercept(
+        next_fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: InterceptorContext,
+    ) -> Any:
+        call = Call(next_fun, args, kwargs)
+        return calls.dispatch(
+            next_fun,
+            args,
+            kwargs,
+            context,
+            active=active(),
+            on_base=lambda module: on_base(module, call),
+            error=error,
+            classes=classes,
+            bases=bases,
+            check=check,
+        )
+
+    return intercept
 
 
 def raw_calls() -> tuple[Any, ...]:

@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
-from flax.linen.module import InterceptorContext
 
 from .. import _tree as tree
 from .._batch_norm import bn_forward
-from ._calls import SubclassCalls, intercepting, never_reaches_base
+from ._calls import Call, intercepting, interceptor, never_reaches_base
 
 
 class _State(threading.local):
     def __init__(self) -> None:
         self.stop_gradient: list[bool] = []  # one entry per active frozen_batch_norms()
-        self.calls = SubclassCalls()
 
 
 _state = _State()
@@ -57,27 +55,17 @@ def _frozen_forward(module: nn.Module, x: Any, stop_gradient: bool) -> jax.Array
     return y
 
 
-def _freezing_interceptor(
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: InterceptorContext,
-) -> Any:
-    def frozen(module: Any) -> Any:
-        if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
-            return next_fun(*args, **kwargs)  # creates the variables; init updates nothing
-        x = args[0] if args else kwargs["x"]
-        return _frozen_forward(module, x, _state.stop_gradient[-1])
+def _frozen(module: Any, call: Call) -> Any:
+    if module.is_initializing() or not module.has_variable("batch_stats", "mean"):
+        return call.run()  # creates the variables; init updates nothing
+    return _frozen_forward(module, call.x, _state.stop_gradient[-1])
 
-    return _state.calls.dispatch(
-        next_fun,
-        args,
-        kwargs,
-        context,
-        active=bool(_state.stop_gradient),
-        on_base=frozen,
-        error=never_reaches_base("jbn's frozen_batch_norms cannot freeze"),
-    )
+
+_freezing_interceptor = interceptor(
+    _frozen,
+    active=lambda: bool(_state.stop_gradient),
+    error=never_reaches_base("jbn's frozen_batch_norms cannot freeze"),
+)
 
 
 @contextlib.contextmanager

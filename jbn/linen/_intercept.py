@@ -14,14 +14,13 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from flax import linen as nn
-from flax.linen.module import InterceptorContext
 
 from ._batch_norm import BatchNorm
-from ._calls import SubclassCalls, intercepting
+from ._calls import intercepting, interceptor
 
 __all__ = ("intercept",)
 
@@ -58,7 +57,6 @@ class _State(threading.local):
 
     def __init__(self) -> None:
         self.options: list[dict[str, Any]] = []  # one entry per active intercept()
-        self.calls = SubclassCalls()
 
 
 _state = _State()
@@ -96,31 +94,21 @@ def _jbn_module(module: nn.BatchNorm, options: dict[str, Any]) -> nn.Module:
     return child
 
 
-def _interceptor(
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: InterceptorContext,
-) -> Any:
-    # A subclass's (or a lifted transform's) own __call__ keeps its code, and the
-    # flax BatchNorm.__call__ it reaches runs through jbn.
-    return _state.calls.dispatch(
-        next_fun,
-        args,
-        kwargs,
-        context,
-        active=bool(_state.options),
-        classes=(nn.BatchNorm,),
-        bases=(_FLAX_CALL,),
-        on_base=lambda module: _jbn_module(module, _state.options[-1])(*args, **kwargs),
-        error=lambda cls: TypeError(
-            f"jbn.linen.intercept cannot run {cls.__qualname__} through jbn: its __call__ "
-            "never calls flax.linen.BatchNorm.__call__ (super().__call__), so it normalizes "
-            "with its own code. Use jbn.BatchNorm in its place, or apply this model outside "
-            "intercept()"
-        ),
-        check=_check_class,
-    )
+# A subclass's (or a lifted transform's) own __call__ keeps its code, and the
+# flax BatchNorm.__call__ it reaches runs through jbn.
+_interceptor = interceptor(
+    lambda module, call: _jbn_module(module, _state.options[-1])(*call.args, **call.kwargs),
+    active=lambda: bool(_state.options),
+    classes=(nn.BatchNorm,),
+    bases=(_FLAX_CALL,),
+    error=lambda cls: TypeError(
+        f"jbn.linen.intercept cannot run {cls.__qualname__} through jbn: its __call__ "
+        "never calls flax.linen.BatchNorm.__call__ (super().__call__), so it normalizes "
+        "with its own code. Use jbn.BatchNorm in its place, or apply this model outside "
+        "intercept()"
+    ),
+    check=_check_class,
+)
 
 
 @contextlib.contextmanager

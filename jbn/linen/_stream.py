@@ -19,20 +19,18 @@ import jax
 from flax import linen as nn
 from flax.core import unfreeze
 from flax.linen import dtypes as linen_dtypes
-from flax.linen.module import InterceptorContext
 
 from .._batch_norm import bn_forward
 from .._prior import Prior
 from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
-from ._calls import SubclassCalls, intercepting, never_reaches_base
+from ._calls import Call, intercepting, interceptor, never_reaches_base
 
 
 class _State(threading.local):
     def __init__(self) -> None:
         # (mode, where, tool) per active use_prior / use_stream context, innermost last.
         self.settings: list[tuple[Prior | Stream | None, Any, str]] = []
-        self.calls = SubclassCalls()
 
 
 _state = _State()
@@ -97,34 +95,23 @@ def _test_time_forward(module: nn.Module, x: Any, mask: Any, mode: Prior | Strea
     return run_batch_norm(module, x, mask, mode, state)[0]
 
 
-def _interceptor(
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: InterceptorContext,
-) -> Any:
-    mode, where, tool = _state.settings[-1] if _state.settings else (None, None, "")
+def _adapted(module: Any, call: Call) -> Any:
+    mode, where, _ = _state.settings[-1]
+    if (
+        mode is None
+        or (where is not None and not where(module.path))
+        or module.is_initializing()
+        or not module.has_variable("batch_stats", "mean")
+    ):
+        return call.run()
+    return _test_time_forward(module, call.x, call.kwargs.get("mask"), mode)
 
-    def adapted(module: Any) -> Any:
-        if (
-            mode is None
-            or (where is not None and not where(module.path))
-            or module.is_initializing()
-            or not module.has_variable("batch_stats", "mean")
-        ):
-            return next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["x"]
-        return _test_time_forward(module, x, kwargs.get("mask"), mode)
 
-    return _state.calls.dispatch(
-        next_fun,
-        args,
-        kwargs,
-        context,
-        active=bool(_state.settings),
-        on_base=adapted,
-        error=never_reaches_base(f"{tool} cannot adapt"),
-    )
+_interceptor = interceptor(
+    _adapted,
+    active=lambda: bool(_state.settings),
+    error=lambda cls: never_reaches_base(f"{_state.settings[-1][2]} cannot adapt")(cls),
+)
 
 
 @contextlib.contextmanager
