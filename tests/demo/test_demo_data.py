@@ -130,7 +130,11 @@ def test_shipped_files_are_plain_git_files():
     for spec in mnist.FILES.values():
         path = REAL_MNIST / (spec.name + ".gz")
         assert path.read_bytes()[:2] == b"\x1f\x8b", f"{path} is not a gzip file"
-    assert "Creative Commons Attribution-Share Alike 3.0" in (REAL_MNIST / "README.md").read_text()
+    # The notice beside the files and in the README: the source and the data's own licence.
+    for notice in (REAL_MNIST / "README.md", REPO / "README.md"):
+        text = " ".join(notice.read_text().split())
+        assert "Creative Commons Attribution-Share Alike 3.0" in text, notice
+        assert all(name in text for name in ("LeCun", "Cortes", "Burges")), notice
     if shutil.which("git") and (REPO / ".git").exists():
         names = [f"data/mnist/{s.name}.gz" for s in mnist.FILES.values()]
         tracked = subprocess.run(
