@@ -80,7 +80,8 @@ clean-venv:
 #   make figures     regenerates docs/figures/: the demo's Fig. 1, --compare and --domain-shift
 #                    runs into $(FIGURES_OUT) (about half an hour on 2 idle cores), their PNGs
 #                    copied, and the performance plot redrawn from docs/performance.md. Flags for
-#                    the three runs go in ARGS, e.g. make figures ARGS="--data-dir DIR"
+#                    the three runs go in ARGS, e.g. make figures ARGS="--data-dir DIR" (default: the
+#                    MNIST copy in data/mnist)
 DOCS_STAMP := $(VENV)/.jbn-docs-installed
 FIGURES_OUT ?= runs/figures
 

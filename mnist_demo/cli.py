@@ -39,10 +39,11 @@ DESCRIPTION = (
 )
 EPILOG = (
     "MNIST (the four IDX files, .gz or not) is read from --data-dir when it is given, "
-    "and from nowhere else; otherwise it is looked for in $JBN_DATA_DIR, then in "
-    "~/.cache/jbn/mnist. If it is not there, it is downloaded (unless --no-download) "
-    "into that directory (the first of the two), and every file is checked against the "
-    "SHA-256 of the official uncompressed file."
+    "and from nowhere else; otherwise it is looked for in $JBN_DATA_DIR, then in the "
+    "repository's data/mnist (the copy a clone holds), then in ~/.cache/jbn/mnist. "
+    "If it is not there, it is downloaded (unless --no-download) into the directory "
+    "you named (--data-dir, else $JBN_DATA_DIR), never elsewhere; every file is "
+    "checked against the SHA-256 of the official uncompressed file."
 )
 
 

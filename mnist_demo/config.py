@@ -231,7 +231,8 @@ class Config:
     )
     download: bool = _field(
         True,
-        "download MNIST from the public mirrors if it is not found",
+        "download MNIST from the public mirrors if it is not found, into --data-dir "
+        "(else $JBN_DATA_DIR; a clone ships the files in data/mnist)",
         group=_OUT,
         resumable=True,
     )

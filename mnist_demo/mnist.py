@@ -3,15 +3,20 @@
 The four standard files of the MNIST database (LeCun, Cortes, Burges) are looked
 for, gzip-compressed or not: in the directory given explicitly (``--data-dir`` of
 ``train_mnist.py``) and nowhere else when one is given; otherwise in
-``$JBN_DATA_DIR``, then in ``~/.cache/jbn/mnist`` (or ``$XDG_CACHE_HOME/jbn/mnist``).
+``$JBN_DATA_DIR``, then in the copy the repository ships (:data:`SHIPPED_DIR`,
+``data/mnist`` beside this package, found from the package and not from the working
+directory), then in ``~/.cache/jbn/mnist`` (or ``$XDG_CACHE_HOME/jbn/mnist``).
+A clone therefore never needs the network.
 
-If no directory holds all four, they are downloaded (with a timeout) from the
-public mirrors in :data:`MIRRORS` into the first directory of that list (the
-given one, else ``$JBN_DATA_DIR``, else the cache). Every file is checked against
-the SHA-256 of its *uncompressed* content, so gzip wrappers from any mirror are accepted. Broken
-files (truncated, wrong magic number, wrong checksum, images and labels of
-different counts) raise :class:`MNISTError` with a message saying what is wrong;
-a short dataset is never returned silently.
+Downloading stays available for a directory the user names: if no directory holds
+all four files, they are downloaded (with a timeout) from the public mirrors in
+:data:`MIRRORS` into the given directory, else into ``$JBN_DATA_DIR``; without either,
+nothing is downloaded and the error says how to name one. Every file is checked
+against the SHA-256 of its *uncompressed* content (the shipped copy too), so gzip
+wrappers from any mirror are accepted. Broken files (truncated, wrong magic number,
+wrong checksum, images and labels of different counts) raise :class:`MNISTError`
+with a message naming the file and saying what is wrong; a short dataset is never
+returned silently.
 
 Only the Python standard library and numpy are used.
 """
@@ -38,9 +43,11 @@ __all__ = [
     "MIRRORS",
     "MNISTError",
     "MNISTNotFoundError",
+    "SHIPPED_DIR",
     "Dataset",
     "candidate_dirs",
     "download",
+    "download_dir",
     "find_files",
     "load_mnist",
     "read_idx",
@@ -104,6 +111,11 @@ MIRRORS: tuple[str, ...] = (
 )
 
 
+#: The copy of the four files the repository ships (``data/mnist``, beside the
+#: ``mnist_demo`` package; not part of the ``jbn`` wheel or sdist).
+SHIPPED_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent / "data" / "mnist"
+
+
 class MNISTError(RuntimeError):
     """An MNIST file is missing, broken, or does not match the official one."""
 
@@ -135,8 +147,9 @@ def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[pathl
       data_dir: A directory given by the user: when given, the only one.
 
     Returns:
-      ``[data_dir]`` when it is given; otherwise ``$JBN_DATA_DIR`` (if set) and
-      the cache directory, without duplicates.
+      ``[data_dir]`` when it is given; otherwise ``$JBN_DATA_DIR`` (if set), the
+      repository's copy (:data:`SHIPPED_DIR`) and the cache directory, without
+      duplicates.
     """
     if data_dir:
         return [pathlib.Path(data_dir).expanduser()]
@@ -144,6 +157,7 @@ def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[pathl
     env = os.environ.get("JBN_DATA_DIR")
     if env:
         dirs.append(pathlib.Path(env).expanduser())
+    dirs.append(SHIPPED_DIR)
     cache_root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     dirs.append(pathlib.Path(cache_root) / "jbn" / "mnist")
     unique: list[pathlib.Path] = []
@@ -151,6 +165,23 @@ def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[pathl
         if d not in unique:
             unique.append(d)
     return unique
+
+
+def download_dir(data_dir: str | os.PathLike[str] | None = None) -> pathlib.Path | None:
+    """Returns the directory the user named for a download, if any.
+
+    Args:
+      data_dir: A directory given by the user.
+
+    Returns:
+      ``data_dir`` when it is given, else ``$JBN_DATA_DIR`` when it is set, else
+      None: nothing is downloaded into a directory the user did not name (the
+      repository's copy or the cache).
+    """
+    if data_dir:
+        return pathlib.Path(data_dir).expanduser()
+    env = os.environ.get("JBN_DATA_DIR")
+    return pathlib.Path(env).expanduser() if env else None
 
 
 def _file_in(directory: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -177,7 +208,21 @@ def find_files(dirs: Iterable[pathlib.Path]) -> dict[str, pathlib.Path] | None:
     return None
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
+#: What to do about a broken file, unless the caller says otherwise.
+DOWNLOAD_AGAIN = "delete it and download it again"
+
+
+def _remedy(path: pathlib.Path) -> str:
+    """What to do about a broken ``path``: restore the shipped copy, or download again."""
+    if path.parent == SHIPPED_DIR:
+        return (
+            "it is the copy the repository ships: restore it with "
+            "`git checkout -- data/mnist` (a plain clone holds the files)"
+        )
+    return DOWNLOAD_AGAIN
+
+
+def _read_bytes(path: pathlib.Path, remedy: str = DOWNLOAD_AGAIN) -> bytes:
     """Reads a file, decompressing it if it is gzip (detected by its magic)."""
     with open(path, "rb") as f:
         head = f.read(2)
@@ -187,8 +232,7 @@ def _read_bytes(path: pathlib.Path) -> bytes:
                 return f.read()
         except (EOFError, OSError, gzip.BadGzipFile) as e:
             raise MNISTError(
-                f"{path}: the gzip stream is truncated or corrupt ({e}); "
-                "delete the file and download it again"
+                f"{path}: the gzip stream is truncated or corrupt ({e}); {remedy}"
             ) from e
     return path.read_bytes()
 
@@ -197,6 +241,8 @@ def read_idx(
     path: str | os.PathLike[str],
     expected_magic: int | None = None,
     sha256: str | None = None,
+    *,
+    remedy: str = DOWNLOAD_AGAIN,
 ) -> np.ndarray:
     """Reads one IDX file of unsigned bytes (images or labels).
 
@@ -205,6 +251,7 @@ def read_idx(
       expected_magic: If given, the magic number the file must have
         (2051 for images, 2049 for labels).
       sha256: If given, the SHA-256 the uncompressed content must have.
+      remedy: What the error of a corrupt or truncated file tells the user to do.
 
     Returns:
       ``uint8[n, rows, cols]`` for images, ``uint8[n]`` for labels.
@@ -214,7 +261,7 @@ def read_idx(
         number, an unsupported data type, or a wrong checksum.
     """
     path = pathlib.Path(path)
-    data = _read_bytes(path)
+    data = _read_bytes(path, remedy)
     if len(data) < 4:
         raise MNISTError(f"{path}: truncated: {len(data)} bytes, not even an IDX header")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -235,7 +282,7 @@ def read_idx(
     if len(data) < expected_len:
         raise MNISTError(
             f"{path}: truncated: {len(data)} bytes, but its header announces shape {shape} "
-            f"({expected_len} bytes); delete the file and download it again"
+            f"({expected_len} bytes); {remedy}"
         )
     if len(data) > expected_len:
         raise MNISTError(
@@ -247,8 +294,7 @@ def read_idx(
         if digest != sha256:
             raise MNISTError(
                 f"{path}: wrong SHA-256 of the uncompressed content: {digest}, expected "
-                f"{sha256}; the file is corrupt or not the official one; delete it and "
-                "download it again"
+                f"{sha256}; the file is corrupt or not the official one; {remedy}"
             )
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
@@ -336,12 +382,19 @@ def _missing_in(directory: pathlib.Path) -> str:
 def _missing_message(dirs: Sequence[pathlib.Path], reason: str) -> str:
     names = "\n".join(f"  {s.name}.gz  (or uncompressed {s.name})" for s in FILES.values())
     where = "\n".join(f"  {d}: {_missing_in(d)}" for d in dirs)
+    shipped = (
+        f"The repository ships them in {SHIPPED_DIR}: restore them with "
+        "`git checkout -- data/mnist`. "
+        if SHIPPED_DIR in dirs
+        else ""
+    )
     return (
         f"MNIST data not found ({reason}).\n"
         f"Put the four standard MNIST files\n{names}\n"
         f"into one of these directories (searched in this order):\n{where}\n"
-        "e.g. `--data-dir DIR` or `export JBN_DATA_DIR=DIR`. They are on the public "
-        "MNIST mirrors, e.g.\n  " + "\n  ".join(MIRRORS)
+        f"{shipped}To download them, name a directory: `--data-dir DIR` or "
+        "`export JBN_DATA_DIR=DIR`. They are on the public MNIST mirrors, e.g.\n  "
+        + "\n  ".join(MIRRORS)
     )
 
 
@@ -359,7 +412,9 @@ def load_mnist(
     Args:
       data_dir: The directory to use; when None, the search order of
         :func:`candidate_dirs`.
-      download_missing: Whether to download the files when no directory has them.
+      download_missing: Whether to download the files when no directory has them,
+        into the directory the user named (:func:`download_dir`); without one,
+        nothing is downloaded.
       verify: Whether to check the SHA-256 of each file. Turning it off is only
         meant for small synthetic test files: it warns, and files of the official
         size are verified regardless.
@@ -379,8 +434,11 @@ def load_mnist(
     if paths is None:
         if not download_missing:
             raise MNISTNotFoundError(_missing_message(dirs, "downloading disabled"))
+        target = download_dir(data_dir)
+        if target is None:
+            raise MNISTNotFoundError(_missing_message(dirs, "no directory named to download into"))
         try:
-            paths = download(dirs[0], mirrors=mirrors, timeout=timeout, log=log)
+            paths = download(target, mirrors=mirrors, timeout=timeout, log=log)
         except MNISTNotFoundError as e:
             raise MNISTNotFoundError(
                 _missing_message(dirs, "not on disk and the download failed")
@@ -395,10 +453,12 @@ def load_mnist(
         )
     arrays = {}
     for role, spec in FILES.items():
-        arrays[role] = read_idx(paths[role], spec.magic, spec.sha256 if verify else None)
+        remedy = _remedy(paths[role])
+        checksum = spec.sha256 if verify else None
+        arrays[role] = read_idx(paths[role], spec.magic, checksum, remedy=remedy)
         if not verify and arrays[role].shape[0] == spec.count:
             # Never skip the check on what claims to be the real thing.
-            read_idx(paths[role], spec.magic, spec.sha256)
+            read_idx(paths[role], spec.magic, spec.sha256, remedy=remedy)
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3:

@@ -49,9 +49,13 @@ def four_devices():
 
 @pytest.fixture
 def no_mnist_anywhere(tmp_path, monkeypatch):
-    """No MNIST in any searched directory, and mirrors that cannot be reached (the demo's tests)."""
+    """No MNIST in any searched directory, and mirrors that cannot be reached (the demo's tests).
+
+    The repository's own copy (``data/mnist``) is hidden as if it had been deleted.
+    """
     from mnist_demo import mnist
 
+    monkeypatch.setattr(mnist, "SHIPPED_DIR", tmp_path / "clone" / "data" / "mnist")
     monkeypatch.delenv("JBN_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -6,7 +6,6 @@ The MNIST demo (``tests/demo/test_demo_*.py``): tiny synthetic IDX data sets and
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 
 import numpy as np
@@ -15,18 +14,9 @@ from mnist_demo import config as demo_config
 from mnist_demo import mnist
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-#: The project's copy of MNIST beside the repository (tests and CI only; the demo
-#: itself never looks there).
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+#: The real MNIST files the repository ships (the demo's default; every clone holds them).
+REAL_MNIST = REPO / "data" / "mnist"
 N_TRAIN, N_TEST = 512, 128
-
-
-def real_mnist_dir() -> pathlib.Path | None:
-    """The directory of the real MNIST files for the tests: ``$JBN_DATA_DIR``, else ``../shared``."""
-    for d in (os.environ.get("JBN_DATA_DIR"), SHARED_MNIST):
-        if d and mnist.find_files([pathlib.Path(d)]) is not None:
-            return pathlib.Path(d)
-    return None
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Packaging facts: what pyproject.toml, LICENSE, MANIFEST.in and requirements/ promise.
 
-All but one read files in the tree; the slow one builds the wheel and reads it.
+All but one read files in the tree; one builds the sdist and the wheel and reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 
@@ -104,8 +105,15 @@ def test_lock_pins_everything_dev_and_docs_need():
     assert "jbn" not in pins and "torch" not in pins
 
 
-@pytest.mark.slow
-def test_wheel_contents(tmp_path):
+#: The tree the packages are built from: the library and, as bait, all the rest a clone holds
+#: (the demo, its MNIST data, the tests): none of that may end up in the wheel or the sdist.
+BUILD_TREE = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile", "train_mnist.py")
+BUILD_DIRS = ("jbn", "mnist_demo", "data", "tests", "benchmarks", "requirements")
+WHEEL_LIMIT = 1 << 20  # 1 MiB
+
+
+def test_sdist_and_wheel_hold_the_library_only(tmp_path):
+    # setuptools' PEP 517 backend, which `pip wheel .` calls, without pip's overhead.
     try:
         setuptools_version = Version(importlib.metadata.version("setuptools"))
     except importlib.metadata.PackageNotFoundError:
@@ -115,22 +123,32 @@ def test_wheel_contents(tmp_path):
     # Build from a copy, so that the build leaves nothing in the tree.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+    for name in BUILD_TREE:
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "jbn", src / "jbn", ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path / "wheel"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
-        + ["-q", "-w", str(out), str(src)],
-        check=True,
-        cwd=tmp_path,
+    for name in BUILD_DIRS:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    assert list((src / "data" / "mnist").glob("*.gz")), "the bait: the MNIST files are in the tree"
+    out = tmp_path / "dist"
+    code = (
+        # build_sdist changes sys.argv: the directory is read first.
+        "import sys\nfrom setuptools import build_meta\nout = sys.argv[1]\n"
+        "build_meta.build_sdist(out)\nbuild_meta.build_wheel(out)\n"
     )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=src, capture_output=True)
+    (sdist,) = out.glob("jbn-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        members = [m.split("/", 1)[1] for m in t.getnames() if "/" in m]
+    library = {"jbn", "jbn.egg-info", "LICENSE", "MANIFEST.in", "PKG-INFO", "README.md"}
+    assert {m.split("/")[0] for m in members if m} == library | {"pyproject.toml", "setup.cfg"}
+    assert not any(m.endswith(".gz") or m.startswith("data") for m in members)
     (wheel,) = out.glob("jbn-*.whl")
+    assert wheel.stat().st_size < WHEEL_LIMIT, f"{wheel.name}: {wheel.stat().st_size} bytes"
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = email.parser.Parser().parsestr(z.read(metadata_name).decode())
     assert "jbn/py.typed" in names and "jbn/__init__.py" in names
+    assert not any(n.endswith(".gz") or "mnist" in n for n in names)
     assert any(re.search(r"\.dist-info/licenses/LICENSE$", n) for n in names)
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"jbn"}
     assert len(metadata.get_all("Classifier")) >= 3

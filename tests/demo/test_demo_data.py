@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
+import shutil
 import stat
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import real_mnist_dir, synthetic_digits, write_dataset
+from helpers import REAL_MNIST, REPO, synthetic_digits, write_dataset
 
 from mnist_demo import files, mnist
 from mnist_demo.mnist import MNISTError, MNISTNotFoundError
@@ -96,19 +100,98 @@ def test_search_order(tmp_path, monkeypatch):
     second = write_dataset(tmp_path / "env", 30, 10)
     monkeypatch.setenv("JBN_DATA_DIR", str(second))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    # A given directory is the only one; without one, $JBN_DATA_DIR, then the cache.
+    # A given directory is the only one; without one, $JBN_DATA_DIR, the repository's
+    # copy, then the cache.
+    cache = tmp_path / "cache" / "jbn" / "mnist"
     assert mnist.candidate_dirs(first) == [first]
-    assert mnist.candidate_dirs(None) == [second, tmp_path / "cache" / "jbn" / "mnist"]
+    assert mnist.candidate_dirs(None) == [second, REAL_MNIST, cache]
     assert len(load_unverified(first).train_labels) == 20
     assert len(load_unverified(None).train_labels) == 30  # from $JBN_DATA_DIR
+    monkeypatch.delenv("JBN_DATA_DIR")
+    assert mnist.candidate_dirs(None) == [REAL_MNIST, cache]
+    # Downloads go only where the user said: the given directory, else $JBN_DATA_DIR.
+    assert mnist.download_dir(None) is None
+    monkeypatch.setenv("JBN_DATA_DIR", str(second))
+    assert mnist.download_dir(None) == second and mnist.download_dir(first) == first
 
 
-def test_no_development_path_searched(tmp_path, monkeypatch):
+def test_shipped_copy_is_found_from_the_package_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert mnist.SHIPPED_DIR == REAL_MNIST and REAL_MNIST.is_absolute()
+    found = mnist.find_files([mnist.SHIPPED_DIR])
+    assert found is not None
+    assert {p.name for p in found.values()} == {s.name + ".gz" for s in mnist.FILES.values()}
+
+
+def test_shipped_files_are_plain_git_files():
+    # A plain clone holds the bytes: gzip files, not Git LFS pointers, tracked and not ignored.
+    attributes = REPO / ".gitattributes"
+    assert not attributes.exists() or "lfs" not in attributes.read_text()
+    for spec in mnist.FILES.values():
+        path = REAL_MNIST / (spec.name + ".gz")
+        assert path.read_bytes()[:2] == b"\x1f\x8b", f"{path} is not a gzip file"
+    # The notice beside the files and in the README: the source and the data's own licence.
+    for notice in (REAL_MNIST / "README.md", REPO / "README.md"):
+        text = " ".join(notice.read_text().split())
+        assert "Creative Commons Attribution-Share Alike 3.0" in text, notice
+        assert all(name in text for name in ("LeCun", "Cortes", "Burges")), notice
+    if shutil.which("git") and (REPO / ".git").exists():
+        names = [f"data/mnist/{s.name}.gz" for s in mnist.FILES.values()]
+        tracked = subprocess.run(
+            ["git", "ls-files", "--", *names], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert sorted(tracked) == sorted(names)
+        ignored = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=REPO)
+        assert ignored.returncode == 1  # none of them ignored
+
+
+def test_fresh_clone_finds_the_data_offline(tmp_path):
+    # As a new user on a machine without network: HOME empty, no $JBN_DATA_DIR, no cache,
+    # the working directory elsewhere, every download refused. The shipped copy is read.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("JBN_DATA_DIR", "XDG_CACHE_HOME")}
+    dead = "http://127.0.0.1:9"  # port 9 (discard) on localhost: refused at once
+    env.update(
+        HOME=str(home), PYTHONPATH=str(REPO), http_proxy=dead, https_proxy=dead, all_proxy=dead
+    )
+    code = (
+        "from mnist_demo import mnist\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError('download attempted')\n"
+        "mnist.download = refuse\n"
+        "ds = mnist.load_mnist()\n"
+        "print(ds.train_images.shape, ds.test_labels.shape)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"MNIST from {REAL_MNIST}", "(60000, 28, 28) (10000,)"]
+    assert not any(home.iterdir())  # nothing written into the home directory
+
+
+def test_corrupt_shipped_file_is_one_clear_error(tmp_path, monkeypatch):
+    # A copy of data/mnist with one label changed: the checksum catches it, and the error
+    # names the file and says how to restore the shipped copy.
+    clone = tmp_path / "clone" / "data" / "mnist"
+    clone.mkdir(parents=True)
+    for spec in mnist.FILES.values():
+        (clone / (spec.name + ".gz")).symlink_to(REAL_MNIST / (spec.name + ".gz"))
+    labels = clone / (mnist.FILES["test_labels"].name + ".gz")
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10  # still a digit: only the checksum can tell
+    labels.unlink()
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    monkeypatch.setattr(mnist, "SHIPPED_DIR", clone)
     monkeypatch.delenv("JBN_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    dirs = mnist.candidate_dirs(None)
-    assert dirs == [tmp_path / "cache" / "jbn" / "mnist"]
-    assert not any("shared" in str(d) for d in dirs)
+    with pytest.raises(MNISTError) as info:
+        mnist.load_mnist(None, log=lambda s: None)
+    msg = str(info.value)
+    assert msg.startswith(f"{labels}: wrong SHA-256 of the uncompressed content")
+    assert mnist.FILES["test_labels"].sha256 in msg
+    assert "git checkout -- data/mnist" in msg and "download" not in msg
 
 
 def test_given_data_dir_is_the_only_place(tmp_path, monkeypatch):
@@ -138,7 +221,10 @@ def test_missing_message_names_the_missing_file(tmp_path, monkeypatch):
     assert "train-images-idx3-ubyte(.gz)" not in msg.split(f"{tmp_path}:")[1]
 
 
-def test_offline_no_data_message(no_mnist_anywhere):
+def test_offline_no_data_message(no_mnist_anywhere, monkeypatch):
+    # $JBN_DATA_DIR names a directory without the files: the download into it fails.
+    named = no_mnist_anywhere / "named"
+    monkeypatch.setenv("JBN_DATA_DIR", str(named))
     t0 = time.time()
     with pytest.raises(MNISTNotFoundError) as info:
         mnist.load_mnist(None, timeout=5, log=lambda s: None)
@@ -147,11 +233,23 @@ def test_offline_no_data_message(no_mnist_anywhere):
     for spec in mnist.FILES.values():
         assert spec.name + ".gz" in msg
     assert str(no_mnist_anywhere / "cache" / "jbn" / "mnist") in msg
+    assert f"{mnist.SHIPPED_DIR}: no such directory" in msg and "git checkout" in msg
     assert "JBN_DATA_DIR" in msg and "--data-dir" in msg
     assert "download failed" in msg and "127.0.0.1:9" in msg
     # Nothing half-downloaded is left behind.
-    cache = no_mnist_anywhere / "cache" / "jbn" / "mnist"
-    assert not cache.exists() or not any(cache.iterdir())
+    assert not named.exists() or not any(named.iterdir())
+
+
+def test_no_download_into_an_unnamed_directory(no_mnist_anywhere, monkeypatch):
+    # Without --data-dir or $JBN_DATA_DIR nothing is downloaded (not into the cache, not
+    # into the repository): the error says how to name a directory.
+    monkeypatch.setattr(mnist, "download", lambda *a, **k: pytest.fail("download attempted"))
+    with pytest.raises(MNISTNotFoundError) as info:
+        mnist.load_mnist(None, log=lambda s: None)
+    msg = str(info.value)
+    assert "no directory named to download into" in msg
+    assert "--data-dir DIR" in msg and "JBN_DATA_DIR=DIR" in msg
+    assert not (no_mnist_anywhere / "cache").exists()
 
 
 def test_no_download_message(no_mnist_anywhere):
@@ -181,10 +279,9 @@ def test_download_removes_leftover_tmp(tmp_path):
     assert not stale.exists()
 
 
-@pytest.mark.skipif(real_mnist_dir() is None, reason="real MNIST files not available")
 def test_download_from_mirror(tmp_path):
-    # A file:// mirror with the real files stands in for the network.
-    mirror = real_mnist_dir().as_uri() + "/"
+    # A file:// mirror with the real files (the shipped copy) stands in for the network.
+    mirror = REAL_MNIST.as_uri() + "/"
     target = tmp_path / "target"
     paths = mnist.download(
         target, mirrors=("http://127.0.0.1:9/", mirror), timeout=5, log=lambda s: None

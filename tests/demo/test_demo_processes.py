@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -238,43 +237,3 @@ def test_launcher_passes_the_process_flags():
         2,
         1,
     )
-
-
-@pytest.mark.slow
-def test_two_processes_resume_a_run(tmp_path, tiny_dir):
-    # One process trains 2 epochs; a copy of its checkpoint after epoch 1 is resumed by
-    # 2 processes, which must end where the uninterrupted run ended.
-    with pytest.warns(UserWarning, match="verification is OFF"):
-        splits = data.get_datasets(tiny_config(tiny_dir), log=lambda s: None)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-
-    def log(line: str) -> None:
-        if line.startswith("epoch   1/2"):  # the end-of-epoch checkpoint is written
-            shutil.copy(tmp_path / "one" / CHECKPOINT_NAME, resumed / CHECKPOINT_NAME)
-
-    config = tiny_config(tiny_dir, devices=1, epochs=2)
-    state, expected = train.train_and_evaluate(config, tmp_path / "one", datasets=splits, log=log)
-    assert len(read_payload(resumed / CHECKPOINT_NAME)["state"]["params"]) > 0
-
-    flags = ["--data-dir", str(tiny_dir), "--no-verify", "--no-download", "--no-progress"]
-    flags += ["--epochs", "2", "--batch-size", "32", "--lr", "3e-3", "--eval-batch-size", "100"]
-    command = [sys.executable, str(REPO / "train_mnist.py"), "--processes", "2", *flags]
-    done = subprocess.run(
-        [*command, "--out", str(resumed), "--resume"],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert done.stdout.count("resuming from") == 1 and "epoch   1/2" not in done.stdout
-    one = serialization.to_state_dict(jax.device_get(state))
-    assert_trees_close(
-        saved_state(resumed), {"params": one["params"], "batch_stats": one["batch_stats"]}
-    )
-    history = json.loads((resumed / "metrics.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2]
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        np.testing.assert_allclose(history[1][key], expected[1][key], rtol=1e-5, err_msg=key)

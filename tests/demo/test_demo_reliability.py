@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, tiny_config, write_dataset
+from flax import serialization
+from helpers import REPO, assert_trees_close, tiny_config, write_dataset
 
 from mnist_demo import checkpoints, cli, data, distributed, mnist, train
 from mnist_demo.checkpoints import CHECKPOINT_NAME
@@ -286,7 +288,7 @@ def _run_processes(tiny_dir, out, *extra, **popen):
     )
 
 
-@pytest.mark.slow  # ~60-100 s on 2 cores: run with -m slow
+@pytest.mark.slow  # ~90-140 s on 2 cores: run with -m slow
 def test_sigterm_to_two_processes_then_resume(tmp_path, tiny_dir):
     out = tmp_path / "run"
     launcher = _run_processes(tiny_dir, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -342,16 +344,45 @@ def test_sigterm_to_two_processes_then_resume(tmp_path, tiny_dir):
     assert "resuming from" in r_out
     history = json.loads((out / "metrics.json").read_text())
 
-    # The uninterrupted run, in this process on one device, with the same global batches.
+    # The uninterrupted run, in this process on one device, with the same global batches;
+    # its checkpoint after epoch 1 is kept for the second resume below.
+    from_one = tmp_path / "from_one"
+    from_one.mkdir()
+
+    def keep_epoch_1(line: str) -> None:
+        if line.startswith("epoch   1/2"):  # the end-of-epoch checkpoint is written
+            shutil.copy(tmp_path / "uninterrupted" / CHECKPOINT_NAME, from_one / CHECKPOINT_NAME)
+
     splits = data.get_datasets(tiny_config(tiny_dir), log=lambda s: None)
     config = tiny_config(tiny_dir, devices=1, epochs=2)
-    _, expected = train.train_and_evaluate(
-        config, tmp_path / "uninterrupted", datasets=splits, log=lambda s: None
+    state, expected = train.train_and_evaluate(
+        config, tmp_path / "uninterrupted", datasets=splits, log=keep_epoch_1
     )
     assert [h["epoch"] for h in history] == [1, 2]
     for got, want in zip(history, expected, strict=True):
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+
+    # A one-process run's checkpoint (after epoch 1) resumed in two processes ends there
+    # too: parameters and statistics as well as the metrics (merged here from a test of
+    # its own, which trained the same uninterrupted run again).
+    assert len(checkpoints.read_payload(from_one / CHECKPOINT_NAME)["state"]["params"]) > 0
+    resumed = _run_processes(
+        tiny_dir, from_one, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    r_out, r_err = resumed.communicate(timeout=TIMEOUT_S)
+    assert resumed.returncode == 0, r_out[-3000:] + r_err[-3000:]
+    assert r_out.count("resuming from") == 1 and "epoch   1/2" not in r_out
+    saved = checkpoints.read_payload(from_one / CHECKPOINT_NAME)["state"]
+    one = serialization.to_state_dict(jax.device_get(state))
+    assert_trees_close(
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]},
+        {"params": one["params"], "batch_stats": one["batch_stats"]},
+    )
+    history = json.loads((from_one / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(history[1][key], expected[1][key], rtol=1e-5, err_msg=key)
 
 
 # --------------------------------------------------------------------------

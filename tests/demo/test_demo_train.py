@@ -1,8 +1,8 @@
 """Tests of the demo's training, checkpoints and the paper's experiments, on tiny data.
 
 The default tests use small IDX files they write themselves. The test marked
-``slow`` trains the default CNN on the real MNIST files (``$JBN_DATA_DIR``, or
-``../shared/data/mnist`` beside the repository).
+``slow`` trains the default CNN on the real MNIST files the repository ships
+(``data/mnist``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, real_mnist_dir, tiny_config, write_dataset
+from helpers import REAL_MNIST, REPO, tiny_config, write_dataset
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -423,9 +423,6 @@ def test_fig1_and_sweep_tiny(tmp_path, tiny_splits):
 
 @pytest.mark.slow
 def test_default_cnn_reaches_99_3_percent(tmp_path):
-    data_dir = real_mnist_dir()
-    if data_dir is None:
-        pytest.skip("real MNIST not found in $JBN_DATA_DIR or ../shared/data/mnist")
-    config = Config(data_dir=str(data_dir), download=False, progress=False)
+    config = Config(data_dir=str(REAL_MNIST), download=False, progress=False)
     _, history = train.train_and_evaluate(config, tmp_path)
     assert history[-1]["test_accuracy"] >= 0.993, history
