@@ -6,12 +6,14 @@ its own ``__call__`` keeps its code, provided that code reaches the base
 ``__call__``; one that never does would silently keep normalizing its own way, so
 it gets an error instead. This per-thread tracker is that check, written once.
 
-:func:`intercepting` is the body the three contexts (``intercept``,
-``frozen_batch_norms``, ``use_prior``) share. It puts the context's settings
+:func:`intercepting` is the body the four contexts (``intercept``,
+``frozen_batch_norms``, ``use_prior``, ``use_stream``) share. It puts the context's settings
 into ``jax.jit``'s cache key (:func:`jax.make_user_context`), so a function
 jitted outside the context is traced anew inside it instead of replaying a
 program that never met the context; and it refuses, on leaving, a context in
 which linen modules ran but no batch norm did (a model without batch norm).
+Every other module call the tools see is watched for classes that look like
+batch norms but are none of jbn's or flax's (:class:`InterceptWarning`).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def class_name(cls: type) -> str:
 
 def _own_batch_stats(module: nn.Module) -> bool:
     """Whether ``module`` itself (not a child) holds variables in ``batch_stats``."""
-    if module.scope is None:
+    if module.scope is None or module.scope.is_collection_empty("batch_stats"):
         return False
     stats = module.scope.variables().get("batch_stats", {})
     return any(not isinstance(v, Mapping) for v in stats.values())
