@@ -67,12 +67,8 @@ def scan_predictions(model: Any, mode: Any) -> Callable[[Any, jax.Array], jax.Ar
                 return stats, jnp.argmax(model.apply(v, x, train=False), -1)
 
         stats = variables["batch_stats"]
-        if isinstance(mode, jbn.Stream):
-            stats = jax.tree.map(
-                lambda s: jbn.start_stream(s, mode),
-                stats,
-                is_leaf=lambda s: isinstance(s, dict) and "mean" in s,
-            )
+        if isinstance(mode, jbn.Stream):  # a carry of fixed structure for the scan
+            stats = jbn.linen.start_stream(variables, mode)["batch_stats"]
         return jax.lax.scan(body, stats, xs)[1]
 
     return run

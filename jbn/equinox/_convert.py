@@ -88,9 +88,13 @@ def convert(
 
     Walks any pytree (nested modules, lists, ``eqx.nn.Sequential``), carrying
     over each layer's ``weight``, ``bias``, ``inference`` flag, settings and running
-    statistics; every other state entry is kept. The converted model gives the
-    same training outputs, loss and gradients. Equinox ``mode="batch"`` running
-    statistics become jbn's debiased averages: the mean is unchanged and the
+    statistics; every other state entry is kept. For ``mode="batch"`` layers the
+    converted model gives the same training outputs, loss and gradients on every
+    step. For ``mode="ema"`` layers (``allow_ema=True``) it does on the first
+    training step of a fresh state only: Equinox normalizes each later training
+    batch with ``momentum * running + (1 - momentum) * batch`` statistics (mean
+    and variance alike) and jbn with the batch's own. Equinox ``mode="batch"``
+    running statistics become jbn's debiased averages: the mean is unchanged and the
     variance loses Equinox's initialization bias ``m^t / (1 - m^t)`` (see
     :class:`BatchNorm`), so inference outputs agree once ``m^t`` is negligible and
     are more accurate before.
@@ -100,7 +104,9 @@ def convert(
       state: its ``eqx.nn.State``.
       allow_ema: also convert ``mode="ema"`` layers (Equinox's default), keeping
         their running statistics as fully warmed-up averages; their training
-        outputs change, since jbn normalizes with the batch statistics.
+        outputs match Equinox's on a fresh state's first step only and change
+        from the second (Equinox mixes the running statistics into the batch's;
+        jbn normalizes with the batch statistics).
       **options: keyword options for every new layer, e.g. ``residual="output"``.
 
     Returns:

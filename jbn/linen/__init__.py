@@ -15,6 +15,7 @@ require("flax", "jbn.linen")
 
 from .._sync import sync_batch_stats as sync_batch_stats
 from ._batch_norm import BatchNorm as BatchNorm
+from ._calls import InterceptWarning as InterceptWarning
 from ._fold import fold_batch_norms as fold_batch_norms
 from ._freeze import batch_norm_mask as batch_norm_mask
 from ._freeze import frozen_batch_norms as frozen_batch_norms
@@ -23,10 +24,12 @@ from ._prior import Tent as Tent
 from ._prior import use_prior as use_prior
 from ._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 from ._stream import reset_stream as reset_stream
+from ._stream import start_stream as start_stream
 from ._stream import use_stream as use_stream
 
 __all__ = (
     "BatchNorm",
+    "InterceptWarning",
     "Tent",
     "batch_norm_mask",
     "fold_batch_norms",
@@ -34,6 +37,7 @@ __all__ = (
     "intercept",
     "recalibrate_batch_stats",
     "reset_stream",
+    "start_stream",
     "sync_batch_stats",
     "use_prior",
     "use_stream",

@@ -6,20 +6,24 @@ its own ``__call__`` keeps its code, provided that code reaches the base
 ``__call__``; one that never does would silently keep normalizing its own way, so
 it gets an error instead. This per-thread tracker is that check, written once.
 
-:func:`intercepting` is the body the three contexts (``intercept``,
-``frozen_batch_norms``, ``use_prior``) share. It puts the context's settings
+:func:`intercepting` is the body the four contexts (``intercept``,
+``frozen_batch_norms``, ``use_prior``, ``use_stream``) share. It puts the context's settings
 into ``jax.jit``'s cache key (:func:`jax.make_user_context`), so a function
 jitted outside the context is traced anew inside it instead of replaying a
 program that never met the context; and it refuses, on leaving, a context in
 which linen modules ran but no batch norm did (a model without batch norm).
+Every other module call the tools see is watched for classes that look like
+batch norms but are none of jbn's or flax's (:class:`InterceptWarning`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -35,16 +39,32 @@ from ._batch_norm import BatchNorm
 _JIT_KEY = jax.make_user_context(())
 
 
+class _Context:
+    """What one active context saw: linen module calls, batch-norm calls, lookalikes."""
+
+    def __init__(self, tool: str) -> None:
+        self.tool = tool
+        self.modules = 0
+        self.batch_norms = 0
+        self.lookalikes: set[type] = set()
+
+    def absorb(self, inner: _Context) -> None:
+        """An inner context's calls, which this enclosing one saw too."""
+        self.modules += inner.modules
+        self.batch_norms += inner.batch_norms
+        self.lookalikes |= inner.lookalikes
+
+
 class _Seen(threading.local):
-    """Per thread, one ``[linen module calls, batch-norm calls]`` per active context."""
+    """Per thread, what each active context saw, innermost last."""
 
     def __init__(self) -> None:
-        self.stack: list[list[int]] = []
+        self.stack: list[_Context] = []
 
     def count(self, batch_norm: bool) -> None:
         if self.stack:
-            self.stack[-1][0] += 1
-            self.stack[-1][1] += batch_norm
+            self.stack[-1].modules += 1
+            self.stack[-1].batch_norms += batch_norm
 
 
 _seen = _Seen()
@@ -80,7 +100,7 @@ def intercepting(
     ``ValueError`` naming ``tool``.
     """
     key = (tool, *(jit_key(v) for v in settings))
-    seen = [0, 0]
+    seen = _Context(tool)
     _seen.stack.append(seen)
     try:
         with _JIT_KEY((*_JIT_KEY.value, key)), nn.intercept_methods(interceptor):
@@ -88,14 +108,94 @@ def intercepting(
     finally:
         _seen.stack.pop()
         if _seen.stack:  # the enclosing context saw them too
-            _seen.stack[-1][0] += seen[0]
-            _seen.stack[-1][1] += seen[1]
-    if seen[0] and not seen[1]:
+            _seen.stack[-1].absorb(seen)
+    if seen.modules and not seen.batch_norms:
+        lookalikes = ""
+        if seen.lookalikes:
+            names = ", ".join(sorted(class_name(c) for c in seen.lookalikes))
+            lookalikes = (
+                f"; {names} looks like a batch norm but is not a flax.linen.BatchNorm (nor a "
+                "subclass) or jbn.BatchNorm, so it ran unchanged: subclass flax.linen.BatchNorm "
+                "or use jbn.BatchNorm in its place"
+            )
         raise ValueError(
             f"{tool} found no batch norm: the linen modules that ran inside it include no "
             "flax.linen.BatchNorm or jbn.BatchNorm (a model without batch norm has nothing "
-            "for it to change)"
+            f"for it to change){lookalikes}"
         )
+
+
+class InterceptWarning(UserWarning):
+    """A linen tool met a module that looks like a batch norm and left it unchanged.
+
+    :func:`jbn.linen.intercept`, :func:`jbn.linen.frozen_batch_norms`,
+    :func:`jbn.linen.use_prior` and :func:`jbn.linen.use_stream` change
+    ``flax.linen.BatchNorm`` (and its subclasses) and ``jbn.BatchNorm`` only. A
+    linen module of another class *looks like a batch norm* when, inside one of
+    them, either
+
+    - it holds variables of its own (not a child's) in the ``batch_stats``
+      collection after its call, as a home-made batch norm keeps its running
+      statistics; or
+    - its class name contains ``BatchNorm`` or ``batch_norm`` (any case, e.g.
+      ``BatchNormalization``, ``FrozenBatchNorm2d``) and no flax or jbn batch norm
+      ran inside its call (a block wrapping flax's is not a lookalike).
+
+    Such a module runs its own code, unchanged; the tool warns once per class
+    (and tool), naming it, since a model that mixes it with flax's batch norms
+    would otherwise be changed only in part without a word. A user who means it
+    silences the warning with ``warnings.filterwarnings("ignore",
+    category=jbn.linen.InterceptWarning)``.
+    """
+
+
+_NAME = re.compile(r"batch_?norm", re.IGNORECASE)
+_warned: set[tuple[type, str]] = set()
+_lookalike_classes: set[type] = set()  # classes already found to look like batch norms
+
+
+def class_name(cls: type) -> str:
+    """``module.QualName`` of a class, as the warning and the errors name it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _own_batch_stats(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not a child) holds variables in ``batch_stats``."""
+    if module.scope is None or module.scope.is_collection_empty("batch_stats"):
+        return False
+    stats = module.scope.variables().get("batch_stats", {})
+    return any(not isinstance(v, Mapping) for v in stats.values())
+
+
+def _watched(
+    module: nn.Module, next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Runs a call that no tool changes; notes its class if it looks like a batch norm."""
+    if not _seen.stack:
+        return next_fun(*args, **kwargs)
+    seen = _seen.stack[-1]
+    before = seen.batch_norms
+    out = next_fun(*args, **kwargs)
+    cls = type(module)
+    if (
+        cls in _lookalike_classes
+        or _own_batch_stats(module)
+        or (_NAME.search(cls.__name__) is not None and seen.batch_norms == before)
+    ):
+        _lookalike_classes.add(cls)
+        seen.lookalikes.add(cls)
+        if (cls, seen.tool) not in _warned:
+            _warned.add((cls, seen.tool))
+            warnings.warn(
+                f"{seen.tool} leaves {class_name(cls)} unchanged: it looks like a batch norm "
+                "but is not a flax.linen.BatchNorm (nor a subclass) or jbn.BatchNorm, so it runs "
+                "its own code, untouched by jbn, while flax's and jbn's batch norms change. Subclass "
+                "flax.linen.BatchNorm or use jbn.BatchNorm in its place, or filter "
+                "jbn.linen.InterceptWarning if this is meant",
+                InterceptWarning,
+                stacklevel=2,
+            )
+    return out
 
 
 class SubclassCalls(threading.local):
@@ -158,7 +258,10 @@ class SubclassCalls(threading.local):
         module = context.module
         is_call = context.method_name == "__call__"
         if active and is_call:
-            _seen.count(isinstance(module, (nn.BatchNorm, BatchNorm)))
+            is_batch_norm = isinstance(module, (nn.BatchNorm, BatchNorm))
+            _seen.count(is_batch_norm)
+            if not is_batch_norm:
+                return _watched(module, next_fun, args, kwargs)
         if not active or not is_call or not isinstance(module, classes):
             return next_fun(*args, **kwargs)
         if check is not None:

@@ -147,7 +147,9 @@ def intercept(**options: Any) -> Iterator[None]:
     reaches runs through jbn (flax's lifted transforms such as ``nn.remat`` work
     this way); one whose ``__call__`` never reaches flax's, or that overrides any
     other method of ``flax.linen.BatchNorm``, raises a ``TypeError`` rather than
-    silently lose its behaviour.
+    silently lose its behaviour. No other class is changed: a model's own batch
+    norm written on ``nn.Module`` runs unchanged, with a
+    :class:`jbn.linen.InterceptWarning` naming its class once.
 
     Args:
       **options: jbn-only options given to every intercepted batch norm, those of

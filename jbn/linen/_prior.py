@@ -21,10 +21,10 @@ from .. import _checks as checks
 from .._checks import PriorForm
 from .._optimize import optimize_only
 from .._prior import Prior
-from .._stream import Stream, start_stream
+from .._stream import Stream
 from .._tent import TentLoop, check_stream, optimizer
 from ._freeze import batch_norm_mask
-from ._stream import adapting, use_stream
+from ._stream import adapting, start_stream, use_stream
 
 
 @contextlib.contextmanager
@@ -161,7 +161,7 @@ class Tent(TentLoop):
             mask,
             optimize_only(tx, mask),
             episodic=episodic,
-            carry=_start(others["batch_stats"], stream),
+            carry=start_stream(others, stream)["batch_stats"],
         )
 
     @property
@@ -169,12 +169,3 @@ class Tent(TentLoop):
         if self._stream is None:
             return {**self._others, "params": self.params}
         return {**self._others, "batch_stats": self.carry, "params": self.params}
-
-
-def _start(tree: Any, stream: Stream) -> Any:
-    """``batch_stats`` with the memory of ``stream`` started in every batch norm's entry."""
-    if isinstance(tree, Mapping):
-        if "mean" in tree and "var" in tree:
-            return start_stream(tree, stream)
-        return {k: _start(v, stream) for k, v in tree.items()}
-    return tree

@@ -1,4 +1,4 @@
-"""Statistics that follow a stream, for linen models: :func:`use_stream` and :func:`reset_stream`.
+"""Statistics that follow a stream, for linen models: :func:`use_stream` and its memory.
 
 :func:`use_stream` is a context manager (and decorator) under which every
 ``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` (or those a ``where`` predicate
@@ -6,6 +6,8 @@ selects) runs in the stream mode of :func:`jbn.bn_forward`. The memory of the
 stream's statistics lives in the model's own ``batch_stats`` collection, beside
 the running statistics (``stream_mean``, ``stream_var``, ``stream_count``), so
 ``apply`` needs ``mutable=["batch_stats"]`` and returns it updated.
+:func:`start_stream` seeds the memory of every batch norm at once (a carry of
+fixed structure for ``jax.lax.scan``) and :func:`reset_stream` removes it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .._batch_norm import bn_forward
 from .._prior import Prior
 from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
+from .._stream import start_stream as start_state
 from ._calls import Call, intercepting, interceptor, never_reaches_base
 
 
@@ -176,20 +179,89 @@ def use_stream(
         yield
 
 
+def _map_batch_norms(variables: Any, tool: str, fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """``variables`` with ``fn`` applied to every batch norm's ``batch_stats`` entry.
+
+    A batch norm's entry is a dict holding ``mean`` and ``var`` (flax's and jbn's
+    names). Raises a ``ValueError`` naming ``tool`` for anything but a linen
+    variables dict with a ``batch_stats`` collection.
+    """
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        got = type(variables).__name__
+        if isinstance(variables, Mapping):
+            got = f"a dict with the collections {sorted(variables)}"
+        raise ValueError(
+            f"{tool}: variables must be a linen variables dict with a batch_stats collection "
+            f"(what model.init returns), got {got}"
+        )
+
+    def walk(tree: Any) -> Any:
+        if isinstance(tree, Mapping):
+            if "mean" in tree and "var" in tree:
+                return fn(tree)
+            return {k: walk(v) for k, v in tree.items()}
+        return tree
+
+    return {**variables, "batch_stats": walk(unfreeze(variables["batch_stats"]))}
+
+
+def start_stream(variables: Mapping[str, Any], stream: Stream) -> dict[str, Any]:
+    """``variables`` with the memory of ``stream`` seeded in every batch norm: a fixed carry.
+
+    Under :func:`use_stream` each batch norm creates its memory on its first
+    call, so the ``batch_stats`` a call returns has more entries than the ones
+    it was given. ``jax.lax.scan`` needs a carry whose structure never changes:
+    seed the whole tree first, each batch norm's entry with
+    :func:`jbn.start_stream` (its running statistics, counted as
+    ``stream.horizon``), exactly the memory the first call would create::
+
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jbn
+      >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True)])
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> mode = jbn.Stream(horizon=500.0, prior=64.0)
+      >>> def step(stats, x):
+      ...     with jbn.linen.use_stream(mode):
+      ...         y, updates = model.apply(
+      ...             {**variables, "batch_stats": stats}, x, mutable=["batch_stats"]
+      ...         )
+      ...     return updates["batch_stats"], y
+      >>> stats = jbn.linen.start_stream(variables, mode)["batch_stats"]
+      >>> stats, ys = jax.lax.scan(step, stats, jnp.ones((5, 2, 3)))
+      >>> sorted(stats["layers_1"])
+      ['mean', 'stream_count', 'stream_mean', 'stream_var', 'var']
+
+    Any memory already there is replaced; :func:`reset_stream` removes it.
+
+    Args:
+      variables: a linen variables dict with a ``batch_stats`` collection holding
+        at least one batch norm's running statistics (``mean`` and ``var``).
+      stream: a :class:`jbn.Stream`.
+
+    Returns:
+      ``variables`` with ``stream_mean``, ``stream_var`` and ``stream_count`` in
+      every batch norm's ``batch_stats`` entry; the other collections as they were.
+    """
+    check_stream(stream)
+    seeded = 0
+
+    def seed(entry: Any) -> dict[str, Any]:
+        nonlocal seeded
+        seeded += 1
+        return start_state(entry, stream)
+
+    out = _map_batch_norms(variables, "jbn.linen.start_stream", seed)
+    if not seeded:
+        raise ValueError(
+            "jbn.linen.start_stream: variables['batch_stats'] holds no batch norm's running "
+            "statistics (no entry with 'mean' and 'var'), so there is no memory to seed"
+        )
+    return out
+
+
 def reset_stream(variables: Mapping[str, Any]) -> dict[str, Any]:
     """``variables`` without the memory :func:`use_stream` keeps: back to the training statistics.
 
     The next call under :func:`use_stream` starts the memory again from the
     running statistics, bit for bit as the first time.
     """
-    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
-        raise ValueError("variables must be a linen variables dict with a batch_stats collection")
-
-    def strip(tree: Any) -> Any:
-        if isinstance(tree, Mapping):
-            if "mean" in tree and "var" in tree:
-                return reset_state(tree)
-            return {k: strip(v) for k, v in tree.items()}
-        return tree
-
-    return {**variables, "batch_stats": strip(unfreeze(variables["batch_stats"]))}
+    return _map_batch_norms(variables, "jbn.linen.reset_stream", reset_state)
