@@ -50,7 +50,6 @@ def test_memory_in_batch_stats_matches_the_core_and_resets():
         pass
 
 
-
 # The pooling alone, without the surprise cut, so NumPy can follow it step by step.
 PLAIN = jbn.Stream(horizon=40.0, prior=4.0, surprise=None)
 RUNNING = {"mean": jnp.array([-1.0, 0.0, 0.5]), "var": jnp.array([0.5, 1.0, 2.0])}
