@@ -120,6 +120,9 @@ def stream_records(
 ) -> list[dict[str, Any]]:
     """Records ``{"method", "order", "batch_size", "domain", "test_accuracy"}`` (and ``"prior"``).
 
+    The orders of :data:`ORDERS` stream each domain alone, those of
+    :data:`JOINT_ORDERS` all domains in one stream (:func:`continual_records`).
+
     Args:
       model: the linen model (``model.apply(variables, x, train=False)``).
       variables: its trained variables.
