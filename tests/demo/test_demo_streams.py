@@ -68,7 +68,7 @@ def test_continual_and_mixed_streams_match_the_model_batch_by_batch():
         "noise": Split(images * 2.0 + 1.0, labels),
         "inverted": Split(-images, labels),
     }
-    mode = jbn.Stream()
+    mode = jbn.Stream(horizon=16.0, prior=8.0)  # short: the memory follows each segment
     runs = {
         "stale": streams.scan_predictions(model, False),
         "batch_stats": streams.scan_predictions(model, jbn.Prior(0.0)),
