@@ -246,15 +246,17 @@ def _plot_prior_grid(ax: Any, grid: list[dict[str, Any]]) -> None:
 
 
 def plot_streams(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-    """Streamed test-time adaptation: one panel per order (iid, sorted), bars per batch size.
+    """Streamed test-time adaptation: one column per order, bars per batch size.
 
-    Top row: the mean accuracy over the shifted domains; bottom row: clean accuracy;
+    Top row: the mean accuracy over the shifted domains; bottom row: clean accuracy
+    (for the ``continual`` order: its last segment, clean again after the shifts);
     one bar per method (the records of :func:`mnist_demo.streams.stream_records`).
     """
     plt = _pyplot()
     methods = list(dict.fromkeys(r["method"] for r in records))
     orders = list(dict.fromkeys(r["order"] for r in records))
     sizes = sorted({r["batch_size"] for r in records})
+    last = max((r["segment"] for r in records if "segment" in r), default=None)
 
     def accuracy(method: str, order: str, size: int, clean: bool) -> float:
         accs = [
@@ -262,13 +264,19 @@ def plot_streams(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
             for r in records
             if (r["method"], r["order"], r["batch_size"]) == (method, order, size)
             and (r["domain"] == "clean") == clean
+            and (not clean or r.get("segment", last) == last)
         ]
         return float(np.mean(accs)) if accs else np.nan
 
-    fig, axes = plt.subplots(2, len(orders), figsize=(6 * len(orders) + 2.5, 7), squeeze=False)
+    def clean_title(order: str) -> str:
+        return "clean again" if order == "continual" else "clean"
+
+    per = 6 if len(orders) <= 2 else 4.5  # inches per column
+    fig, axes = plt.subplots(2, len(orders), figsize=(per * len(orders) + 2.5, 7), squeeze=False)
     width = 0.8 / len(methods)
     for col, order in enumerate(orders):
-        for row, (clean, what) in enumerate(((False, "shifted domains (mean)"), (True, "clean"))):
+        rows = ((False, "shifted domains (mean)"), (True, clean_title(order)))
+        for row, (clean, what) in enumerate(rows):
             ax = axes[row][col]
             for j, method in enumerate(methods):
                 values = [accuracy(method, order, s, clean) for s in sizes]

@@ -25,7 +25,9 @@ inverted) :func:`run_domain_shift` measures per domain:
 
 Then every domain's scoring half is streamed in test-set order and sorted by
 label, at batch sizes 1, 8 and 64 (:mod:`mnist_demo.streams`: stale, batch
-statistics, the best prior, the stream mode and TENT with it), written to
+statistics, the best prior, the stream mode and TENT with it), and all domains
+in one stream: ``continual`` (clean, the shifted domains, clean again, never
+reset) and ``mixed`` (all shuffled together), written to
 ``domain_shift_streams.json``, ``.md`` and ``.png``.
 
 Each domain's test set is split in two: the first half provides the images

@@ -14,6 +14,23 @@ it comes. :func:`stream_records` measures:
 - ``tent_stream``: online TENT with the stream statistics
   (``jbn.linen.Tent(..., stream=jbn.Stream())``), a step per batch, then its
   prediction.
+
+Two more orders put the domains in one stream (:func:`continual_records`), for
+every method but ``tent_stream`` (its steps at batch 1 and 8 collapse on the
+single-domain streams already):
+
+- ``continual``: one stream, never reset, of the scoring halves of clean, the
+  shifted domains, and clean again, in that order (each segment's partial last
+  batch left out, so no batch straddles two segments); a record per segment
+  (``"segment"`` 0, 1, ...): how fast a method follows a shift, and whether it
+  comes back when the shift ends;
+- ``mixed``: the scoring halves of all domains shuffled together (a fixed seed,
+  :data:`MIXED_SEED`), the accuracy per domain of origin: a method that follows
+  the stream must not chase every example's domain.
+
+The prior's N is again the best of :data:`PRIORS` in that cell, by the mean over
+the shifted domains (segments 1 to 4 of ``continual``); ``"examples"`` counts
+the images each record scores.
 """
 
 from __future__ import annotations
@@ -30,8 +47,12 @@ import jbn
 from .data import Split
 
 ORDERS = ("iid", "sorted")
+# The orders that stream all domains in one stream (see :func:`continual_records`).
+JOINT_ORDERS = ("continual", "mixed")
 SIZES = (1, 8, 64)
 PRIORS = (1, 4, 16, 64, 256)
+# The seed of the shuffle that mixes the domains.
+MIXED_SEED = 0
 
 
 def ordered(split: Split, order: str) -> Split:
@@ -95,6 +116,9 @@ def stream_records(
 ) -> list[dict[str, Any]]:
     """Records ``{"method", "order", "batch_size", "domain", "test_accuracy"}`` (and ``"prior"``).
 
+    The orders of :data:`ORDERS` stream each domain alone, those of
+    :data:`JOINT_ORDERS` all domains in one stream (:func:`continual_records`).
+
     Args:
       model: the linen model (``model.apply(variables, x, train=False)``).
       variables: its trained variables.
@@ -134,7 +158,123 @@ def stream_records(
                 for m, a in {**results, f"prior N={best}": grid[best]}.items()
             )
             log(f"{order} stream, batch {size}: {summary}")
+    records += continual_records(variables, domains, {**fixed, **priors}, log, sizes)
     return records
+
+
+def continual(domains: dict[str, Split], size: int) -> tuple[Split, np.ndarray]:
+    """The ``continual`` stream: clean, the shifted domains, clean again, in batches of ``size``.
+
+    Each segment is its domain in test-set order less its partial last batch,
+    so no batch straddles two segments.
+
+    Returns:
+      The stream, and the segment of each of its images.
+    """
+    names = ["clean", *(d for d in domains if d != "clean"), "clean"]
+    kept = [len(domains[d]) // size * size for d in names]
+    images = np.concatenate([domains[d].images[:n] for d, n in zip(names, kept, strict=True)])
+    labels = np.concatenate([domains[d].labels[:n] for d, n in zip(names, kept, strict=True)])
+    return Split(images, labels), np.repeat(np.arange(len(names)), kept)
+
+
+def mixed(domains: dict[str, Split], seed: int = MIXED_SEED) -> tuple[Split, np.ndarray]:
+    """The ``mixed`` stream: every domain's images shuffled together (``np.random.default_rng``).
+
+    Returns:
+      The stream, and the index in ``domains`` of each image's domain of origin.
+    """
+    splits = list(domains.values())
+    origin = np.repeat(np.arange(len(splits)), [len(s) for s in splits])
+    order = np.random.default_rng(seed).permutation(len(origin))
+    images = np.concatenate([s.images for s in splits])[order]
+    labels = np.concatenate([s.labels for s in splits])[order]
+    return Split(images, labels), origin[order]
+
+
+def continual_records(
+    variables: Any,
+    domains: dict[str, Split],
+    runs: dict[Any, Callable[[Any, jax.Array], jax.Array]],
+    log: Callable[[str], None] = print,
+    sizes: tuple[int, ...] = SIZES,
+) -> list[dict[str, Any]]:
+    """The ``continual`` and ``mixed`` records of every method of ``runs`` at each batch size.
+
+    Args:
+      variables: the model's trained variables.
+      domains: the scoring split of each domain (``"clean"`` among them).
+      runs: the methods' scans (:func:`scan_predictions`), by method name, and by N for
+        the prior's grid (:data:`PRIORS`), of which the best N is kept.
+      log: where a line per cell goes.
+      sizes: the batch sizes (those larger than a domain are left out).
+
+    Returns:
+      ``continual``: ``{"method", "order", "batch_size", "segment", "domain", "examples",
+      "test_accuracy"}`` per segment; ``mixed``: the same without ``"segment"``, per domain
+      of origin; the prior's records with ``"prior"``.
+    """
+    names = list(domains)
+    records: list[dict[str, Any]] = []
+    shortest = min(len(s) for s in domains.values())
+    for size in (b for b in sizes if b <= shortest):
+        stream, segment = continual(domains, size)
+        segments = ["clean", *(d for d in names if d != "clean"), "clean"]
+        parts = {"continual": (stream, segment, segments), "mixed": (*mixed(domains), names)}
+        for order, (split, part, part_names) in parts.items():
+            cell = {"order": order, "batch_size": size}
+            correct = _correct(runs, variables, split, size)
+            n = len(correct[next(iter(correct))])
+            part = part[:n]  # the mixed stream's partial last batch is left out
+            per = {m: _per_part(c, part, part_names) for m, c in correct.items()}
+            grid = {m: p for m, p in per.items() if not isinstance(m, str)}
+            best = max(grid, key=lambda m: _shifted(grid[m])) if grid else None
+            for m, rows in per.items():
+                if isinstance(m, str) or m == best:
+                    extra = {} if isinstance(m, str) else {"prior": m}
+                    name = m if isinstance(m, str) else "prior"
+                    for i, (domain, examples, acc) in enumerate(rows):
+                        where = {"segment": i} if order == "continual" else {}
+                        records.append(
+                            {
+                                "method": name,
+                                **cell,
+                                **extra,
+                                **where,
+                                "domain": domain,
+                                "examples": examples,
+                                "test_accuracy": acc,
+                            }  # fmt: skip
+                        )
+            summary = ", ".join(
+                f"{m if isinstance(m, str) else f'prior N={m}'} {100 * _shifted(per[m]):.1f}%"
+                for m in per
+                if isinstance(m, str) or m == best
+            )
+            log(f"{order} stream, batch {size}: shifted {summary}")
+    return records
+
+
+def _correct(
+    runs: dict[Any, Callable[[Any, jax.Array], jax.Array]], variables: Any, split: Split, size: int
+) -> dict[Any, np.ndarray]:
+    xs, labels = _batches(split, size)
+    return {m: np.asarray(run(variables, xs)).reshape(-1) == labels for m, run in runs.items()}
+
+
+def _per_part(
+    correct: np.ndarray, part: np.ndarray, names: list[str]
+) -> list[tuple[str, int, float]]:
+    """(domain, examples, accuracy) of each part (segment or domain of origin)."""
+    out = []
+    for i, d in enumerate(names):
+        n = int(np.sum(part == i))
+        out.append((d, n, float(np.mean(correct[part == i])) if n else float("nan")))
+    return out
+
+
+def _shifted(rows: list[tuple[str, int, float]]) -> float:
+    return float(np.mean([a for d, _, a in rows if d != "clean"]))
 
 
 def _accuracies(
@@ -153,13 +293,16 @@ def shifted_mean(accs: dict[str, float]) -> float:
 
 
 def stream_table(records: list[dict[str, Any]]) -> str:
-    """A Markdown table: one row per (order, batch size), one column per method.
+    """Markdown tables: the single-domain streams, then the continual and mixed ones.
 
-    Each cell is the mean accuracy over the shifted domains, with clean accuracy
-    in brackets (and N for the prior).
+    The first table has one row per (order, batch size) of :data:`ORDERS`, one
+    column per method; each cell is the mean accuracy over the shifted domains,
+    with clean accuracy in brackets (and N for the prior). The second, if the
+    records hold the orders of :data:`JOINT_ORDERS`, is :func:`joint_table`.
     """
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    cells = list(dict.fromkeys((r["order"], r["batch_size"]) for r in records))
+    single = [r for r in records if r["order"] in ORDERS]
+    methods = list(dict.fromkeys(r["method"] for r in single))
+    cells = list(dict.fromkeys((r["order"], r["batch_size"]) for r in single))
     lines = [
         "| stream | batch | " + " | ".join(m.replace("_", " ") for m in methods) + " |",
         "|---|---:|" + "---:|" * len(methods),
@@ -169,7 +312,7 @@ def stream_table(records: list[dict[str, Any]]) -> str:
         for m in methods:
             rs = [
                 r
-                for r in records
+                for r in single
                 if r["method"] == m and r["order"] == order and r["batch_size"] == size
             ]
             accs = {r["domain"]: r["test_accuracy"] for r in rs}
@@ -181,4 +324,53 @@ def stream_table(records: list[dict[str, Any]]) -> str:
         "scoring half streamed in test-set order (iid) or sorted by label, every batch scored "
         "as it comes.)\n"
     )
+    joint = joint_table(records)
+    return "\n".join(lines) + ("\n" + joint if joint else "")
+
+
+def joint_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of the ``continual`` and ``mixed`` orders ("" if there are none).
+
+    One row per (method, batch size); columns: the continual stream's first clean
+    segment, mean over its shifted segments and returning clean segment, then the
+    mixed stream's clean images and mean over its shifted domains (and N for the
+    prior, per order).
+    """
+    joint = [r for r in records if r["order"] in JOINT_ORDERS]
+    if not joint:
+        return ""
+    lines = [
+        "| method | batch | continual: clean | continual: shifted (mean) | continual: clean "
+        "again | mixed: clean | mixed: shifted (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, size in dict.fromkeys((r["method"], r["batch_size"]) for r in joint):
+        cell = [r for r in joint if (r["method"], r["batch_size"]) == (method, size)]
+        c = [r for r in cell if r["order"] == "continual"]
+        m = [r for r in cell if r["order"] == "mixed"]
+        last = max((r["segment"] for r in c), default=0)
+        values = [
+            _percent([r for r in c if r["segment"] == 0]),
+            _percent([r for r in c if r["domain"] != "clean"]) + _prior_note(c),
+            _percent([r for r in c if r["segment"] == last and r["domain"] == "clean"]),
+            _percent([r for r in m if r["domain"] == "clean"]),
+            _percent([r for r in m if r["domain"] != "clean"]) + _prior_note(m),
+        ]
+        lines.append(f"| {method.replace('_', ' ')} | {size} | " + " | ".join(values) + " |")
+    lines.append(
+        "\n(continual: one stream, never reset, of the clean scoring half, the shifted ones and "
+        "clean again, accuracy per segment; mixed: all scoring halves shuffled together, "
+        "accuracy per domain of origin, shifted: mean over the shifted domains.)\n"
+    )
     return "\n".join(lines)
+
+
+def _percent(records: list[dict[str, Any]]) -> str:
+    """The mean accuracy of ``records`` in percent ("–" for none)."""
+    if not records:
+        return "–"
+    return f"{100 * float(np.mean([r['test_accuracy'] for r in records])):.1f} %"
+
+
+def _prior_note(records: list[dict[str, Any]]) -> str:
+    return f", N = {records[0]['prior']:g}" if records and "prior" in records[0] else ""

@@ -115,3 +115,37 @@ def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, 
     s = np.asarray(scale, np.float64).reshape(bshape)
     b = np.asarray(bias, np.float64).reshape(bshape)
     return s * (x - mean) / np.sqrt(var + eps) + b
+
+
+def np_stream_memory(memory, x, horizon, axis=-1):
+    """The stream memory after taking in batch ``x``, float64, without the surprise cut.
+
+    ``memory`` is ``(mean, var, count)`` per feature (count in examples); the
+    batch's (mean, var, n examples) is pooled with it by Chan's formula,
+        w = n_m / (n_m + n_b),  μ = w μ_m + (1 - w) μ_b,
+        σ² = w σ²_m + (1 - w) σ²_b + w (1 - w) (μ_m - μ_b)²,
+    and the count n_m + n_b is capped at ``horizon``. Returns the new ``(mean, var, count)``
+    in the feature shape. An example is a slice along axis 0 (as in :func:`np_prior`).
+    """
+    x = np.asarray(x, np.float64)
+    reduce, _, fshape = _axes(x, axis)
+    mean_b, var_b, n = np_stats(x, axis)
+    n = n / math.prod(x.shape[a] for a in reduce if a != 0)
+    mean_b, var_b, n = (np.reshape(v, fshape) for v in (mean_b, var_b, n))
+    mean_m, var_m, n_m = (np.broadcast_to(np.asarray(v, np.float64), fshape) for v in memory)
+    w = n_m / (n_m + n)
+    mean = w * mean_m + (1 - w) * mean_b
+    var = w * var_m + (1 - w) * var_b + w * (1 - w) * (mean_m - mean_b) ** 2
+    return mean, var, np.minimum(n_m + n, horizon)
+
+
+def np_stream_memories(running, xs, horizon, axis=-1):
+    """The memory after each batch of ``xs``, started from ``running`` = (mean, var) counted
+    as ``horizon`` examples (see :func:`np_stream_memory`)."""
+    mean, var = (np.asarray(v, np.float64) for v in running)
+    memory = (mean, var, np.full(mean.shape, float(horizon)))
+    out = []
+    for x in xs:
+        memory = np_stream_memory(memory, x, horizon, axis)
+        out.append(memory)
+    return out

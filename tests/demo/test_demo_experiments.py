@@ -28,6 +28,14 @@ def test_domain_shift_smoke(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "checkpoint.msgpack").exists()
     for name in shift.DOMAIN_SHIFT_FILES:  # the stream study's table and figure too
         assert (tmp_path / name).stat().st_size > 0, name
+    streamed = json.loads((tmp_path / "domain_shift_streams.json").read_text())
+    continual = [r for r in streamed if r["order"] == "continual"]
+    assert {r["method"] for r in continual} == {"stale", "batch_stats", "prior", "stream"}
+    segments = {(r["segment"], r["domain"]) for r in continual}
+    assert {i for i, _ in segments} == set(range(6))
+    assert {d for i, d in segments if i in (0, 5)} == {"clean"}
+    assert len({r["domain"] for r in streamed if r["order"] == "mixed"}) == 5
+    assert "continual: clean again" in (tmp_path / "domain_shift_streams.md").read_text()
     records = json.loads((tmp_path / "domain_shift.json").read_text())
     base = {"domain", "method", "batches", "test_accuracy"}
     assert all(set(r) in (base, base | {"batch_size", "prior"}) for r in records)

@@ -150,3 +150,48 @@ def test_streams_figure_legend_covers_no_bar(drawn, tmp_path):
         assert heights == [20.0, 50.0, 60.0]  # the mean accuracy of each method, in percent
     labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
     assert labels == ["stale", "stream", "tent_stream"]
+
+
+def test_streams_figure_with_the_continual_and_mixed_orders(drawn, tmp_path):
+    single = [
+        {"method": m, "order": o, "batch_size": s, "domain": d, "test_accuracy": 0.5}
+        for m in ("stale", "stream", "tent_stream")
+        for o in ("iid", "sorted")
+        for s in (1, 8)
+        for d in ("clean", "noise")
+    ]
+    # Continual: clean 90 %, noise 30 %, clean again 70 % (stale: 80 %); mixed: 60 % and 40 %.
+    continual = [
+        {
+            "method": m,
+            "order": "continual",
+            "batch_size": s,
+            "segment": i,
+            "domain": d,
+            "test_accuracy": a if m == "stream" or i < 2 else 0.8,
+        }  # fmt: skip
+        for m in ("stale", "stream")
+        for s in (1, 8)
+        for i, (d, a) in enumerate((("clean", 0.9), ("noise", 0.3), ("clean", 0.7)))
+    ]
+    mixed = [
+        {"method": m, "order": "mixed", "batch_size": s, "domain": d, "test_accuracy": a}
+        for m in ("stale", "stream")
+        for s in (1, 8)
+        for d, a in (("clean", 0.6), ("noise", 0.4))
+    ]
+    plots.plot_streams(tmp_path / "domain_shift_streams.png", single + continual + mixed)
+    axes = drawn[0].axes
+    assert len(axes) == 8  # (shifted, clean) x (iid, sorted, continual, mixed)
+    assert covered_points(axes[3]) == 0
+    titles = [ax.get_title() for ax in axes]
+    assert "continual stream: clean again" in titles and "mixed stream: clean" in titles
+
+    def heights(title):
+        ax = axes[titles.index(title)]
+        return sorted({round(p.get_height(), 6) for p in ax.patches if np.isfinite(p.get_height())})
+
+    assert heights("continual stream: shifted domains (mean)") == [30.0]
+    assert heights("continual stream: clean again") == [70.0, 80.0]  # the last segment only
+    assert heights("mixed stream: clean") == [60.0]
+    assert heights("mixed stream: shifted domains (mean)") == [40.0]

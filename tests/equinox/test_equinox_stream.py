@@ -1,14 +1,18 @@
-"""jbn.equinox.use_stream: the memory lives in the eqx.nn.State and matches the core's."""
+"""jbn.equinox.use_stream: the memory lives in the eqx.nn.State and matches the core's and an
+independent NumPy transcription of Chan's pooling; Tent carries it; filter_jit keys on the settings."""
 
 from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jbn
 import jbn.equinox
+from tests.np_reference import np_prior, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
 
@@ -39,3 +43,98 @@ def test_memory_in_the_state_matches_the_core_and_resets():
         jbn.equinox.use_stream(eqx.nn.Linear(2, 3, key=jax.random.key(0)), state0, MODE)
     with pytest.raises(ValueError, match="no batch norm of the model is in the stream mode"):
         jbn.equinox.reset_stream(plain, out)
+
+
+# The pooling alone, without the surprise cut, so NumPy can follow it step by step.
+PLAIN = jbn.Stream(horizon=40.0, prior=4.0, surprise=None)
+RUNNING = (np.array([-1.0, 0.0, 0.5], np.float32), np.array([0.5, 1.0, 2.0], np.float32))
+MEMORY = ("stream_mean", "stream_var", "stream_count")
+
+
+def batch_norm():
+    """A jbn.equinox.BatchNorm of 3 features with running statistics RUNNING, and its state."""
+    bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch", dtype=np.float32)
+    stored = state.get(bn.state_index)
+    stored = {**stored, "mean": jnp.asarray(RUNNING[0]), "var": jnp.asarray(RUNNING[1])}
+    return eqx.nn.inference_mode(bn), state.set(bn.state_index, stored)
+
+
+def assert_memory(entry, want, rtol=2e-5):
+    for k, v in zip(MEMORY, want, strict=True):
+        np.testing.assert_allclose(entry[k], v, rtol=rtol, atol=1e-5)
+
+
+def test_memory_of_conv_shaped_input_matches_numpy_chan_pooling():
+    # Equinox's layout: each example (channels, height, width), mapped over the batch.
+    bn, state = batch_norm()
+    bn, state = jbn.equinox.use_stream(bn, state, PLAIN)
+    xs = jax.random.normal(jax.random.key(3), (2, 6, 3, 4, 4)) * 2.0 + 3.0
+    want = np_stream_memories(RUNNING, xs, PLAIN.horizon, axis=1)
+
+    @eqx.filter_jit
+    def run(x, state):
+        return jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    for xb, memory in zip(xs, want, strict=True):
+        _, state = run(xb, state)
+        assert_memory(state.get(bn.state_index), memory)
+    # The batch's mean is far from the memory's: Chan's between-means term weighs here.
+    w = PLAIN.horizon / (PLAIN.horizon + 6)
+    term = w * (1 - w) * (RUNNING[0] - np.asarray(xs[0]).mean((0, 2, 3))) ** 2
+    assert np.max(term / want[0][1]) > 0.05
+
+
+class InputBN(eqx.Module):
+    """A batch norm on the input itself, so its memory does not depend on TENT's steps."""
+
+    bn: jbn.equinox.BatchNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, bn):
+        self.bn = bn
+        self.head = eqx.nn.Linear(3, 3, key=jax.random.key(0))
+
+    def __call__(self, x, state):
+        h, state = self.bn(x, state)
+        return self.head(h), state
+
+
+def test_tent_carries_the_memory_and_a_non_finite_step_keeps_it():
+    bn, state = batch_norm()
+    model = InputBN(bn)
+    xs = jax.random.normal(jax.random.key(5), (3, 8, 3)) * 1.5 + jnp.array([[[2.0, -1.0, 0.5]]])
+    tent = jbn.equinox.Tent(model, state, tx=optax.adam(1e-2), stream=PLAIN)
+    tent.update(xs[0])
+    tent.update(xs[1])
+    want = np_stream_memories(RUNNING, xs[:2], PLAIN.horizon)
+    assert_memory(tent.state.get(bn.state_index), want[1])
+    alone = np_stream_memories(RUNNING, xs[1:2], PLAIN.horizon)[0]
+    assert np.max(np.abs(alone[0] - want[1][0])) > 0.05  # forgetting step 1 would show
+    # One NaN value: the step is skipped and the whole memory stays, bit for bit, though the
+    # core alone would take the batch into the finite features.
+    before = {k: np.asarray(v) for k, v in tent.state.get(bn.state_index).items()}
+    tent.update(xs[2].at[0, 0].set(jnp.nan))
+    assert tent.skipped == 1
+    after = tent.state.get(bn.state_index)
+    assert set(after) == set(before)
+    for k, b in before.items():
+        assert np.asarray(after[k]).tobytes() == b.tobytes(), k
+
+
+def test_stream_settings_enter_the_jit_cache_key():
+    plain, state0 = batch_norm()
+    x = jax.random.normal(jax.random.key(6), (8, 3)) * 2.0 + 1.0
+    traces = []
+
+    @eqx.filter_jit
+    def f(bn, state, x):
+        traces.append(1)
+        return jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    for horizon, prior in ((10.0, 2.0), (50.0, 30.0), (10.0, 2.0)):
+        bn, state = jbn.equinox.use_stream(plain, state0, jbn.Stream(horizon, prior, surprise=None))
+        y, state = f(bn, state, x)
+        want = np_prior(x, bn.weight, bn.bias, *RUNNING, prior, "pooled")
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        assert_memory(state.get(bn.state_index), np_stream_memory((*RUNNING, horizon), x, horizon))
+    assert len(traces) == 2  # the first settings again: jit's cache, no new trace
