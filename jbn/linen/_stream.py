@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import linen as nn
@@ -27,11 +27,17 @@ from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
 from ._calls import SubclassCalls, intercepting, never_reaches_base
 
+if TYPE_CHECKING:
+    from .._accumulate import Accumulate
+    from ._accumulate import Commit
+
+    Mode = Prior | Stream | Accumulate | Commit
+
 
 class _State(threading.local):
     def __init__(self) -> None:
         # (mode, where, tool) per active use_prior / use_stream context, innermost last.
-        self.settings: list[tuple[Prior | Stream | None, Any, str]] = []
+        self.settings: list[tuple[Mode | None, Any, str]] = []
         self.calls = SubclassCalls()
 
 
@@ -39,15 +45,22 @@ _state = _State()
 
 
 def run_batch_norm(
-    module: nn.Module, x: Any, mask: Any, mode: Prior | Stream, state: dict[str, Any]
+    module: nn.Module,
+    x: Any,
+    mask: Any,
+    mode: Prior | Stream | Accumulate | bool,
+    state: dict[str, Any],
+    **jbn_options: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A linen batch norm's ``bn_forward`` in a test-time ``mode``, from its own parameters.
+    """A linen batch norm's ``bn_forward`` in ``mode``, from its own parameters.
 
     Args:
       module: a bound ``flax.linen.BatchNorm`` or ``jbn.BatchNorm``.
       x, mask: its call's input and mask.
-      mode: a :class:`jbn.Prior` or :class:`jbn.Stream`.
+      mode: a :class:`jbn.Prior`, :class:`jbn.Stream`, :class:`jbn.Accumulate`
+        or False (evaluation).
       state: the ``bn_forward`` state, from its ``batch_stats``.
+      **jbn_options: further ``bn_forward`` options (e.g. ``residual``).
 
     Returns:
       ``bn_forward``'s ``(y, new_state)``.
@@ -70,6 +83,7 @@ def run_batch_norm(
         axis_name=module.axis_name,
         axis_index_groups=module.axis_index_groups,
         dtype=dtype,
+        **jbn_options,
     )
 
 
@@ -113,6 +127,11 @@ def _interceptor(
             or not module.has_variable("batch_stats", "mean")
         ):
             return next_fun(*args, **kwargs)
+        if not isinstance(mode, (Prior, Stream)):  # gradient accumulation
+            from ._accumulate import accumulation_forward  # it imports this module
+
+            y = accumulation_forward(module, mode, args, kwargs)
+            return next_fun(*args, **kwargs) if y is None else y
         x = args[0] if args else kwargs["x"]
         return _test_time_forward(module, x, kwargs.get("mask"), mode)
 
@@ -128,10 +147,9 @@ def _interceptor(
 
 
 @contextlib.contextmanager
-def adapting(
-    mode: Prior | Stream | None, where: Any, tool: str, settings: tuple[Any, ...]
-) -> Iterator[None]:
-    """The body of :func:`use_prior` and :func:`use_stream`: ``mode`` for every batch norm.
+def adapting(mode: Mode | None, where: Any, tool: str, settings: tuple[Any, ...]) -> Iterator[None]:
+    """The body of :func:`use_prior`, :func:`use_stream` and gradient accumulation's
+    contexts: ``mode`` for every batch norm.
 
     One stack for both, so the innermost context applies whichever it is; ``settings``
     join ``jax.jit``'s cache key (:func:`jbn.linen._calls.intercepting`).
