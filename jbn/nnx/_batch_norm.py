@@ -23,6 +23,7 @@ from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
 
 if TYPE_CHECKING:
+    from .._accumulate import Accumulate
     from .._stream import Stream
 
 _NO_MODE = (
@@ -84,6 +85,7 @@ class BatchNorm(nnx.Module):
         prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
         prior_form: PriorForm
         stream: Stream | None  # set by jbn.nnx.use_stream
+        accumulation: Accumulate | None  # set by jbn.nnx.use_accumulation
 
     def __init__(
         self,
@@ -184,6 +186,10 @@ class BatchNorm(nnx.Module):
         )
         if getattr(self, "stream", None) is not None:  # jbn.nnx.use_stream
             return _stream_call(self, x, mask)
+        if getattr(self, "accumulation", None) is not None and not use_running_average:
+            from ._accumulate import accumulate_call  # jbn.nnx.use_accumulation's module
+
+            return accumulate_call(self, x, mask)
         x, params, state = self.prepare(x)
         _check_features(self, x.shape)
         # A prior selects test-time adaptation: evaluation with pooled statistics.
