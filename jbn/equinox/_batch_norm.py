@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from .. import _checks as checks
 from .. import _options as options
+from .._accumulate import ACCUMULATOR, Accumulate
 from .._batch_norm import bn_forward, bn_init
 from .._checks import PriorForm, Residual
 from .._stream import MEMORY, Stream
@@ -151,6 +152,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     prior: float | None = eqx.field(static=True)
     prior_form: PriorForm = eqx.field(static=True)
     stream: Stream | None = eqx.field(static=True)  # set by jbn.equinox.use_stream
+    accumulation: Accumulate | None = eqx.field(static=True)  # jbn.equinox.use_accumulation
 
     def __init__(
         self,
@@ -189,6 +191,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.autodiff = checks.python_bool(autodiff, "autodiff")
         self.mode = mode
         self.stream = None
+        self.accumulation = None
         dtype = _default_dtype() if dtype is None else dtype
         params, state = bn_init(input_size, dtype=dtype, cumulative=True)
         self.weight, self.bias = (
@@ -234,6 +237,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         _check_example(x.shape, self.input_size)
         # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference says.
         mode = self.stream or (None if self.prior is None else False)
+        accumulating = self.accumulation is not None and not inference and mode is None
         if not inference or mode is not None:
             _check_bound(self.axis_name)
         _check_params(self.weight, self.bias, self.input_size)
@@ -249,12 +253,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # A state without "feature_count" (made before it existed) starts from the step count.
         running = {k: stored[k] for k in ("mean", "var")}
         running["count"] = stored.get("feature_count", stored["count"])
-        running |= {k: stored[k] for k in MEMORY if k in stored}  # jbn.equinox.use_stream's
+        # jbn.equinox.use_stream's memory, jbn.equinox.use_accumulation's accumulator.
+        running |= {k: stored[k] for k in (*MEMORY, *ACCUMULATOR) if k in stored}
         y, new = bn_forward(
             params,
             running,
             x,
-            not inference if mode is None else mode,
+            self.accumulation if accumulating else not inference if mode is None else mode,
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,
@@ -266,7 +271,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         )
         if squeeze:
             y = y[:, 0]
-        if self.stream is not None or (not inference and self.prior is None):
+        if accumulating:
+            state = state.set(self.state_index, {**stored, **{k: new[k] for k in ACCUMULATOR}})
+        elif self.stream is not None or (not inference and self.prior is None):
             state = state.set(self.state_index, _stored(stored, new, training=self.stream is None))
         return y, state
 
@@ -296,6 +303,6 @@ def _stored(stored: dict[str, Any], new: dict[str, Any], training: bool) -> dict
         return {**stored, **memory}
     return (
         {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1}
-        | {k: stored[k] for k in MEMORY if k in stored}
+        | {k: stored[k] for k in (*MEMORY, *ACCUMULATOR) if k in stored}
         | ({"feature_count": new["count"]} if "feature_count" in stored else {})
     )
