@@ -259,7 +259,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             params,
             running,
             x,
-            self.accumulation if accumulating else not inference if mode is None else mode,
+            Accumulate() if accumulating else not inference if mode is None else mode,
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,

@@ -75,10 +75,11 @@ def use_accumulation(model: Any, on: bool = True) -> Any:
 
 
 def _check_layer(node: BatchNorm) -> None:
-    if node.virtual_batch_size is not None or node.renorm:
+    layer = options.jbn_kwargs(node)
+    if layer["virtual_batch_size"] is not None or layer["renorm"]:
         raise ValueError(
             f"jbn.nnx.use_accumulation: a batch norm has virtual_batch_size="
-            f"{node.virtual_batch_size!r}, renorm={node.renorm!r}; accumulation normalizes each "
+            f"{layer['virtual_batch_size']!r}, renorm={layer['renorm']!r}; accumulation normalizes each "
             "micro-batch with its own statistics (the micro-batch is the ghost batch): use neither"
         )
 
@@ -108,11 +109,12 @@ def commit_batch_stats(model: Any) -> None:
         )
     for node in layers:
         state = {**node.running_stats(), **{k: getattr(node, k)[...] for k in ACCUMULATOR}}
+        layer = options.jbn_kwargs(node)
         new = bn_commit(
             state,
             momentum=node.momentum,
-            unbiased_running_var=node.unbiased_running_var,
-            finite_running_stats=node.finite_running_stats,
+            unbiased_running_var=layer["unbiased_running_var"],
+            finite_running_stats=layer["finite_running_stats"],
         )
         _store(node, new)
 
