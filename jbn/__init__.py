@@ -13,6 +13,9 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from ._accumulate import Accumulate as Accumulate
+from ._accumulate import bn_commit as bn_commit
+from ._accumulate import start_accumulation as start_accumulation
 from ._batch_norm import bn_forward as bn_forward
 from ._batch_norm import bn_init as bn_init
 from ._batch_norm import bn_stats as bn_stats
@@ -40,9 +43,11 @@ except PackageNotFoundError:  # running from a checkout that is not installed
 
 # The core, which needs jax alone, so `from jbn import *` works without any framework.
 __all__ = (
+    "Accumulate",
     "FoldReport",
     "Prior",
     "Stream",
+    "bn_commit",
     "bn_forward",
     "bn_init",
     "bn_stats",
@@ -51,6 +56,7 @@ __all__ = (
     "optimize_only",
     "reset_stream",
     "start_stream",
+    "start_accumulation",
     "sync_batch_stats",
 )
 

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from . import _accumulate as accumulation
 from . import _checks as checks
 from . import _modes as modes
 from . import _options as options
 from . import _stream as stream_mode
+from ._accumulate import Accumulate
 from ._checks import PriorForm, Residual
 from ._prior import Prior, prior_forward
 from ._running import update_running
@@ -155,7 +157,7 @@ def bn_forward(
     params: Params,
     state: State,
     x: ArrayLike,
-    train: bool | Prior | Stream,
+    train: bool | Prior | Stream | Accumulate,
     *,
     axis: int | Sequence[int] = -1,
     momentum: float | ArrayLike | None = 0.99,
@@ -188,7 +190,11 @@ def bn_forward(
     examples, pooled with the batch's own (the same as ``train=False,
     prior=N``), and ``jbn.Stream(horizon, prior)`` with a memory of the
     stream's statistics pooled with the batch's, the memory returned updated in
-    the new state (see :class:`jbn.Stream`). Statistics and arithmetic are float32 (float64 for float64 input); the
+    the new state (see :class:`jbn.Stream`). ``jbn.Accumulate()`` is training
+    on a micro-batch that leaves the running statistics alone and adds the
+    micro-batch's statistics to an accumulator in the state, for
+    :func:`jbn.bn_commit` to apply as one update (see :class:`jbn.Accumulate`).
+    Statistics and arithmetic are float32 (float64 for float64 input); the
     output has ``x``'s dtype unless ``dtype`` says otherwise.
 
     The training-mode gradient is the analytic batch-norm backward (a
@@ -211,7 +217,8 @@ def bn_forward(
         complex; an integer or bool ``x`` is promoted to float32, as flax does (the
         output is then float32 unless ``dtype`` says otherwise).
       train: the mode: a Python bool, batch statistics (True) or running
-        statistics (False); or ``jbn.Prior(N)`` or ``jbn.Stream(horizon, prior)``.
+        statistics (False); or ``jbn.Prior(N)``, ``jbn.Stream(horizon, prior)``
+        or ``jbn.Accumulate()``.
       axis: feature axis or axes (default -1). ``axis=1`` for NCHW; ``axis=(1, 2, 3)``
         for one mean per pixel and channel of NHWC input.
       momentum: running-average decay as in flax, ``new = momentum * old + (1 -
@@ -241,12 +248,14 @@ def bn_forward(
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated running
       statistics (``state`` itself in evaluation and ``jbn.Prior``; with the
-      updated memory in ``jbn.Stream``). A memory in ``state`` that the mode does
-      not use is returned as it is.
+      updated memory in ``jbn.Stream``, the updated accumulator in
+      ``jbn.Accumulate``). A memory or accumulator in ``state`` that the mode
+      does not use is returned as it is.
     """
     x = checks.input_array(x)
     mode = modes.resolve(train, prior, prior_form)
-    train = mode is True
+    accumulating = isinstance(mode, Accumulate)
+    train = mode is True or accumulating
     checks.momentum(momentum)
     given = locals()
     jbn_options = options.check_all({name: given[name] for name in options.JBN})
@@ -260,10 +269,18 @@ def bn_forward(
     needs = f"x of shape {x.shape} with feature axes {axes}"
     scale, bias = checks.params(params, feature_shape, needs)
     debias = checks.python_bool(debias, "debias")
-    need_count = train and (momentum is None or debias)
+    need_count = mode is True and (momentum is None or debias)
     state, memory = stream_mode.split_memory(state)
+    state, accumulator = accumulation.split_accumulator(state)
     state = checks.state(state, feature_shape, needs, need_count=need_count)
     memory = stream_mode.check_memory(memory, feature_shape, needs)
+    accumulator = accumulation.check_accumulator(accumulator, feature_shape, needs)
+    if accumulating and (virtual_batch_size is not None or renorm):
+        raise ValueError(
+            "train=jbn.Accumulate() normalizes each micro-batch with its own statistics: "
+            "virtual_batch_size and renorm are for train=True only (the micro-batch already is "
+            f"the ghost batch), got virtual_batch_size={virtual_batch_size!r}, renorm={renorm!r}"
+        )
     mask = checks.mask(mask, x.shape)
     virtual_batch_size = checks.virtual_batch_size(virtual_batch_size, axes, stats_cfg.axis_name)
     cd = compute_dtype(x.dtype)
@@ -280,19 +297,19 @@ def bn_forward(
         running = (state["mean"].reshape(bshape), state["var"].reshape(bshape))
         n = jnp.asarray(mode.n, jnp.float32)  # checked by Prior
         y, _ = prior_forward(x, scale, bias, mask, running, n, cfg, mode.form)
-        return y, {**state, **memory}
+        return y, {**state, **memory, **accumulator}
     if isinstance(mode, Stream):
         if not memory:
             memory = stream_mode.start_memory(state["mean"], state["var"], mode)
         y, memory = stream_mode.stream_forward(x, scale, bias, mask, memory, mode, cfg)
-        return y, {**state, **memory}
+        return y, {**state, **memory, **accumulator}
 
     if not train:
         mean = lax.stop_gradient(state["mean"]).astype(cd).reshape(bshape)
         var = lax.stop_gradient(state["var"]).astype(rd).reshape(bshape)
         a = eval_multiplier(scale.astype(rd), var, cfg.epsilon)
         y = eval_affine(x.astype(cd), mean, a, bias.astype(rd))
-        return y.astype(cfg.out_dtype), {**state, **memory}
+        return y.astype(cfg.out_dtype), {**state, **memory, **accumulator}
 
     values = math.prod(x.shape[a] for a in stats_cfg.reduce_axes)
     values *= checks.axis_size(stats_cfg.axis_name)
@@ -315,6 +332,12 @@ def bn_forward(
         scale, bias = renorm_affine(x, scale, bias, mask, running, cfg, rmax, dmax)
     train_fn = bn_train_reference if autodiff else bn_train
     y, mean, var, n = train_fn(x, scale, bias, mask, cfg)
+    if accumulating:
+        if not accumulator:
+            dtype = jnp.promote_types(state["mean"].dtype, cd)
+            accumulator = accumulation.empty_accumulator(feature_shape, dtype)
+        accumulator = accumulation.accumulate(accumulator, mean, var, n)
+        return y.reshape(x_shape), {**state, **memory, **accumulator}
     new_state = update_running(
         state,
         mean,
@@ -328,4 +351,4 @@ def bn_forward(
     )
     if group is not None:  # this device's own group
         y = lax.dynamic_index_in_dim(y, group, 0, keepdims=False)
-    return y.reshape(x_shape), {**new_state, **memory}
+    return y.reshape(x_shape), {**new_state, **memory, **accumulator}

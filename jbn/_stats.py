@@ -254,12 +254,15 @@ def pool_groups(mean: Array, var: Array, n: Array) -> tuple[Array, Array, Array]
 def combine(
     a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]
 ) -> tuple[Array, Array, Array]:
-    """Chan et al.'s exact combination of two ``(count, mean, M2)`` triples (M2 = var · count)."""
+    """Chan et al.'s exact combination of two ``(count, mean, M2)`` triples (M2 = var · count).
+
+    A complex mean adds |δ|² (its variance is E|x - μ|²).
+    """
     n_a, mean_a, m2_a = a
     n_b, mean_b, m2_b = b
     n = n_a + n_b
     n_safe = jnp.maximum(n, 1)
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n_safe)
-    m2 = m2_a + m2_b + delta * delta * (n_a * (n_b / n_safe))
+    m2 = m2_a + m2_b + abs_sq(delta) * (n_a * (n_b / n_safe))
     return n, mean, m2

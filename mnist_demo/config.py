@@ -202,6 +202,20 @@ class Config:
         0.9, "momentum of the batch-norm running averages", check=_in_range(0.0, 1.0)
     )
     bn_epsilon: float = _field(1e-5, "epsilon of batch norm", check=_positive_float)
+    accumulate: int = _field(
+        1,
+        "gradient accumulation: split each batch into K micro-batches whose gradients are "
+        "averaged into one optimizer step (--batch-size stays the optimizer's batch)",
+        check=_positive_int,
+        metavar="K",
+    )
+    accumulate_bn: str = _field(
+        "commit",
+        "with --accumulate K > 1, the batch-norm running statistics: commit (jbn's "
+        "accumulation mode: one update per optimizer step, with the whole batch's statistics) "
+        "or micro (an update per micro-batch, as without jbn)",
+        choices=("commit", "micro"),
+    )
     seed: int = _field(0, "seed of initialization and data order", check=_nonnegative_int)
     augment_shift: int = _field(
         2,
@@ -439,6 +453,11 @@ class Config:
                 f"--batch-size {self.batch_size} is larger than {where}: no full batch to train "
                 "on; use a smaller --batch-size"
                 + (" or a larger --train-limit" if self.train_limit else "")
+            )
+        if self.batch_size % self.accumulate:
+            raise ConfigError(
+                f"--accumulate {self.accumulate} must divide --batch-size {self.batch_size} "
+                "(each batch is split into that many micro-batches of equal size)"
             )
 
     def _check_processes(self) -> None:

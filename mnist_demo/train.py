@@ -18,7 +18,9 @@ alone logs and writes the results and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -35,6 +37,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import jbn
 
 from .checkpoints import CHECKPOINT_NAME, Progress, restore_checkpoint, save_checkpoint
 from .config import Config
@@ -147,6 +151,66 @@ def train_step(
     return state, {"loss": loss, "correct": correct, "count": count}
 
 
+def _without_accumulators(tree: Any) -> Any:
+    """``batch_stats`` without jbn's accumulators (checkpoints keep the running statistics)."""
+    if isinstance(tree, dict):
+        return {k: _without_accumulators(v) for k, v in tree.items() if not k.startswith("accum_")}
+    return tree
+
+
+def accumulated_train_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, *, k: int, commit: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on this device's share of the batch, as ``k`` micro-batches.
+
+    A ``lax.scan`` over the micro-batches averages their gradients. With
+    ``commit``, the batch norms run under :func:`jbn.linen.use_accumulation` and
+    :func:`jbn.linen.commit_batch_stats` applies one running update per step,
+    with the statistics of the whole batch (over all devices); without it, each
+    micro-batch updates the running statistics, as a framework without
+    accumulation does. Runs under :func:`jax.shard_map` like :func:`train_step`.
+    """
+    micro_images = images.reshape(k, -1, *images.shape[1:])
+    micro_labels = labels.reshape(k, -1)
+    commit = commit and bool(jax.tree.leaves(state.batch_stats))  # norm=none has nothing to commit
+
+    def apply(variables, x):
+        return state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+
+    def micro(carry, batch):
+        grads, batch_stats, loss_sum, correct = carry
+        x, y = batch
+
+        def loss_fn(params):
+            with jbn.linen.use_accumulation() if commit else contextlib.nullcontext():
+                logits, updates = apply({"params": params, "batch_stats": batch_stats}, x)
+            loss = jax.lax.pmean(cross_entropy(logits, y).mean(), AXIS)
+            return loss, (logits, updates.get("batch_stats", batch_stats))
+
+        (loss, (logits, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.tree.map(jnp.add, grads, g)
+        correct = correct + jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == y), AXIS)
+        return (grads, batch_stats, loss_sum + loss, correct), None
+
+    batch_stats = state.batch_stats
+    if commit:
+        batch_stats = jbn.linen.start_accumulation({"batch_stats": batch_stats})["batch_stats"]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    carry = (zeros, batch_stats, jnp.zeros(()), jnp.zeros((), jnp.int32))
+    (grads, batch_stats, loss_sum, correct), _ = jax.lax.scan(
+        micro, carry, (micro_images, micro_labels)
+    )
+    if commit:
+        variables = {"params": state.params, "batch_stats": batch_stats}
+        committed = jbn.linen.commit_batch_stats(apply, variables, micro_images[0])
+        batch_stats = _without_accumulators(committed["batch_stats"])
+    state = state.apply_gradients(
+        grads=jax.tree.map(lambda g: g / k, grads), batch_stats=batch_stats
+    )
+    count = jax.lax.psum(labels.shape[0], AXIS)
+    return state, {"loss": loss_sum / k, "correct": correct, "count": count}
+
+
 def eval_step(
     state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array
 ) -> dict[str, jax.Array]:
@@ -184,6 +248,13 @@ def check_devices(config: Config) -> int:
         size is not divisible by their number.
     """
     n_dev = make_mesh(config.devices).devices.size
+    per_device = config.batch_size // n_dev
+    if not config.batch_size % n_dev and per_device % config.accumulate:
+        raise ValueError(
+            f"--batch-size {config.batch_size} over {n_dev} device(s) gives {per_device} "
+            f"examples per device, which --accumulate {config.accumulate} does not divide; "
+            f"use a --batch-size that is a multiple of {n_dev * config.accumulate}"
+        )
     if config.batch_size % n_dev:
         n_proc = jax.process_count()
         if n_proc > 1:  # --devices does not apply across processes
@@ -199,12 +270,15 @@ def check_devices(config: Config) -> int:
 
 
 def make_train_step(
-    mesh: Mesh,
+    mesh: Mesh, accumulate: int = 1, accumulate_bn: str = "commit"
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """:func:`train_step`, data-parallel over ``mesh`` and jitted (donating the state)."""
-    step = jax.shard_map(
-        train_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P())
-    )
+    """:func:`train_step` (or, with ``accumulate`` > 1, :func:`accumulated_train_step`),
+    data-parallel over ``mesh`` and jitted (donating the state)."""
+    fn = train_step
+    if accumulate > 1:
+        commit = accumulate_bn == "commit"
+        fn = functools.partial(accumulated_train_step, k=accumulate, commit=commit)
+    step = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
     return jax.jit(step, donate_argnums=0)
 
 
@@ -449,7 +523,7 @@ def train_and_evaluate(
                 )
     state = replicate(state, NamedSharding(mesh, P()))
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
-    step_fn = make_train_step(mesh)
+    step_fn = make_train_step(mesh, config.accumulate, config.accumulate_bn)
     eval_fn = make_eval_step(mesh)
 
     def checkpoint(state: TrainState, progress: Progress) -> None:
@@ -463,6 +537,12 @@ def train_and_evaluate(
             f"{len(train)} training / {len(test)} test images; {n_dev} device(s) "
             f"({jax.devices()[0].platform}{_processes()}); {steps_per_epoch} steps/epoch "
             f"of {config.batch_size}"
+            + (
+                f" ({config.accumulate} micro-batches of {config.batch_size // config.accumulate}, "
+                f"batch-norm updates: {config.accumulate_bn})"
+                if config.accumulate > 1
+                else ""
+            )
         )
 
     t_run = time.time()

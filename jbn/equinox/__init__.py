@@ -12,7 +12,9 @@ replicas' states, ``freeze_batch_norms`` / ``unfreeze_batch_norms`` (with
 ``batch_norm_mask``) are for fine-tuning, ``fold_batch_norms`` folds the batch
 norms into the layers before them for serving, and ``use_prior`` (prior-weighted
 statistics) and ``Tent`` (entropy minimization on the ``batch_norm_mask``
-parameters) adapt a model at test time.
+parameters) adapt a model at test time. ``use_accumulation`` and
+``commit_batch_stats`` give gradient accumulation one running update per
+optimizer step.
 
 This module needs ``equinox`` (``pip install jbn[equinox]``); ``import jbn`` does not.
 """
@@ -21,6 +23,8 @@ from .._extras import require
 
 require("equinox", "jbn.equinox")
 
+from ._accumulate import commit_batch_stats as commit_batch_stats
+from ._accumulate import use_accumulation as use_accumulation
 from ._batch_norm import BatchNorm as BatchNorm
 from ._convert import convert as convert
 from ._fold import fold_batch_norms as fold_batch_norms
@@ -40,6 +44,7 @@ __all__ = (
     "FrozenBatchNorm",
     "Tent",
     "batch_norm_mask",
+    "commit_batch_stats",
     "convert",
     "fold_batch_norms",
     "freeze_batch_norms",
@@ -47,6 +52,7 @@ __all__ = (
     "reset_stream",
     "sync_batch_stats",
     "unfreeze_batch_norms",
+    "use_accumulation",
     "use_prior",
     "use_stream",
 )

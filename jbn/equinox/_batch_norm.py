@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from .. import _checks as checks
 from .. import _options as options
+from .._accumulate import ACCUMULATOR, Accumulate
 from .._batch_norm import bn_forward, bn_init
 from .._checks import PriorForm, Residual
 from .._modes import layer_mode
@@ -153,6 +154,7 @@ class BatchNorm(Layer):
     prior: float | None = eqx.field(static=True)
     prior_form: PriorForm = eqx.field(static=True)
     stream: Stream | None = eqx.field(static=True)  # set by jbn.equinox.use_stream
+    accumulation: Accumulate | None = eqx.field(static=True)  # jbn.equinox.use_accumulation
 
     def __init__(
         self,
@@ -191,6 +193,7 @@ class BatchNorm(Layer):
         self.autodiff = checks.python_bool(autodiff, "autodiff")
         self.mode = mode
         self.stream = None
+        self.accumulation = None
         dtype = _default_dtype() if dtype is None else dtype
         params, state = bn_init(input_size, dtype=dtype, cumulative=True)
         self.weight, self.bias = (
@@ -209,13 +212,16 @@ class BatchNorm(Layer):
         checks.python_bool(inference, "inference", _STATIC_FLAGS)
         x = jnp.asarray(x)
         _check_example(x.shape, self.input_size)
-        # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference says.
-        mode = layer_mode(not inference, self.prior, self.prior_form, self.stream)
+        # A test-time mode (a prior, a stream) pools the named axes' batch, whatever inference
+        # says; the accumulation mode (jbn.equinox.use_accumulation) replaces training only.
+        mode = layer_mode(
+            not inference, self.prior, self.prior_form, self.stream, self.accumulation
+        )
         if mode is not False:
             _check_bound(self.axis_name)
         _check_params(self.weight, self.bias, self.input_size)
         mask = checks.mask(mask, x.shape)
-        if mode is True:
+        if mode is True or isinstance(mode, Accumulate):
             _check_batch(x.shape, self.axis_name, self.input_size)
         squeeze = x.ndim == 1
         if squeeze:  # bn_forward needs an axis to reduce: a spatial axis of size 1
@@ -226,7 +232,8 @@ class BatchNorm(Layer):
         # A state without "feature_count" (made before it existed) starts from the step count.
         running = {k: stored[k] for k in ("mean", "var")}
         running["count"] = stored.get("feature_count", stored["count"])
-        running |= {k: stored[k] for k in MEMORY if k in stored}  # jbn.equinox.use_stream's
+        # jbn.equinox.use_stream's memory, jbn.equinox.use_accumulation's accumulator.
+        running |= {k: stored[k] for k in (*MEMORY, *ACCUMULATOR) if k in stored}
         y, new = bn_forward(
             params,
             running,
@@ -243,7 +250,9 @@ class BatchNorm(Layer):
         )
         if squeeze:
             y = y[:, 0]
-        if mode is True or isinstance(mode, Stream):
+        if isinstance(mode, Accumulate):
+            state = state.set(self.state_index, {**stored, **{k: new[k] for k in ACCUMULATOR}})
+        elif mode is True or isinstance(mode, Stream):
             state = state.set(self.state_index, _stored(stored, new, training=mode is True))
         return y, state
 
@@ -273,6 +282,6 @@ def _stored(stored: dict[str, Any], new: dict[str, Any], training: bool) -> dict
         return {**stored, **memory}
     return (
         {"mean": new["mean"], "var": new["var"], "count": stored["count"] + 1}
-        | {k: stored[k] for k in MEMORY if k in stored}
+        | {k: stored[k] for k in (*MEMORY, *ACCUMULATOR) if k in stored}
         | ({"feature_count": new["count"]} if "feature_count" in stored else {})
     )

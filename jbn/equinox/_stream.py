@@ -32,12 +32,12 @@ def _batch_norms(model: Any, tool: str) -> list[BatchNorm]:
     return found
 
 
-def _with_stream(node: BatchNorm, stream: Stream | None) -> BatchNorm:
-    # stream is a static field (not a leaf eqx.tree_at can reach).
+def with_field(node: BatchNorm, name: str, value: Any) -> BatchNorm:
+    """``node`` with its static field ``name`` (not a leaf eqx.tree_at can reach) set to ``value``."""
     new = object.__new__(BatchNorm)
     for field in dataclasses.fields(node):
         object.__setattr__(new, field.name, getattr(node, field.name))
-    object.__setattr__(new, "stream", stream)
+    object.__setattr__(new, name, value)
     return new
 
 
@@ -90,7 +90,7 @@ def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[
     bns = _batch_norms(model, "jbn.equinox.use_stream")
     new_state = _memories(state, bns, [stream] * len(bns))
     return jax.tree.map(
-        lambda n: _with_stream(n, stream) if isinstance(n, BatchNorm) else n,
+        lambda n: with_field(n, "stream", stream) if isinstance(n, BatchNorm) else n,
         model,
         is_leaf=is_batch_norm,
     ), new_state

@@ -14,6 +14,9 @@ from .._extras import require
 require("flax", "jbn.linen")
 
 from .._sync import sync_batch_stats as sync_batch_stats
+from ._accumulate import commit_batch_stats as commit_batch_stats
+from ._accumulate import start_accumulation as start_accumulation
+from ._accumulate import use_accumulation as use_accumulation
 from ._batch_norm import BatchNorm as BatchNorm
 from ._calls import InterceptWarning as InterceptWarning
 from ._fold import fold_batch_norms as fold_batch_norms
@@ -32,13 +35,16 @@ __all__ = (
     "InterceptWarning",
     "Tent",
     "batch_norm_mask",
+    "commit_batch_stats",
     "fold_batch_norms",
     "frozen_batch_norms",
     "intercept",
     "recalibrate_batch_stats",
     "reset_stream",
+    "start_accumulation",
     "start_stream",
     "sync_batch_stats",
+    "use_accumulation",
     "use_prior",
     "use_stream",
 )

@@ -62,6 +62,11 @@ class _State(threading.local):
 _state = _State()
 
 
+def active_options() -> dict[str, Any]:
+    """The jbn options of the innermost active :func:`intercept` (empty outside one)."""
+    return dict(_state.options[-1]) if _state.options else {}
+
+
 @functools.cache
 def _check_class(cls: type) -> None:
     """Raises if a BatchNorm subclass overrides behaviour that jbn would drop."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import linen as nn
@@ -29,26 +29,40 @@ from .._stream import reset_stream as reset_state
 from .._stream import start_stream as start_state
 from ._calls import Call, intercepting, interceptor, never_reaches_base
 
+if TYPE_CHECKING:
+    from .._accumulate import Accumulate
+
+# A context's handling of one batch-norm call: (module, call, mode) -> the call's output.
+Forward = Callable[[Any, Call, Any], Any]
+
 
 class _State(threading.local):
     def __init__(self) -> None:
-        # (mode, where, tool) per active use_prior / use_stream context, innermost last.
-        self.settings: list[tuple[Prior | Stream | None, Any, str]] = []
+        # (mode, where, tool, forward) per active adapting context (use_prior, use_stream,
+        # gradient accumulation's), innermost last.
+        self.settings: list[tuple[Any, Any, str, Forward]] = []
 
 
 _state = _State()
 
 
 def run_batch_norm(
-    module: nn.Module, x: Any, mask: Any, mode: Prior | Stream, state: dict[str, Any]
+    module: nn.Module,
+    x: Any,
+    mask: Any,
+    mode: Prior | Stream | Accumulate | bool,
+    state: dict[str, Any],
+    **jbn_options: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A linen batch norm's ``bn_forward`` in a test-time ``mode``, from its own parameters.
+    """A linen batch norm's ``bn_forward`` in ``mode``, from its own parameters.
 
     Args:
       module: a bound ``flax.linen.BatchNorm`` or ``jbn.BatchNorm``.
       x, mask: its call's input and mask.
-      mode: a :class:`jbn.Prior` or :class:`jbn.Stream`.
+      mode: a :class:`jbn.Prior`, :class:`jbn.Stream`, :class:`jbn.Accumulate`
+        or False (evaluation).
       state: the ``bn_forward`` state, from its ``batch_stats``.
+      **jbn_options: further ``bn_forward`` options (e.g. ``residual``).
 
     Returns:
       ``bn_forward``'s ``(y, new_state)``.
@@ -71,6 +85,7 @@ def run_batch_norm(
         axis_name=module.axis_name,
         axis_index_groups=module.axis_index_groups,
         dtype=dtype,
+        **jbn_options,
     )
 
 
@@ -98,8 +113,13 @@ def _test_time_forward(module: nn.Module, x: Any, mask: Any, mode: Prior | Strea
     return run_batch_norm(module, x, mask, mode, state)[0]
 
 
+def _test_time_call(module: nn.Module, call: Call, mode: Prior | Stream) -> jax.Array:
+    """A batch norm's call under :func:`use_prior` or :func:`use_stream`."""
+    return _test_time_forward(module, call.x, call.kwargs.get("mask"), mode)
+
+
 def _adapted(module: Any, call: Call) -> Any:
-    mode, where, _ = _state.settings[-1]
+    mode, where, _, forward = _state.settings[-1]
     if (
         mode is None
         or (where is not None and not where(module.path))
@@ -107,7 +127,7 @@ def _adapted(module: Any, call: Call) -> Any:
         or not module.has_variable("batch_stats", "mean")
     ):
         return call.run()
-    return _test_time_forward(module, call.x, call.kwargs.get("mask"), mode)
+    return forward(module, call, mode)
 
 
 _interceptor = interceptor(
@@ -119,16 +139,24 @@ _interceptor = interceptor(
 
 @contextlib.contextmanager
 def adapting(
-    mode: Prior | Stream | None, where: Any, tool: str, settings: tuple[Any, ...]
+    mode: Any,
+    where: Any,
+    tool: str,
+    settings: tuple[Any, ...],
+    forward: Forward = _test_time_call,
 ) -> Iterator[None]:
-    """The body of :func:`use_prior` and :func:`use_stream`: ``mode`` for every batch norm.
+    """The body of :func:`use_prior`, :func:`use_stream` and gradient accumulation's
+    contexts: ``mode`` for every batch norm (None: none).
 
-    One stack for both, so the innermost context applies whichever it is; ``settings``
-    join ``jax.jit``'s cache key (:func:`jbn.linen._calls.intercepting`).
+    One stack for all, so the innermost context applies whichever it is; ``settings``
+    join ``jax.jit``'s cache key (:func:`jbn.linen._calls.intercepting`). ``forward``
+    runs each selected batch norm's call in ``mode``: the test-time modes' by
+    default; gradient accumulation hands in its own (:mod:`jbn.linen._accumulate`),
+    so this module never imports the tools built on it.
     """
     if where is not None and not callable(where):
         raise TypeError(f"where must be a predicate on module paths or None, got {where!r}")
-    _state.settings.append((mode, where, tool))
+    _state.settings.append((mode, where, tool, forward))
     try:
         with intercepting(_interceptor, tool, settings):
             yield

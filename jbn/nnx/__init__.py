@@ -14,6 +14,8 @@ from .._extras import require
 
 require("flax", "jbn.nnx")
 
+from ._accumulate import commit_batch_stats as commit_batch_stats
+from ._accumulate import use_accumulation as use_accumulation
 from ._batch_norm import BatchNorm as BatchNorm
 from ._convert import convert as convert
 from ._fold import fold_batch_norms as fold_batch_norms
@@ -33,6 +35,7 @@ __all__ = (
     "FrozenBatchNorm",
     "Tent",
     "batch_norm_mask",
+    "commit_batch_stats",
     "convert",
     "fold_batch_norms",
     "freeze_batch_norms",
@@ -40,6 +43,7 @@ __all__ = (
     "reset_stream",
     "sync_batch_stats",
     "unfreeze_batch_norms",
+    "use_accumulation",
     "use_prior",
     "use_stream",
 )

@@ -19,9 +19,10 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from .. import _checks as checks
 from .. import _options as options
+from .._accumulate import ACCUMULATOR, Accumulate
 from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
-from .._modes import layer_mode
+from .._modes import Mode, layer_mode
 from .._stream import MEMORY, Stream
 
 # flax.nnx.BatchNorm's settings, kept as attributes under flax's names.
@@ -106,6 +107,7 @@ class BatchNorm(nnx.Module):
         prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
         prior_form: PriorForm
         stream: Stream | None  # set by jbn.nnx.use_stream
+        accumulation: Accumulate | None  # set by jbn.nnx.use_accumulation
 
     def __init__(
         self,
@@ -195,17 +197,16 @@ class BatchNorm(nnx.Module):
         )
         x, params, state = self.prepare(x)
         _check_features(self, x.shape)
-        # A test-time mode (a prior, jbn.nnx.use_stream's stream) overrides use_running_average.
-        stream = getattr(self, "stream", None)
-        mode = layer_mode(not use_running_average, self.prior, self.prior_form, stream)
-        if isinstance(mode, Stream):
-            state |= {k: getattr(self, k)[...] for k in MEMORY}
+        mode = _mode(self, not use_running_average)
+        # What a stream or an accumulation carries beside the running statistics (left alone).
+        carried = {Stream: MEMORY, Accumulate: ACCUMULATOR}.get(type(mode), ())
+        state |= {k: getattr(self, k)[...] for k in carried}
         kwargs = options.forward_kwargs(self, rmax=rmax, dmax=dmax)
         y, new_state = bn_forward(params, state, x, mode, mask=mask, **{**kwargs, "prior": None})
         if mode is True:
             _store(self, new_state)
-        elif isinstance(mode, Stream):  # the memory; the running statistics are left alone
-            for k in MEMORY:
+        else:
+            for k in carried:
                 getattr(self, k)[...] = new_state[k]
         return y
 
@@ -243,6 +244,17 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
         return kwargs
+
+
+def _mode(layer: BatchNorm, train: bool) -> Mode:
+    """The layer's one mode, passed to :func:`jbn.bn_forward` as ``train``.
+
+    A test-time mode (a prior, ``jbn.nnx.use_stream``'s stream) overrides ``train``;
+    ``jbn.nnx.use_accumulation``'s mode replaces training only.
+    """
+    stream = getattr(layer, "stream", None)
+    accumulation = getattr(layer, "accumulation", None)
+    return layer_mode(train, layer.prior, layer.prior_form, stream, accumulation)
 
 
 def _check_features(layer: BatchNorm, x_shape: tuple[int, ...]) -> None:
