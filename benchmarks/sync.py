@@ -250,7 +250,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks sync", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks sync", description=(__doc__ or "").split("\n")[0]
     )
     p.add_argument("--devices", type=int, nargs="+", default=list(DEVICES), metavar="P")
     p.add_argument("--no-time", action="store_true", help="skip the timing (bytes and std only)")

@@ -242,13 +242,14 @@ def synced_stats(
 
     def reduce(about: Array, count: Array | None) -> tuple[Array, Array, Array]:
         s1, s2 = _sums_about(x, mask, about, cfg)
-        if count is not None:
-            s1, s2 = psum(jnp.stack([s1, s2]), cfg)
+        if count is None:
+            total, s1, s2 = psum(jnp.stack([n, s1, s2]), cfg)
         else:
-            count, s1, s2 = psum(jnp.stack([n, s1, s2]), cfg)
-        n_safe = jnp.maximum(count, 1)
+            total = count
+            s1, s2 = psum(jnp.stack([s1, s2]), cfg)
+        n_safe = jnp.maximum(total, 1)
         d = s1 / n_safe
-        return count, d, s2 / n_safe - d * d
+        return total, d, s2 / n_safe - d * d
 
     count, d, var = reduce(c, static_count)
     # (μ - c)² > 16 σ² for some feature: computed from psum results, so replicated.
