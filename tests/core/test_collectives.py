@@ -244,3 +244,23 @@ def test_a_second_round_only_far_from_the_running_mean(four_devices):
     shift, dmean = stats(x, jnp.zeros(8))
     assert np.all(np.abs(shift[0] - 1e4) < 1)  # the second round's shift: the mean
     assert np.all(np.abs(dmean[0]) < 1e-2)
+
+
+def test_pmap_groups_with_states_that_differ_per_device(four_devices):
+    """Under pmap (no types to prove a state the same everywhere) each device's own
+    running mean, here different on every device, must not enter the sums: each
+    group of axis_index_groups gets its own exact statistics at 1e4 + N(0, 1)."""
+    x = 1e4 + jax.random.normal(jax.random.key(3), (4, 4, 2, 8))  # (device, N, H, C)
+    params = {"scale": jnp.linspace(0.5, 1.5, 8), "bias": jnp.linspace(-1.0, 1.0, 8)}
+    states = {"mean": 1e4 + jnp.repeat(jnp.arange(4.0)[:, None], 8, 1), "var": jnp.ones((4, 8))}
+
+    def per_device(x, state):
+        return jbn.bn_forward(
+            params, state, x, True, axis_name="d", axis_index_groups=[[0, 1], [2, 3]]
+        )[0]
+
+    y = jax.pmap(per_device, axis_name="d", devices=four_devices)(x, states)
+    for group in ([0, 1], [2, 3]):
+        batch = np.asarray(x)[group].reshape(8, 2, 8)
+        y_np = np_forward(batch, params["scale"], params["bias"])[0]
+        np.testing.assert_allclose(np.asarray(y)[group].reshape(8, 2, 8), y_np, atol=1e-4)
