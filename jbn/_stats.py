@@ -252,8 +252,11 @@ def synced_stats(
         return total, d, s2 / n_safe - d * d
 
     count, d, var = reduce(c, static_count)
-    # (μ - c)² > 16 σ² for some feature: computed from psum results, so replicated.
-    far = jnp.any(d * d > _ONE_ROUND_RATIO * var)
+    # (μ - c)² > 16 σ² for some feature: computed from psum results, so replicated. A
+    # distance of a few ulps of c counts as none (a constant feature whose running mean
+    # rounds next to its value): its share of the variance's error is ~ulp³.
+    ulps = jnp.finfo(cd).eps * c
+    far = jnp.any(d * d > _ONE_ROUND_RATIO * (var + ulps * ulps))
 
     def again(operands: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         c, d, _ = operands

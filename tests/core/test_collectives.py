@@ -264,3 +264,24 @@ def test_pmap_groups_with_states_that_differ_per_device(four_devices):
         batch = np.asarray(x)[group].reshape(8, 2, 8)
         y_np = np_forward(batch, params["scale"], params["bias"])[0]
         np.testing.assert_allclose(np.asarray(y)[group].reshape(8, 2, 8), y_np, atol=1e-4)
+
+
+def test_a_constant_feature_next_to_its_running_mean_takes_one_round(four_devices):
+    """A feature that is constant in the batch, its running mean an ulp away (EMA
+    rounding), is not "far": one round, and its variance is 0, its mean exact."""
+    from jbn._stats import StatsConfig, shifted_stats
+
+    x = jnp.concatenate([jnp.ones((16, 1)), jax.random.normal(jax.random.key(4), (16, 7))], 1)
+    center = jnp.concatenate([jnp.asarray([np.nextafter(np.float32(1), 0)]), jnp.zeros(7)])
+    cfg = StatsConfig((0,), "data")
+    shift, dmean, var, _ = jax.jit(
+        jax.shard_map(
+            lambda x, center: shifted_stats(x, None, cfg, center[None]),
+            mesh=_mesh(four_devices),
+            in_specs=(P("data"), P()),
+            out_specs=P(),
+        )
+    )(x, center)
+    np.testing.assert_array_equal(shift[0], center)  # the running mean: one round
+    assert float(shift[0, 0]) + float(dmean[0, 0]) == 1.0
+    assert float(var[0, 0]) == 0.0
