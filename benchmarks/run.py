@@ -2,6 +2,8 @@
 
 Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``
 (default ``benchmarks/results/``, git-ignored). Run from the repository root.
+``python -m benchmarks sync`` instead measures what a synchronized layer sends
+over devices (benchmarks/sync.py).
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["sync"]:  # python -m benchmarks sync: see benchmarks/sync.py
+        from . import sync
+
+        return sync.main(given[1:])
     args = parse_args(argv)
     # torch's OpenMP threads busy-wait after each call by default, taking the cores
     # from the XLA calls timed next (and XLA's from torch's): tiny torch calls ran

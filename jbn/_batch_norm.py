@@ -231,8 +231,10 @@ def bn_forward(
       mask: boolean array broadcastable to ``x``; False entries (padding) are left
         out of the statistics, the running update, the gradient and the sync.
       axis_name: named mapped axis (pmap, shard_map, vmap) whose devices share the
-        statistics: each device's exact (count, mean, M2) is gathered in one
-        collective and combined with Chan's formula, so unequal counts are exact.
+        statistics: each device's exact (count, mean, M2) enters one psum as sums
+        about a shift common to all devices (the running mean, under shard_map), so
+        the traffic does not grow with the device count and unequal counts are
+        exact; a second psum runs only when that shift is far from the batch mean.
       axis_index_groups: groups of devices along ``axis_name`` (pmap only).
       dtype: output dtype (default: ``x``'s dtype).
       autodiff: use the plain two-pass reference and JAX's own differentiation
@@ -331,7 +333,10 @@ def bn_forward(
         running = {k: state[k].reshape(lead + bshape) for k in ("mean", "var")}
         scale, bias = renorm_affine(x, scale, bias, mask, running, cfg, rmax, dmax)
     train_fn = bn_train_reference if autodiff else bn_train
-    y, mean, var, n = train_fn(x, scale, bias, mask, cfg)
+    # The running mean: with axis_name, the statistics are summed about it (one round
+    # of collectives while it is near the batch mean; see _stats.synced_stats).
+    center = state["mean"].reshape((1,) * (x.ndim - len(bshape)) + bshape)
+    y, mean, var, n = train_fn(x, scale, bias, mask, center, cfg)
     if accumulating:
         if not accumulator:
             dtype = jnp.promote_types(state["mean"].dtype, cd)

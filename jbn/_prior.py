@@ -124,7 +124,7 @@ def prior_forward(
     """
     cd = compute_dtype(x.dtype)
     rd = real_dtype(cd)
-    mean_b, var_b, n = batch_stats(x, mask, cfg.stats)
+    mean_b, var_b, n = batch_stats(x, mask, cfg.stats, running[0])
     n = n.astype(rd)
     if finite_only:
         n = jnp.where(jnp.isfinite(mean_b) & jnp.isfinite(var_b), n, 0.0)

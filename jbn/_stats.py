@@ -2,7 +2,8 @@
 
 Everything jbn knows about statistics is written here once: the shifted sums of
 the fast path, the plain two-pass reference, counts and their synchronization
-over a named axis, Bessel's correction, the count-weighted pooling of several
+over a named axis (psums of sums about a shift common to every device, see
+:func:`synced_stats`), Bessel's correction, the count-weighted pooling of several
 groups' statistics, and the exact combination of two sets of statistics (Chan,
 Golub & LeVeque 1979):
 
@@ -132,28 +133,19 @@ def gather(values: Any, cfg: StatsConfig) -> Any:
     return jax.tree.map(one, values)
 
 
-def combine_groups(
-    n: Array, shift: Array, dmean: Array, m2: Array
-) -> tuple[Array, Array, Array, Array]:
-    """Exact statistics of groups stacked on axis 0, each ``(count, shift, mean - shift, M2)``.
+def _sums_about(
+    x: Array, mask: Array | None, shift: Array, cfg: StatsConfig
+) -> tuple[Array, Array]:
+    """Per-feature ``(Σ(x - shift), Σ(x - shift)²)`` over the counted entries of ``x``.
 
-    Chan's combination of any number of groups at once: relative to one
-    reference shift r (the first group with values), each group's mean is
-    (shift - r) + (mean - shift), small where the shifts are close, and
-
-        μ = Σ nᵢ μᵢ / n,   M2 = Σ M2ᵢ + Σ nᵢ (μᵢ - μ)².
-
-    Returns ``(count, r, mean - r, M2)``. The same stacked input gives the
-    same result on every device (a fixed order of summation).
+    Each sum reads x through its own barrier: one pass each, no temporaries.
     """
-    first = jnp.argmax(n > 0, axis=0, keepdims=True)
-    ref = jnp.take_along_axis(shift, first, axis=0)
-    rel = (shift - ref) + dmean
-    total = jnp.sum(n, axis=0, keepdims=True)
-    rmean = jnp.sum(n * rel, axis=0, keepdims=True) / jnp.maximum(total, 1)
-    dev = rel - rmean
-    m2 = jnp.sum(m2 + n * (dev * dev), axis=0)
-    return total[0], ref[0], rmean[0], m2
+    cd = compute_dtype(x.dtype)
+    ra = cfg.reduce_axes
+    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True, where=mask)
+    d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
+    s2 = jnp.sum(d * d, axis=ra, keepdims=True, where=mask)
+    return s1, s2
 
 
 def _local_stats(
@@ -180,33 +172,122 @@ def _local_stats(
     else:
         shift = jnp.sum(x.astype(cd), axis=ra, keepdims=True, where=mask) / jnp.maximum(n, 1)
     shift = lax.stop_gradient(shift)
-    # Each sum reads x through its own barrier: one pass each, no temporaries.
-    s1 = jnp.sum(unshared(x).astype(cd) - unshared(shift), axis=ra, keepdims=True, where=mask)
-    d = unshared(x, x)[0].astype(cd) - unshared(shift, shift)[0]
-    s2 = jnp.sum(d * d, axis=ra, keepdims=True, where=mask)
+    s1, s2 = _sums_about(x, mask, shift, cfg)
     dmean = s1 / jnp.maximum(n, 1)
     return n, shift, dmean, jnp.maximum(s2 - s1 * dmean, 0.0)
 
 
+# The one-round statistics are exact to a few ulps while the batch mean lies within
+# 4 batch standard deviations of the common shift (see synced_stats).
+_ONE_ROUND_RATIO = 16.0
+
+
+def common_shift(x: Array, center: Array | None, shape: tuple[int, ...], cfg: StatsConfig) -> Array:
+    """A per-feature shift of ``shape`` that is the same on every device of ``cfg.axis_name``.
+
+    ``center`` (e.g. the running mean) where JAX's types prove it the same on
+    every device: under shard_map, ``x`` varies along the named axes and
+    ``center`` does not. Elsewhere (pmap, vmap, ``check_vma=False``, a center
+    that varies, none given) zero, which is the same everywhere by
+    construction. Non-finite entries of ``center`` become zero too. The shift
+    only decides how often the second round of :func:`synced_stats` runs, never
+    the result.
+    """
+    names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (cfg.axis_name,)
+    cd = compute_dtype(x.dtype)
+    zero = jnp.zeros(shape, cd)  # typed the same on every device
+    if center is None or jnp.iscomplexobj(center):
+        return zero
+    if not set(names) <= varying_axes(x) or set(names) & varying_axes(center):
+        return zero
+    center = lax.stop_gradient(jnp.broadcast_to(jnp.asarray(center, cd), shape))
+    return jnp.where(jnp.isfinite(center), center, zero)
+
+
+def _group_size(cfg: StatsConfig) -> int:
+    """The number of devices whose statistics one psum over ``cfg`` combines."""
+    if cfg.axis_index_groups is not None:
+        return len(cfg.axis_index_groups[0])
+    return int(lax.axis_size(cfg.axis_name))
+
+
+def synced_stats(
+    x: Array, mask: Array | None, cfg: StatsConfig, center: Array | None = None
+) -> tuple[Array, Array, Array, Array]:
+    """Exact statistics over every device of ``cfg.axis_name`` from psums of shifted sums.
+
+    About a shift c identical on every device (:func:`common_shift`), each
+    device's sums add up in one psum:
+
+        S1 = Σ (x - c),   S2 = Σ (x - c)²,   μ = c + S1/n,   var = S2/n - (S1/n)²,
+
+    with the counts in the same psum when there is a mask (without one they are
+    known statically). The last subtraction loses precision as (μ - c)²/σ²
+    grows; that ratio is known after the psum, identically on every device, so
+    where it exceeds 16 for any feature (a cold start, a sudden change of the
+    data) a second round repeats the sums about c' = μ from the first, which is
+    within a few ulps of |μ| of the mean: exact again. It is a ``lax.cond`` on
+    the replicated predicate, so the second psum (and its two passes over x)
+    runs only then.
+
+    Returns ``(count, shift, mean - shift, var)``, the same bits on every device.
+    """
+    cd = compute_dtype(x.dtype)
+    n = local_count(x, mask, cfg, cd)
+    shape = broadcast_shape(x.shape, cfg.reduce_axes)
+    n = jnp.broadcast_to(n, shape)
+    c = common_shift(x, center, shape, cfg)
+    # Without a mask every device holds the same static count: no need to send it.
+    static_count = n * _group_size(cfg) if mask is None else None
+
+    def reduce(about: Array, count: Array | None) -> tuple[Array, Array, Array]:
+        s1, s2 = _sums_about(x, mask, about, cfg)
+        if count is None:
+            total, s1, s2 = psum(jnp.stack([n, s1, s2]), cfg)
+        else:
+            total = count
+            s1, s2 = psum(jnp.stack([s1, s2]), cfg)
+        n_safe = jnp.maximum(total, 1)
+        d = s1 / n_safe
+        return total, d, s2 / n_safe - d * d
+
+    count, d, var = reduce(c, static_count)
+    # (μ - c)² > 16 σ² for some feature: computed from psum results, so replicated. A
+    # distance of a few ulps of c counts as none (a constant feature whose running mean
+    # rounds next to its value): its share of the variance's error is ~ulp³.
+    ulps = jnp.finfo(cd).eps * c
+    far = jnp.any(d * d > _ONE_ROUND_RATIO * (var + ulps * ulps))
+
+    def again(operands: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        c, d, _ = operands
+        c = lax.stop_gradient(c + d)
+        _, d, var = reduce(c, count)  # the counts are known by now
+        return c, d, var
+
+    c, d, var = lax.cond(far, again, lambda operands: operands, (c, d, var))
+    return count, c, d, jnp.maximum(var, 0.0)
+
+
 def shifted_stats(
-    x: Array, mask: Array | None, cfg: StatsConfig
+    x: Array, mask: Array | None, cfg: StatsConfig, center: Array | None = None
 ) -> tuple[Array, Array, Array, Array]:
     """Exact per-feature statistics as ``(shift, mean - shift, biased variance, count)``.
 
-    Each device computes its own exact ``(count, shift, mean - shift, M2)``
-    (see :func:`_local_stats`); with ``axis_name``, one all-gather brings every
-    device's to every device, and :func:`combine_groups` merges them exactly
-    and identically everywhere (one collective round, exact for unequal
-    counts). The mean is returned in two parts so that x - mean can be formed
-    as (x - shift) - (mean - shift): exact where x is close to the shift, while
-    the mean itself rounds at |mean|'s scale. Carries no gradient (the shift
-    is a constant: the result does not depend on it).
+    On one device, shifted sums about a value of the batch (see
+    :func:`_local_stats`); with ``axis_name``, :func:`synced_stats`: psums of
+    sums about a shift common to all devices (``center``, the running mean,
+    where it is provably the same everywhere), with a second round only where
+    that shift is far from the batch mean. The traffic does not grow with the
+    number of devices, and every device gets the same exact result. The mean is returned
+    in two parts so that x - mean can be formed as (x - shift) - (mean - shift):
+    exact where x is close to the shift, while the mean itself rounds at
+    |mean|'s scale. Carries no gradient through the shift (the result does not
+    depend on it).
     """
-    n, shift, dmean, m2 = _local_stats(x, mask, cfg)
-    if cfg.axis_name is not None:
-        gathered = gather(jnp.stack([n, shift, dmean, m2]), cfg)
-        n, shift, dmean, m2 = combine_groups(*jnp.moveaxis(gathered, 1, 0))
-    var = m2 / jnp.maximum(n, 1)
+    if cfg.axis_name is None:
+        n, shift, dmean, m2 = _local_stats(x, mask, cfg)
+        return shift, dmean, m2 / jnp.maximum(n, 1), n
+    n, shift, dmean, var = synced_stats(x, mask, cfg, center)
     return shift, dmean, var, n
 
 
@@ -226,11 +307,13 @@ def reference_stats(x: Array, mask: Array | None, cfg: StatsConfig) -> tuple[Arr
     return mean, var, n
 
 
-def batch_stats(x: Array, mask: Array | None, cfg: StatsConfig) -> tuple[Array, Array, Array]:
+def batch_stats(
+    x: Array, mask: Array | None, cfg: StatsConfig, center: Array | None = None
+) -> tuple[Array, Array, Array]:
     """Exact per-feature ``(mean, biased variance, count)`` (see :func:`shifted_stats`)."""
     if jnp.iscomplexobj(x):
         return reference_stats(x, mask, cfg)
-    shift, dmean, var, n = shifted_stats(x, mask, cfg)
+    shift, dmean, var, n = shifted_stats(x, mask, cfg, center)
     return shift + dmean, var, n
 
 

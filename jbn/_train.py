@@ -11,7 +11,9 @@ the output) plus per-feature vectors for the backward pass.
 differentiate; the tests compare the two, and ``autodiff=True`` selects it.
 
 Both take ``scale`` and ``bias`` already in the broadcast feature shape and
-return ``(y, batch mean, batch variance, count)``.
+``center`` (the running mean, or None), a per-feature value the synchronized
+statistics may sum about (see :func:`jbn._stats.synced_stats`; it never changes
+the result), and return ``(y, batch mean, batch variance, count)``.
 """
 
 from __future__ import annotations
@@ -70,12 +72,19 @@ def inverse_std(var: Array, n: Array, epsilon: float) -> Array:
 
 
 def bn_train_reference(
-    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    center: Array | None,
+    cfg: TrainConfig,
 ) -> tuple[Array, Array, Array, Array]:
     """Training-mode batch norm in plain jnp, for JAX to differentiate. Same outputs as bn_train.
 
-    Complex x works here (complex mean, real variance E|x - μ|²).
+    Complex x works here (complex mean, real variance E|x - μ|²). ``center`` is
+    not used: the two-pass statistics need no shift.
     """
+    del center
     cd = compute_dtype(x.dtype)
     mean, var, n = reference_stats(x, mask, cfg.stats)
     scale = effective_scale(scale, cfg).astype(var.dtype)
@@ -85,17 +94,29 @@ def bn_train_reference(
 
 
 def bn_train(
-    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    center: Array | None,
+    cfg: TrainConfig,
 ) -> tuple[Array, Array, Array, Array]:
     """Training-mode batch norm: (y, batch mean, batch var, count); gradient via _bn_train_bwd."""
-    return _bn_train(x, scale, bias, mask, cfg)
+    if center is not None:
+        center = lax.stop_gradient(center)
+    return _bn_train(x, scale, bias, mask, center, cfg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _bn_train(
-    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    center: Array | None,
+    cfg: TrainConfig,
 ) -> tuple[Array, Array, Array, Array]:
-    return _bn_train_fwd(x, scale, bias, mask, cfg)[0]
+    return _bn_train_fwd(x, scale, bias, mask, center, cfg)[0]
 
 
 # What the backward pass keeps: (x or y, mask, (shift, mean - shift) or None, rstd, scale,
@@ -104,10 +125,15 @@ _Saved = tuple[Array, Array | None, tuple[Array, Array] | None, Array, Array, Ar
 
 
 def _bn_train_fwd(
-    x: Array, scale: Array, bias: Array, mask: Array | None, cfg: TrainConfig
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mask: Array | None,
+    center: Array | None,
+    cfg: TrainConfig,
 ) -> tuple[tuple[Array, Array, Array, Array], _Saved]:
     cd = compute_dtype(x.dtype)
-    shift, dmean, var, n = shifted_stats(x, mask, cfg.stats)
+    shift, dmean, var, n = shifted_stats(x, mask, cfg.stats, center)
     rstd = inverse_std(var, n, cfg.epsilon)
     scale_eff = effective_scale(scale, cfg)
     # y = γ rstd (x - μ) + β = (x - shift) a + (β - (μ - shift) a): x - shift first,
@@ -154,7 +180,7 @@ def _param_cotangent(
 
 def _bn_train_bwd(
     cfg: TrainConfig, saved: _Saved, cotangents: tuple[Array, Array, Array, Array]
-) -> tuple[Array, Array, Array, None]:
+) -> tuple[Array, Array, Array, None, None]:
     # The batch statistics are outputs only for the running-average update,
     # which carries no gradient: their cotangents are ignored.
     dy = cotangents[0]
@@ -206,7 +232,7 @@ def _bn_train_bwd(
     dscale = _param_cotangent(dscale, g_sum_dy_xc * rstd, scale, dy, cfg.stats)
     dbias = _param_cotangent(dbias, g_sum_dy, bias, dy, cfg.stats)
     dscale, dbias = dscale.astype(scale.dtype), dbias.astype(bias.dtype)
-    return dx.astype(cfg.x_dtype), dscale, dbias, None
+    return dx.astype(cfg.x_dtype), dscale, dbias, None, None
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)

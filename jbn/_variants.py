@@ -111,7 +111,7 @@ def renorm_affine(
     shape that broadcasts against the batch statistics.
     """
     cd = compute_dtype(x.dtype)
-    batch_mean, batch_var, _ = batch_stats(lax.stop_gradient(x), mask, cfg.stats)
+    batch_mean, batch_var, _ = batch_stats(lax.stop_gradient(x), mask, cfg.stats, running["mean"])
     running_mean, running_var = (lax.stop_gradient(running[k]).astype(cd) for k in ("mean", "var"))
     sigma = jnp.sqrt(running_var + cfg.epsilon)
     rmax, dmax = jnp.asarray(rmax, cd), jnp.asarray(dmax, cd)
