@@ -303,7 +303,9 @@ def bn_forward(
     if isinstance(mode, Stream):
         if not memory:
             memory = stream_mode.start_memory(state["mean"], state["var"], mode)
-        y, memory = stream_mode.stream_forward(x, scale, bias, mask, memory, mode, cfg)
+        y, memory = stream_mode.stream_forward(
+            x, scale, bias, mask, memory, (state["mean"], state["var"]), mode, cfg
+        )
         return y, {**state, **memory, **accumulator}
 
     if not train:

@@ -22,53 +22,99 @@ C = 5
 EPS = 1e-5
 
 
-def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6):
-    """Outputs and memories (count, mean, var) after each (B, C) batch, in float64.
+def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6, anchor=1.0):
+    """Outputs and memories (count, mean, var) after each (B, ..., C) batch, in float64.
 
-    With ``surprise`` (τ; jbn.Stream's default 0.6), the count is first cut to
-    the least over the examples of horizon / (1 + (log r / τ)²), r an example's
-    mean over its counted finite features of (x - μ_m)² / (σ²_m + ε).
+    An example is a slice along axis 0, with one value per feature for (B, C)
+    input and H·W for NHWC. With ``surprise`` (τ; jbn.Stream's default 0.6), the
+    count is first cut to the least over the examples of horizon / (1 + (log r /
+    τ)²), r an example's mean over its counted finite features of the mean over
+    its values of (x - μ_m)² / (σ²_m + ε). With ``anchor`` (δ; default 1.0), an
+    example whose score (the same mean of (x - μ)² / (σ² + ε) + log(σ² + ε))
+    under the training statistics is lower than under the memory by more than δ
+    is normalized with the training statistics pooled with the other such
+    examples; if there is one, the memory restarts from the training statistics
+    (counted as the horizon, no cut) before it takes the batch in.
     """
     scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
+    mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
+    finite = math.isfinite(horizon)
     n_m = np.full(C, horizon, np.float64)
-    mu = np.asarray(mean0, np.float64)
-    m2 = np.asarray(var0, np.float64) * (horizon if math.isfinite(horizon) else 1.0)
+    mu, m2 = mean0.copy(), var0 * (horizon if finite else 1.0)
     ys, memories = [], []
+
+    def group_stats(x, mask):  # per feature over the examples and values of the mask
+        axes = tuple(range(x.ndim - 1))
+        cnt = mask.sum(axes).astype(np.float64)
+        good = cnt > 0
+        mu_b = np.where(good, np.sum(np.where(mask, x, 0.0), axes) / np.maximum(cnt, 1), 0.0)
+        var_b = np.sum(np.where(mask, (x - mu_b) ** 2, 0.0), axes) / np.maximum(cnt, 1)
+        good &= np.isfinite(mu_b) & np.isfinite(var_b)
+        per_example = np.prod(x.shape[1:-1], dtype=np.float64)
+        cnt = np.where(good, cnt, 0.0) / per_example
+        return np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0), cnt
+
+    def pooled(x, mask, mean_r, var_r):  # the reference statistics counted as prior examples
+        mu_b, var_b, cnt = group_stats(x, mask)
+        if math.isinf(prior):
+            return mean_r, var_r
+        tot = prior + cnt
+        mean = (prior * mean_r + cnt * mu_b) / tot
+        var = (prior * var_r + cnt * var_b + prior * cnt / tot * (mean_r - mu_b) ** 2) / tot
+        return mean, var
+
+    def scores(xi, mi, mean, var):  # one example: (r, score), or None without a counted value
+        keep = mi & np.isfinite(xi)
+        inner = tuple(range(xi.ndim - 1))
+        values = keep.sum(inner)
+        feat = values > 0
+        if not feat.any():
+            return None
+        e = np.sum(np.where(keep, (xi - mean) ** 2 / (var + EPS), 0.0), inner)
+        e = e[feat] / values[feat]
+        feat_ok = np.isfinite(e)
+        if not feat_ok.any():
+            return None
+        e = e[feat_ok]
+        return np.mean(e), np.mean(e + np.log(var + EPS)[feat][feat_ok])
+
     for x, mask in zip(xs, masks, strict=True):
         x = np.asarray(x, np.float64)
         mask = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
-        cnt = mask.sum(0).astype(np.float64)
+        var_m = m2 / n_m if finite else m2
+        back = np.zeros(len(x), bool)
+        if anchor is not None:
+            for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
+                s_t, s_m = scores(xi, mi, mean0, var0), scores(xi, mi, mu, var_m)
+                back[i] = s_t is not None and s_t[1] + anchor < s_m[1]
+        by_example = back.reshape((-1,) + (1,) * (x.ndim - 1))
+        mean_t, var_t = pooled(x, mask & by_example, mean0, var0)
+        mean, var = pooled(x, mask & ~by_example, mu, var_m)
+        ys.append(np.where(by_example, scale * (x - mean_t) / np.sqrt(var_t + EPS) + bias,
+                           scale * (x - mean) / np.sqrt(var + EPS) + bias))  # fmt: skip
+        mu_b, var_b, cnt = group_stats(x, mask)
         good = cnt > 0
-        mu_b = np.where(good, np.sum(np.where(mask, x, 0.0), 0) / np.maximum(cnt, 1), 0.0)
-        var_b = np.sum(np.where(mask, (x - mu_b) ** 2, 0.0), 0) / np.maximum(cnt, 1)
-        good &= np.isfinite(mu_b) & np.isfinite(var_b)
-        cnt = np.where(good, cnt, 0.0)
-        mu_b, var_b = np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0)
-        var_m = m2 / n_m if math.isfinite(horizon) else m2
-        if math.isinf(prior):
-            mean, var = mu, var_m
-        else:
-            tot = prior + cnt
-            mean = (prior * mu + cnt * mu_b) / tot
-            var = (prior * var_m + cnt * var_b + prior * cnt / tot * (mu - mu_b) ** 2) / tot
-        ys.append(scale * (x - mean) / np.sqrt(var + EPS) + bias)
         if surprise is not None and good.any():
             cut = horizon
             for xi, mi in zip(x, mask, strict=True):
-                keep = mi & np.isfinite(xi)
-                if keep.any():
-                    r = np.mean(((xi - mu) ** 2 / (var_m + EPS))[keep])
-                    cut = min(cut, horizon / (1.0 + (np.log(r) / surprise) ** 2))
+                sc = scores(xi, mi, mu, var_m)
+                if sc is not None:
+                    cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
+            if back.any():
+                cut = horizon
             n_m = np.where(good, np.minimum(n_m, cut), n_m)
             m2 = var_m * n_m
-        if math.isfinite(horizon):
+        if back.any():  # the memory restarts from the training statistics
+            n_m, mu = np.full(C, horizon, np.float64), mean0.copy()
+            m2 = var0 * (horizon if finite else 1.0)
+        if finite:
             n = n_m + cnt
             delta = mu_b - mu
             mu = mu + delta * cnt / n
             m2 = m2 + cnt * var_b + delta**2 * n_m * cnt / n
             capped = np.minimum(n, horizon)
             m2, n_m = m2 * capped / n, capped
-        memories.append((n_m.copy(), mu.copy(), (m2 / n_m if math.isfinite(horizon) else m2)))
+        memories.append((n_m.copy(), mu.copy(), (m2 / n_m if finite else m2)))
     return ys, memories
 
 
@@ -99,7 +145,7 @@ def check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref):
     s = state
     for x, mask, y_ref, memory in zip(xs, masks, ys_ref, mem_ref, strict=True):
         y, s = step(params, s, x, mask, mode)
-        counted = np.broadcast_to(mask, y.shape)
+        counted = np.ones(y.shape, bool) if mask is None else np.broadcast_to(mask, y.shape)
         np.testing.assert_allclose(np.asarray(y)[counted], y_ref[counted], rtol=3e-5, atol=3e-5)
         assert_memory(s, memory)
         for k in ("mean", "var"):  # the training statistics are left alone
@@ -139,6 +185,51 @@ def test_surprise_cuts_the_memory_as_numpy_does():
     _, plain = np_stream(xs, masks, params["scale"], params["bias"], state["mean"],
                          state["var"], 40.0, 4.0, None)  # fmt: skip
     assert float(plain[0][0][0]) == 40.0
+
+
+@pytest.mark.parametrize("shape", [(8, C), (4, 3, 3, C)], ids=["dense", "nhwc"])
+def test_anchor_brings_the_training_statistics_back_as_numpy_does(shape):
+    """A shift, then data like the training data: the memory restarts from the training statistics.
+
+    NHWC input gives each example 9 values per feature, so the surprise and
+    the scores must average an example's values (a sum would cut and anchor
+    differently from the reference).
+    """
+    rng, params, state = setup(11)
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=1.0)
+    sd = np.sqrt(np.asarray(state["var"]))
+    shifted = [rng.normal(4.0, 3.0, shape) for _ in range(3)]
+    clean = [np.asarray(state["mean"]) + sd * rng.normal(size=shape) for _ in range(2)]
+    xs = [x.astype(np.float32) for x in shifted + clean]
+    masks = [None, None, np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)) < 3,
+             None, rng.uniform(size=shape) > 0.2]  # fmt: skip
+    args = (params["scale"], params["bias"], state["mean"], state["var"], 40.0, 4.0, 0.6)
+    ys_ref, mem_ref = np_stream(xs, masks, *args, anchor=1.0)
+    check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref)
+    # The return re-seeded the memory: its mean is near the training mean again,
+    # where without the anchor it is still near the shifted data's.
+    _, stale = np_stream(xs, masks, *args, anchor=None)
+    train_mean = np.asarray(state["mean"])
+    assert np.max(np.abs(mem_ref[3][1] - train_mean)) < 0.5
+    assert np.min(np.abs(stale[3][1] - train_mean)) > 1.0
+    # And the surprise cut on this input, without the anchor, matches too.
+    stale_mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None)
+    ys_stale, _ = np_stream(xs, masks, *args, anchor=None)
+    check_stream_steps(params, state, stale_mode, xs, masks, ys_stale, stale)
+
+
+def test_anchor_keeps_a_memory_that_describes_the_stream():
+    """On a shifted stream the memory has learned, the anchor never fires."""
+    rng, params, state = setup(12)
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=1.0)
+    xs = [rng.normal(4.0, 3.0, (4, 3, 3, C)).astype(np.float32) for _ in range(6)]
+    args = (params["scale"], params["bias"], state["mean"], state["var"], 40.0, 4.0, 0.6)
+    _, with_anchor = np_stream(xs, [None] * 6, *args, anchor=1.0)
+    ys_ref, without = np_stream(xs, [None] * 6, *args, anchor=None)
+    for a, b in zip(with_anchor, without, strict=True):
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)
+    check_stream_steps(params, state, mode, xs, [None] * 6, ys_ref, without)
 
 
 def test_infinite_horizon_with_surprise_stays_the_prior():
@@ -297,6 +388,8 @@ def test_modes_are_hashable_values_and_the_old_keywords_are_the_prior_mode():
         (lambda: jbn.Stream(10.0, -1.0), ValueError, "prior must be >= 0"),
         (lambda: jbn.Stream("long"), TypeError, "horizon must be a Python float"),
         (lambda: jbn.Stream(10.0, 1.0, surprise=0.0), ValueError, "surprise must be > 0"),
+        (lambda: jbn.Stream(10.0, 1.0, anchor=-1.0), ValueError, "anchor must be > 0"),
+        (lambda: jbn.Stream(10.0, 1.0, anchor="on"), TypeError, "anchor must be a Python float"),
         (lambda: jbn.Prior(-2.0), ValueError, "prior must be >= 0"),
         (lambda: jbn.Prior(2.0, "mixed"), ValueError, "prior_form must be one of"),
         (lambda: jbn.start_stream({"mean": 0.0}, jbn.Stream()), ValueError, "missing 'var'"),
