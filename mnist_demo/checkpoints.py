@@ -208,6 +208,10 @@ def restore_checkpoint(
             f"{e}); {remedy}"
         ) from e
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    # A setting the checkpoint lacks was added to the demo after it was written: its
+    # default is what that run used.
+    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     resumable = Config.resumable_fields()
     diff = {
         k: (saved.get(k), v) for k, v in now.items() if k not in resumable and saved.get(k) != v

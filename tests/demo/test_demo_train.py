@@ -426,3 +426,25 @@ def test_default_cnn_reaches_99_3_percent(tmp_path):
     config = Config(data_dir=str(REAL_MNIST), download=False, progress=False)
     _, history = train.train_and_evaluate(config, tmp_path)
     assert history[-1]["test_accuracy"] >= 0.993, history
+
+
+def test_checkpoint_from_before_an_option_existed_resumes_at_its_default(
+    saved_checkpoint, tmp_path
+):
+    """A setting the checkpoint lacks (written before the option existed) counts as its default."""
+    workdir, _, template, progress, config = saved_checkpoint
+    good = (workdir / CHECKPOINT_NAME).read_bytes()
+
+    def older(payload):
+        settings = json.loads(payload["config"])
+        del settings["accumulate"], settings["accumulate_bn"]
+        payload["config"] = json.dumps(settings)
+
+    (tmp_path / CHECKPOINT_NAME).write_bytes(_rewritten(good, older))
+    _, restored_progress = checkpoints.restore_checkpoint(tmp_path, template, config)
+    assert restored_progress == progress
+    # The run it was written by used the default; another value is a different run.
+    with pytest.raises(ValueError, match=r"different settings \(accumulate: 1 -> 4\)"):
+        checkpoints.restore_checkpoint(
+            tmp_path, template, dataclasses.replace(config, accumulate=4)
+        )
