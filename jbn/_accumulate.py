@@ -115,22 +115,8 @@ def check_accumulator(
     accumulator: Mapping[str, Any], feature_shape: tuple[int, ...], needs: str
 ) -> dict[str, Array]:
     """The accumulator's entries, all or none, each of the feature shape."""
-    missing = [k for k in ACCUMULATOR if k not in accumulator]
-    if accumulator and missing:
-        raise ValueError(
-            f"state has a partial accumulator, missing {missing}: pass all of "
-            f"{list(ACCUMULATOR)} or none (jbn.start_accumulation creates them)"
-        )
-    out = {}
-    for key, value in accumulator.items():
-        value = jnp.asarray(value)
-        if value.shape != feature_shape:
-            raise ValueError(
-                f"state[{key!r}] must have the feature shape {feature_shape} for {needs}, got "
-                f"shape {value.shape}"
-            )
-        out[key] = value
-    return out
+    hint = "jbn.start_accumulation creates them"
+    return checks.state_entries(accumulator, ACCUMULATOR, "accumulator", hint, feature_shape, needs)
 
 
 def accumulate(

@@ -196,22 +196,8 @@ def check_memory(
     memory: Mapping[str, Any], feature_shape: tuple[int, ...], needs: str
 ) -> dict[str, Array]:
     """The memory entries, all or none, each of the feature shape."""
-    missing = [k for k in MEMORY if k not in memory]
-    if memory and missing:
-        raise ValueError(
-            f"state has a partial stream memory, missing {missing}: pass all of {list(MEMORY)} "
-            "or none (jbn.reset_stream drops them)"
-        )
-    out = {}
-    for key, value in memory.items():
-        value = jnp.asarray(value)
-        if value.shape != feature_shape:
-            raise ValueError(
-                f"state[{key!r}] must have the feature shape {feature_shape} for {needs}, got "
-                f"shape {value.shape}"
-            )
-        out[key] = value
-    return out
+    hint = "jbn.reset_stream drops them"
+    return checks.state_entries(memory, MEMORY, "stream memory", hint, feature_shape, needs)
 
 
 def example_scores(

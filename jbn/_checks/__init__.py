@@ -19,6 +19,7 @@ from ._arrays import input_array as input_array
 from ._arrays import mask as mask
 from ._arrays import params as params
 from ._arrays import state as state
+from ._arrays import state_entries as state_entries
 from ._arrays import values_per_feature as values_per_feature
 from ._arrays import vector as vector
 from ._axes import axis_index_groups as axis_index_groups

@@ -193,6 +193,37 @@ def state(
     return out
 
 
+def state_entries(
+    entries: Mapping[str, Any],
+    names: tuple[str, ...],
+    what: str,
+    hint: str,
+    shape: tuple[int, ...],
+    needs: str,
+) -> dict[str, Array]:
+    """A mode's own entries of the state (``names``: all or none), each of the feature shape.
+
+    ``what`` names them in the error (e.g. "stream memory") and ``hint`` says
+    how to get a whole set.
+    """
+    missing = [k for k in names if k not in entries]
+    if entries and missing:
+        raise ValueError(
+            f"state has a partial {what}, missing {missing}: pass all of {list(names)} or none "
+            f"({hint})"
+        )
+    out = {}
+    for key, value in entries.items():
+        value = jnp.asarray(value)
+        if value.shape != shape:
+            raise ValueError(
+                f"state[{key!r}] must have the feature shape {shape} for {needs}, got "
+                f"shape {value.shape}"
+            )
+        out[key] = value
+    return out
+
+
 def mask(value: ArrayLike | None, x_shape: tuple[int, ...]) -> Array | None:
     """A boolean mask broadcast to ``x_shape`` (True counts), or None."""
     if value is None:
