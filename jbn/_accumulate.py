@@ -38,6 +38,7 @@ from . import _checks as checks
 from ._running import update_running
 from ._stats import combine, compute_dtype, real_dtype
 from ._stream import split_memory
+from ._tree import split_entries
 
 Array = jax.Array
 
@@ -74,14 +75,8 @@ class Accumulate:
 
 
 def split_accumulator(state: Any) -> tuple[Any, dict[str, Any]]:
-    """``state`` as ``(the rest, accumulator)``: the entries of :data:`ACCUMULATOR` apart.
-
-    Anything but a mapping is returned as it is, for the state's own check to refuse.
-    """
-    if not isinstance(state, Mapping):
-        return state, {}
-    rest = {k: v for k, v in state.items() if k not in ACCUMULATOR}
-    return rest, {k: v for k, v in state.items() if k in ACCUMULATOR}
+    """``state`` as ``(the rest, accumulator)``: the entries of :data:`ACCUMULATOR` apart."""
+    return split_entries(state, ACCUMULATOR)
 
 
 def empty_accumulator(shape: tuple[int, ...], dtype: Any) -> dict[str, Array]:

@@ -42,6 +42,7 @@ from . import _checks as checks
 from ._prior import prior_forward, prior_stats
 from ._stats import abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
+from ._tree import split_entries
 
 Array = jax.Array
 
@@ -130,14 +131,8 @@ class Stream:
 
 
 def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
-    """``state`` as ``(running statistics, memory)``: the entries of :data:`MEMORY` apart.
-
-    Anything but a mapping is returned as it is, for the state's own check to refuse.
-    """
-    if not isinstance(state, Mapping):
-        return state, {}
-    rest = {k: v for k, v in state.items() if k not in MEMORY}
-    return rest, {k: v for k, v in state.items() if k in MEMORY}
+    """``state`` as ``(running statistics, memory)``: the entries of :data:`MEMORY` apart."""
+    return split_entries(state, MEMORY)
 
 
 def start_memory(mean: Array, var: Array, stream: Stream) -> dict[str, Array]:
@@ -322,7 +317,7 @@ def stream_forward(
         back = None
     else:
         trained = (training[0].reshape(bshape), training[1].reshape(bshape))
-        back = anchored(x, mask, trained, running, stream.anchor, cfg)
+        back = anchored(x, mask, (trained, running), stream.anchor, cfg)
         per_example = back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
         group = jnp.broadcast_to(per_example, x.shape)
         if mask is not None:
@@ -341,27 +336,24 @@ def stream_forward(
     cut = None
     if stream.surprise is not None:
         cut = surprise_cut(x, mask, running, stream, cfg)
-    if back is not None:
-        memory = reseeded(memory, training, back, stream, cfg)
-        if cut is not None:  # a re-seeded memory is not cut
-            cut = jnp.where(memory_reseeded(back, cfg), stream.horizon, cut)
+    if back is not None:  # the memory restarts from the training statistics
+        fire = memory_reseeded(back, cfg)
+        shape = memory["stream_mean"].shape
+        seed = start_memory(training[0].reshape(shape), training[1].reshape(shape), stream)
+        memory = {k: jnp.where(fire, seed[k].astype(memory[k].dtype), memory[k]) for k in MEMORY}
+        if cut is not None:  # and is not cut
+            cut = jnp.where(fire, stream.horizon, cut)
     return y, update_memory(memory, batch, stream.horizon, cut)
 
 
-def anchored(
-    x: Array,
-    mask: Array | None,
-    training: tuple[Array, Array],
-    memory: tuple[Array, Array],
-    anchor: float,
-    cfg: TrainConfig,
-) -> Array:
-    """Per example: whether the training statistics describe it better than the memory by ``anchor``.
+def anchored(x: Array, mask: Array | None, stats: Any, anchor: float, cfg: TrainConfig) -> Array:
+    """Per example: whether ``stats = (training, memory)``'s first describes it better by ``anchor``.
 
     Compares :func:`example_scores`' Gaussian scores; an example without a
     counted value is never anchored. One entry per example (axis 0 when it is
     reduced, else one for the whole local array).
     """
+    training, memory = stats  # each (mean, var)
     _, s_train, counted = example_scores(x, mask, training, cfg)
     _, s_memory, _ = example_scores(x, mask, memory, cfg)
     back = counted & (s_train + anchor < s_memory)
@@ -377,17 +369,3 @@ def memory_reseeded(back: Array, cfg: TrainConfig) -> Array:
         groups = cfg.stats.axis_index_groups
         fire = lax.pmax(fire.astype(jnp.int32), cfg.stats.axis_name, axis_index_groups=groups) > 0
     return fire
-
-
-def reseeded(
-    memory: Mapping[str, Array],
-    training: tuple[Array, Array],
-    back: Array,
-    stream: Stream,
-    cfg: TrainConfig,
-) -> dict[str, Array]:
-    """The memory, or where an example is anchored, the memory seeded anew from ``training``."""
-    fire = memory_reseeded(back, cfg)
-    shape = memory["stream_mean"].shape
-    seed = start_memory(training[0].reshape(shape), training[1].reshape(shape), stream)
-    return {k: jnp.where(fire, seed[k].astype(memory[k].dtype), memory[k]) for k in MEMORY}

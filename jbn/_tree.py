@@ -97,3 +97,14 @@ def to_dicts(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {key: to_dicts(value) for key, value in tree.items()}
     return tree
+
+
+def split_entries(state: Any, names: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """``state`` as ``(the rest, the entries named)``: a mode's own entries apart.
+
+    Anything but a mapping is returned as it is, for the state's own check to refuse.
+    """
+    if not isinstance(state, Mapping):
+        return state, {}
+    rest = {k: v for k, v in state.items() if k not in names}
+    return rest, {k: v for k, v in state.items() if k in names}
