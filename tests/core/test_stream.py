@@ -22,7 +22,9 @@ C = 5
 EPS = 1e-5
 
 
-def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6, anchor=1.0):
+def np_stream(
+    xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6, anchor=1.0, settle=0.1
+):
     """Outputs and memories (count, mean, var) after each (B, ..., C) batch, in float64.
 
     An example is a slice along axis 0, with one value per feature for (B, C)
@@ -34,7 +36,11 @@ def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6,
     under the training statistics is lower than under the memory by more than δ
     is normalized with the training statistics pooled with the other such
     examples; if there is one, the memory restarts from the training statistics
-    (counted as the horizon, no cut) before it takes the batch in.
+    (counted as the horizon, no cut) before it takes the batch in. With
+    ``settle`` (default 0.1), where the memory's count after the cut is below
+    settle · horizon, every example that is not anchored is normalized on its
+    own (when prior > 1): its values' statistics pooled with the memory counted
+    as one example.
     """
     scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
     mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
@@ -54,7 +60,7 @@ def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6,
         cnt = np.where(good, cnt, 0.0) / per_example
         return np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0), cnt
 
-    def pooled(x, mask, mean_r, var_r):  # the reference statistics counted as prior examples
+    def pooled(x, mask, mean_r, var_r, prior=prior):  # the reference counted as prior examples
         mu_b, var_b, cnt = group_stats(x, mask)
         if math.isinf(prior):
             return mean_r, var_r
@@ -90,8 +96,21 @@ def np_stream(xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6,
         by_example = back.reshape((-1,) + (1,) * (x.ndim - 1))
         mean_t, var_t = pooled(x, mask & by_example, mean0, var0)
         mean, var = pooled(x, mask & ~by_example, mu, var_m)
-        ys.append(np.where(by_example, scale * (x - mean_t) / np.sqrt(var_t + EPS) + bias,
-                           scale * (x - mean) / np.sqrt(var + EPS) + bias))  # fmt: skip
+        y = np.where(by_example, scale * (x - mean_t) / np.sqrt(var_t + EPS) + bias,
+                     scale * (x - mean) / np.sqrt(var + EPS) + bias)  # fmt: skip
+        if settle is not None and prior > 1:
+            cut = horizon
+            if surprise is not None:
+                for xi, mi in zip(x, mask, strict=True):
+                    sc = scores(xi, mi, mu, var_m)
+                    if sc is not None:
+                        cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
+            young = np.minimum(n_m, cut) < settle * horizon
+            for i in np.flatnonzero(~back):
+                mean_e, var_e = pooled(x[i : i + 1], mask[i : i + 1], mu, var_m, 1.0)
+                y_e = scale * (x[i] - mean_e) / np.sqrt(var_e + EPS) + bias
+                y[i] = np.where(young, y_e, y[i])
+        ys.append(y)
         mu_b, var_b, cnt = group_stats(x, mask)
         good = cnt > 0
         if surprise is not None and good.any():
@@ -230,6 +249,32 @@ def test_anchor_keeps_a_memory_that_describes_the_stream():
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
     check_stream_steps(params, state, mode, xs, [None] * 6, ys_ref, without)
+
+
+@pytest.mark.parametrize("shape", [(6, C), (6, 3, 3, C)], ids=["dense", "nhwc"])
+def test_a_young_memory_normalizes_each_example_on_its_own_as_numpy_does(shape):
+    rng, params, state = setup(11)
+    mode = jbn.Stream(horizon=50.0, prior=8.0, surprise=0.5, anchor=None)  # settle 0.1
+    # Far from the training statistics, the cut leaves fewer than 5 examples in the
+    # memory; masks count some of an example's values, none of example 0's.
+    xs = [rng.normal(loc, 2.0, shape).astype(np.float32) for loc in (5.0, 5.0, 0.0)]
+    masks = [rng.uniform(size=shape[:-1] + (1,)) > 0.3 for _ in xs]
+    masks[0][0] = False
+    masks[0][1] = True
+    args = (params["scale"], params["bias"], state["mean"], state["var"], 50.0, 8.0, 0.5)
+    ys_ref, mem_ref = np_stream(xs, masks, *args, anchor=None)
+    check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref)
+    ys_plain, _ = np_stream(xs, masks, *args, anchor=None, settle=None)
+    assert np.max(np.abs(ys_plain[0] - ys_ref[0])) > 0.1  # the reference takes the path
+    # An example's output does not depend on the rest of its batch.
+    other = xs[0].copy()
+    other[2:] = rng.normal(-5.0, 3.0, other[2:].shape)
+    y, _ = step(params, state, xs[0], masks[0], mode)
+    y_other, _ = step(params, state, other, masks[0], mode)
+    np.testing.assert_allclose(y_other[1], y[1], rtol=1e-6, atol=1e-6)
+    plain = jbn.Stream(horizon=50.0, prior=8.0, surprise=0.5, anchor=None, settle=None)
+    y_plain, _ = step(params, state, other, masks[0], plain)
+    assert np.max(np.abs(np.asarray(y_plain[1]) - np.asarray(y[1]))) > 0.1
 
 
 def test_infinite_horizon_with_surprise_stays_the_prior():
@@ -390,6 +435,8 @@ def test_modes_are_hashable_values_and_the_old_keywords_are_the_prior_mode():
         (lambda: jbn.Stream(10.0, 1.0, surprise=0.0), ValueError, "surprise must be > 0"),
         (lambda: jbn.Stream(10.0, 1.0, anchor=-1.0), ValueError, "anchor must be > 0"),
         (lambda: jbn.Stream(10.0, 1.0, anchor="on"), TypeError, "anchor must be a Python float"),
+        (lambda: jbn.Stream(settle=0.0), ValueError, r"settle must be > 0.0 and <= 1.0"),
+        (lambda: jbn.Stream(settle=1.5), ValueError, r"settle must be > 0.0 and <= 1.0, got 1.5"),
         (lambda: jbn.Prior(-2.0), ValueError, "prior must be >= 0"),
         (lambda: jbn.Prior(2.0, "mixed"), ValueError, "prior_form must be one of"),
         (lambda: jbn.start_stream({"mean": 0.0}, jbn.Stream()), ValueError, "missing 'var'"),
