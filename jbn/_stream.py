@@ -253,19 +253,17 @@ def example_scores(
     return r, score, features > 0
 
 
-def surprise_cut(
-    x: Array, mask: Array | None, memory: tuple[Array, Array], stream: Stream, cfg: TrainConfig
-) -> Array:
+def surprise_cut(scored: tuple[Array, Array, Array], stream: Stream, cfg: TrainConfig) -> Array:
     """The count the memory is cut to before a batch: the strongest cut of its examples.
 
-    Each example's cut is ``horizon / (1 + (log r / τ)²)``, with ``r`` from
+    Each example's cut is ``horizon / (1 + (log r / τ)²)``, with ``scored`` =
     :func:`example_scores` against the memory; the batch's is the least over
     its examples (and over the devices of ``axis_name``), so a batch of n
     examples is cut as its most surprising example would cut it alone, at any
     batch size. ``horizon`` where no example has a counted value.
     """
     assert stream.surprise is not None
-    r, _, counted = example_scores(x, mask, memory, cfg)
+    r, _, counted = scored
     log_r = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny)) / stream.surprise
     cuts = jnp.where(counted, stream.horizon / (1.0 + log_r * log_r), stream.horizon)
     cut = jnp.min(cuts)
@@ -332,14 +330,15 @@ def stream_forward(
     bshape = scale.shape
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
+    scored = example_scores(x, mask, running, cfg)  # how well the memory describes each example
     if stream.anchor is None:
         y, batch = prior_forward(
             x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True
         )
-        back = None
+        back = per_example = None
     else:
         trained = (training[0].reshape(bshape), training[1].reshape(bshape))
-        back = anchored(x, mask, (trained, running), stream.anchor, cfg)
+        back = anchored(x, mask, trained, scored, stream.anchor, cfg)
         per_example = back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
         group = jnp.broadcast_to(per_example, x.shape)
         if mask is not None:
@@ -357,15 +356,15 @@ def stream_forward(
         )
     cut = None
     if stream.surprise is not None:
-        cut = surprise_cut(x, mask, running, stream, cfg)
+        cut = surprise_cut(scored, stream, cfg)
     if stream.settle is not None and stream.prior > 1:  # a young memory counts as one example
         count = memory["stream_count"].reshape(bshape)
         kept = count if cut is None else jnp.minimum(count, cut.astype(count.dtype))
         young = kept < stream.settle * stream.horizon
         one = jnp.asarray(1.0, jnp.float32)
         y_e = example_forward(x, scale, bias, mask, running, one, cfg)
-        if back is not None:  # anchored examples keep the training statistics
-            young = young & ~back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
+        if per_example is not None:  # anchored examples keep the training statistics
+            young = young & ~per_example
         y = jnp.where(young, y_e, y)
     if back is not None:  # the memory restarts from the training statistics
         fire = memory_reseeded(back, cfg)
@@ -377,16 +376,23 @@ def stream_forward(
     return y, update_memory(memory, batch, stream.horizon, cut)
 
 
-def anchored(x: Array, mask: Array | None, stats: Any, anchor: float, cfg: TrainConfig) -> Array:
-    """Per example: whether ``stats = (training, memory)``'s first describes it better by ``anchor``.
+def anchored(
+    x: Array,
+    mask: Array | None,
+    training: tuple[Array, Array],
+    scored: tuple[Array, Array, Array],
+    anchor: float,
+    cfg: TrainConfig,
+) -> Array:
+    """Per example: whether ``training = (mean, var)`` describes it better by ``anchor``.
 
-    Compares :func:`example_scores`' Gaussian scores; an example without a
-    counted value is never anchored. One entry per example (axis 0 when it is
-    reduced, else one for the whole local array).
+    Compares :func:`example_scores`' Gaussian scores under the training
+    statistics with ``scored``, the memory's; an example without a counted
+    value is never anchored. One entry per example (axis 0 when it is reduced,
+    else one for the whole local array).
     """
-    training, memory = stats  # each (mean, var)
     _, s_train, counted = example_scores(x, mask, training, cfg)
-    _, s_memory, _ = example_scores(x, mask, memory, cfg)
+    _, s_memory, _ = scored
     back = counted & (s_train + anchor < s_memory)
     if 0 not in cfg.stats.reduce_axes:
         return back.reshape(())
