@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
 
 import jbn
 
@@ -275,6 +276,27 @@ def test_a_young_memory_normalizes_each_example_on_its_own_as_numpy_does(shape):
     plain = jbn.Stream(horizon=50.0, prior=8.0, surprise=0.5, anchor=None, settle=None)
     y_plain, _ = step(params, state, other, masks[0], plain)
     assert np.max(np.abs(np.asarray(y_plain[1]) - np.asarray(y[1]))) > 0.1
+
+
+def test_a_young_memory_differentiates_as_the_prior_mode_on_each_example_alone():
+    rng, params, state = setup(12)
+    mode = jbn.Stream(50.0, 8.0, anchor=None)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (4, 2, 2, C)), jnp.float32)
+    young = {**jbn.start_stream(state, mode), "stream_count": jnp.full(C, 2.0, jnp.float32)}
+    as_prior = {"mean": young["stream_mean"], "var": young["stream_var"]}
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(jbn.bn_forward(p, young, x, mode)[0]))
+
+    def alone(p, x):  # each example its own batch in the prior mode, N = 1
+        ys = [jbn.bn_forward(p, as_prior, x[i : i + 1], jbn.Prior(1.0))[0] for i in range(4)]
+        return jnp.sum(jnp.sin(jnp.concatenate(ys)))
+
+    np.testing.assert_allclose(loss(params, x), alone(params, x), rtol=1e-5)
+    got, want = jax.grad(loss, (0, 1))(params, x), jax.grad(alone, (0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    check_grads(loss, (params, x), order=1, modes=["rev"], atol=5e-2, rtol=5e-2)
 
 
 def test_infinite_horizon_with_surprise_stays_the_prior():
