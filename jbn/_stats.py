@@ -156,7 +156,7 @@ def _local_stats(
     Without a mask, shifted sums, which need no mean first: for a shift k near
     the mean, Σ(x-k)² - (Σ(x-k))²/n loses no precision (plain Σx² - (Σx)²/n
     does when |mean| >> std); k is the mean of the first slice along the first
-    reduced axis (e.g. the first example). With a mask, where that slice may be
+    reduced axis (e.g. the first example; x itself when no axis is reduced). With a mask, where that slice may be
     all padding, k is the masked mean (a first pass), and the same shifted sums
     follow. A device without values returns zeros.
     """
@@ -167,7 +167,7 @@ def _local_stats(
         zeros = jnp.zeros_like(n)
         return n, zeros, zeros, zeros
     if mask is None:
-        first = lax.index_in_dim(x, 0, ra[0], keepdims=True).astype(cd)
+        first = (lax.index_in_dim(x, 0, ra[0], keepdims=True) if ra else x).astype(cd)
         shift = jnp.mean(first, axis=ra, keepdims=True)
     else:
         shift = jnp.sum(x.astype(cd), axis=ra, keepdims=True, where=mask) / jnp.maximum(n, 1)

@@ -44,7 +44,7 @@ from jax import lax
 
 from . import _checks as checks
 from ._prior import prior_forward, prior_stats
-from ._stats import abs_sq, compute_dtype, real_dtype
+from ._stats import StatsConfig, abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
 from ._tree import split_entries
 
@@ -423,18 +423,9 @@ def example_forward(
     axis 0 is reduced, the whole local array otherwise; nothing is summed over
     devices.
     """
-    local = dataclasses.replace(
-        cfg, stats=dataclasses.replace(cfg.stats, axis_name=None, axis_index_groups=None)
-    )
-    if 0 not in cfg.stats.reduce_axes:
-        return prior_forward(
-            x, scale, bias, mask, running, prior, local, "pooled", finite_only=True
-        )[0]
-
-    def one(xi: Array, mi: Array | None) -> Array:
-        m = None if mi is None else mi[None]
-        return prior_forward(
-            xi[None], scale, bias, m, running, prior, local, "pooled", finite_only=True
-        )[0][0]
-
-    return jax.vmap(one, in_axes=(0, None if mask is None else 0))(x, mask)
+    # Per example: the reduced axes without the batch axis, on this device alone.
+    axes = cfg.stats.reduce_axes
+    if 0 in axes:
+        axes = tuple(a for a in axes if a != 0)
+    local = dataclasses.replace(cfg, stats=StatsConfig(axes))
+    return prior_forward(x, scale, bias, mask, running, prior, local, "pooled", finite_only=True)[0]
