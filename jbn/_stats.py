@@ -156,9 +156,10 @@ def _local_stats(
     Without a mask, shifted sums, which need no mean first: for a shift k near
     the mean, Σ(x-k)² - (Σ(x-k))²/n loses no precision (plain Σx² - (Σx)²/n
     does when |mean| >> std); k is the mean of the first slice along the first
-    reduced axis (e.g. the first example; x itself when no axis is reduced). With a mask, where that slice may be
-    all padding, k is the masked mean (a first pass), and the same shifted sums
-    follow. A device without values returns zeros.
+    reduced axis (e.g. the first example; x itself when no axis is reduced).
+    With a mask, where that slice may be all padding, k is the masked mean (a
+    first pass), and the same shifted sums follow. A device without values
+    returns zeros.
     """
     cd = compute_dtype(x.dtype)
     ra = cfg.reduce_axes

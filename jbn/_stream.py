@@ -330,13 +330,16 @@ def stream_forward(
     bshape = scale.shape
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
-    scored = example_scores(x, mask, running, cfg)  # how well the memory describes each example
+    scored = None  # how well the memory describes each example, where something reads it
+    if stream.surprise is not None or stream.anchor is not None:
+        scored = example_scores(x, mask, running, cfg)
     if stream.anchor is None:
         y, batch = prior_forward(
             x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True
         )
         back = per_example = None
     else:
+        assert scored is not None
         trained = (training[0].reshape(bshape), training[1].reshape(bshape))
         back = anchored(x, mask, trained, scored, stream.anchor, cfg)
         per_example = back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
@@ -356,6 +359,7 @@ def stream_forward(
         )
     cut = None
     if stream.surprise is not None:
+        assert scored is not None
         cut = surprise_cut(scored, stream, cfg)
     if stream.settle is not None and stream.prior > 1:  # a young memory counts as one example
         count = memory["stream_count"].reshape(bshape)
