@@ -428,8 +428,6 @@ def example_forward(
     devices.
     """
     # Per example: the reduced axes without the batch axis, on this device alone.
-    axes = cfg.stats.reduce_axes
-    if 0 in axes:
-        axes = tuple(a for a in axes if a != 0)
+    axes = tuple(a for a in cfg.stats.reduce_axes if a != 0)
     local = dataclasses.replace(cfg, stats=StatsConfig(axes))
     return prior_forward(x, scale, bias, mask, running, prior, local, "pooled", finite_only=True)[0]

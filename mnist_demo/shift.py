@@ -176,25 +176,15 @@ def offline_tent(model: Any, variables: Any, prior: float) -> jbn.linen.Tent:
 
 
 def tent_accuracy(
-    model: Any,
-    variables: Any,
-    adapt: Split,
-    score: Split,
-    prior: float,
-    size: int = TENT_BATCH,
-    tent: jbn.linen.Tent | None = None,
+    tent: jbn.linen.Tent, adapt: Split, score: Split, size: int = TENT_BATCH
 ) -> float:
     """Offline TENT: one pass over ``adapt`` in batches of ``size``, then scored on ``score``.
 
-    ``tent``: an :func:`offline_tent` of the same ``model``, ``variables`` and ``prior``
-    to reuse (it is reset first, so the result is that of a fresh one; its compiled
-    steps are kept, where a new one compiles its own).
+    ``tent`` (an :func:`offline_tent`) is reset first, so the result is that of a
+    fresh one while its compiled steps are reused across calls.
     """
     size = min(size, len(adapt), len(score))
-    if tent is None:
-        tent = offline_tent(model, variables, prior)
-    else:
-        tent.reset()
+    tent.reset()
     tent.adapt(
         jnp.asarray(adapt.images[s : s + size]) for s in range(0, len(adapt) - size + 1, size)
     )
@@ -345,7 +335,7 @@ def run_domain_shift(
                     acc = _accuracy_prior(prior_fns[form], trained, score, size, n)
                     record(method, None, acc, batch_size=size, prior=n)
         size = min(TENT_BATCH, len(adapt), len(score))
-        acc = tent_accuracy(model, trained, adapt, score, 0.0, size, tent)
+        acc = tent_accuracy(tent, adapt, score, size)
         record("tent", None, acc, batch_size=size, prior=0)
         log(
             f"domain {domain}: "
@@ -357,7 +347,7 @@ def run_domain_shift(
     for domain, split in make_domains(datasets[1], config.seed).items():
         adapt = Split(split.images[:half], split.labels[:half])
         score = Split(split.images[half:], split.labels[half:])
-        acc = tent_accuracy(model, trained, adapt, score, n_best, tent_size, tent)
+        acc = tent_accuracy(tent, adapt, score, tent_size)
         records.append(
             {
                 "domain": domain,

@@ -104,19 +104,13 @@ def tent_stream(model: Any, variables: Any) -> jbn.linen.Tent:
     )
 
 
-def tent_stream_accuracy(
-    model: Any, variables: Any, split: Split, size: int, tent: jbn.linen.Tent | None = None
-) -> float:
+def tent_stream_accuracy(tent: jbn.linen.Tent, split: Split, size: int) -> float:
     """Online TENT with the stream statistics: a step per batch, then its prediction.
 
-    ``tent``: a :func:`tent_stream` of the same ``model`` and ``variables`` to reuse
-    (it is reset first, so the result is that of a fresh one; its compiled steps are
-    kept, where a new one compiles its own).
+    ``tent`` (a :func:`tent_stream`) is reset first, so the result is that of a
+    fresh one while its compiled steps are reused across calls.
     """
-    if tent is None:
-        tent = tent_stream(model, variables)
-    else:
-        tent.reset()
+    tent.reset()
     xs, labels = _batches(split, size)
     predicted = [np.asarray(jnp.argmax(tent.step(x), -1)) for x in xs]
     return float(np.mean(np.concatenate(predicted) == labels))
@@ -158,7 +152,7 @@ def stream_records(
             grid = {n: _accuracies(run, variables, streams, size) for n, run in priors.items()}
             best = max(grid, key=lambda n: shifted_mean(grid[n]))
             results["tent_stream"] = {
-                d: tent_stream_accuracy(model, variables, s, size, tent) for d, s in streams.items()
+                d: tent_stream_accuracy(tent, s, size) for d, s in streams.items()
             }
             for method, accs in results.items():
                 records += [

@@ -110,7 +110,11 @@ def test_prior_and_tent_rows_on_an_untrained_model(tiny_dir):
     for size in (1, 8):
         acc = shift._accuracy_prior(apply, variables, split, size, 4)
         assert 0.0 <= acc <= 1.0
-    assert 0.0 <= shift.tent_accuracy(model, variables, split, split, 0.0, 8) <= 1.0
+    assert (
+        0.0
+        <= shift.tent_accuracy(shift.offline_tent(model, variables, 0.0), split, split, 8)
+        <= 1.0
+    )
     records = [
         {"domain": d, "method": m, "batches": None, "batch_size": 8, "prior": n,
          "test_accuracy": 0.5 + 0.01 * n * (d != "clean")}
