@@ -1,11 +1,16 @@
 """Statistics that follow a stream: test-time adaptation with a memory of the test statistics.
 
 In the stream mode of :func:`jbn.bn_forward` (``train=jbn.Stream(horizon,
-prior)``) each batch is normalized as in the prior mode (:mod:`jbn._prior`),
-but with a *memory* of the stream's statistics in place of the running ones:
-the memory, counted as ``prior`` = N examples, is pooled with the batch's n
-examples by Chan's formula. The memory is then updated, exactly: the memory
-(n_m, μ_m, σ²_m) and the batch (n_b, μ_b, σ²_b) are combined by Chan's formula,
+prior)``) each example is normalized on its own, as in the prior mode
+(:mod:`jbn._prior`) at batch 1, but with a *memory* of the stream's statistics
+in place of the running ones: the example's values' statistics are pooled with
+the memory, counted as ``prior`` = N examples, by Chan's formula. An example's
+output does not depend on the rest of its batch, so every batch size gives the
+same outputs for the same memory. An example that gives each feature a single
+value (a dense layer's) has no statistics of its own and is normalized with the
+memory alone. The memory is then updated with the whole batch, exactly: the
+memory (n_m, μ_m, σ²_m) and the batch (n_b, μ_b, σ²_b) are combined by Chan's
+formula,
 
     w = n_m / (n_m + n_b),   μ = w μ_m + (1 - w) μ_b,
     σ² = w σ²_m + (1 - w) σ²_b + w (1 - w) (μ_m - μ_b)²,
@@ -17,19 +22,20 @@ With ``surprise`` (on by default), the count is first cut when the batch holds
 an example the memory does not describe (:func:`surprise_cut`): the memory
 follows a domain shift fast and stays long, and so class-balanced, otherwise.
 With ``anchor`` (on by default), an example the training statistics describe
-better is normalized with them and restarts the memory from them; with
-``settle`` (on by default), a memory that holds few examples after the cut
-counts as one example, pooled with each example on its own.
+better is normalized with them in place of the memory and restarts the memory
+from them; with ``settle`` (on by default), a memory that holds few examples
+after the cut counts as one example.
 
 The memory starts from the running (training) statistics, counted as
 ``horizon`` examples, and lives in the state as ``stream_mean``,
 ``stream_var`` and ``stream_count`` (per feature), created when absent;
 :func:`reset_stream` drops them, so the next call starts again from the
 training statistics. With ``horizon=inf`` the memory never leaves the training
-statistics (the prior mode); with ``prior=0`` each batch is normalized with its
-own statistics. A feature whose batch has no counted value, or whose batch
-statistics are not finite, is normalized with the memory alone and leaves the
-memory as it was. The memory carries no gradient; the batch's share does.
+statistics (the prior mode on each example); with ``prior=0`` each example is
+normalized with its own statistics (instance normalization). A feature whose
+example has no counted value, or whose statistics are not finite, is normalized
+with the memory alone; a feature whose batch has none leaves the memory as it
+was. The memory carries no gradient; each example's share does.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _checks as checks
-from ._prior import prior_forward, prior_stats
+from ._prior import examples_size, prior_forward, prior_stats
 from ._stats import StatsConfig, abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
 from ._tree import split_entries
@@ -58,12 +64,17 @@ MEMORY = ("stream_mean", "stream_var", "stream_count")
 class Stream:
     """The stream mode of :func:`jbn.bn_forward` (its ``train`` argument).
 
-    Each batch is normalized with a memory of the stream's statistics, counted
-    as ``prior`` examples, pooled with the batch's own (Chan's formula); the
-    memory, an exact count-weighted pool of the batches seen over the last
-    ``horizon`` examples, then takes the batch in. It starts from the running
-    (training) statistics and is returned in the new state (``stream_mean``,
-    ``stream_var``, ``stream_count``)::
+    Each example is normalized on its own: its values' statistics (over a
+    convolution's H·W positions, say) pooled with a memory of the stream's
+    statistics counted as ``prior`` examples (Chan's formula), the prior mode at
+    batch 1 with the memory as the prior. Its output does not depend on the rest
+    of its batch, so batches of 1, 8 or 64 give the same outputs. An example
+    that gives each feature one value (a dense layer's) has no statistics of its
+    own: it is normalized with the memory alone. The memory, an exact
+    count-weighted pool of the batches seen over the last ``horizon`` examples,
+    then takes the batch in. It starts from the running (training) statistics
+    and is returned in the new state (``stream_mean``, ``stream_var``,
+    ``stream_count``)::
 
       >>> import jax.numpy as jnp, jbn
       >>> params, state = jbn.bn_init(3)
@@ -88,21 +99,20 @@ class Stream:
     by s = the mean over features of (x - μ)² / (σ² + ε) + log(σ² + ε), its
     values' Gaussian negative log-likelihood (times 2, less a constant). An
     example whose score under the training statistics is lower by more than
-    ``anchor`` is normalized with them (pooled with the other such examples of
-    the batch, counted as ``prior``), and the memory is re-seeded from the
+    ``anchor`` takes them in place of the memory (its own statistics pooled
+    with them, counted as ``prior``), and the memory is re-seeded from the
     training statistics before it takes the batch in: a stream that comes back
     to the training domain gets the training statistics back at once, where
     the surprise cut alone would leave a stale memory for thousands of
     examples. The margin is large enough that a run of one class, or a shifted
     domain the memory has learned, does not trigger it.
 
-    A memory cut short is not trusted (``settle``). While it holds fewer than
+    A memory cut short is trusted less (``settle``). While it holds fewer than
     ``settle`` · ``horizon`` examples after the surprise cut (800 by default),
-    each example that is not anchored is normalized on its own: its values'
-    statistics pooled with the memory counted as one example, the prior mode at
-    batch 1. A memory cut at every batch, as when domains are mixed example by
-    example, then never speaks for examples it does not describe, and one just
-    cut by a shift waits until it has seen enough of the new domain.
+    it counts as one example for each example that is not anchored. A memory
+    cut at every batch, as when domains are mixed example by example, then
+    speaks little for examples it does not describe, and one just cut by a
+    shift waits until it has seen enough of the new domain.
 
     The defaults were chosen on the demo's CNN. On three trained copies they
     give 59 to 65 % mean accuracy over four shifted domains and 98.8 to 99.7 %
@@ -117,8 +127,9 @@ class Stream:
     Attributes:
       horizon: the memory's length in examples, > 0 (``inf``: the memory never
         leaves the training statistics). Default 8000.
-      prior: N, the examples the memory counts as when a batch is normalized,
-        >= 0 (``inf``: the memory alone; 0: the batch's statistics). Default 4096.
+      prior: N, the examples the memory counts as when an example's own
+        statistics are pooled with it, >= 0 (``inf``: the memory alone; 0: each
+        example's own statistics, instance normalization). Default 4.
       surprise: τ > 0, how much a surprising example shortens the memory
         (smaller: more), or None: never. Default 0.6.
       anchor: δ > 0, the margin of score by which the training statistics must
@@ -127,12 +138,12 @@ class Stream:
         Default 1.0.
       settle: the share of ``horizon``, in (0, 1], that the memory must hold
         (after the surprise cut) to be counted as ``prior`` examples; a younger
-        memory counts as one example, pooled with each example on its own
-        (no effect when ``prior`` <= 1). None: always ``prior``. Default 0.1.
+        memory counts as one example (no effect when ``prior`` <= 1). None:
+        always ``prior``. Default 0.1.
     """
 
     horizon: float = 8000.0
-    prior: float = 4096.0
+    prior: float = 4.0
     surprise: float | None = 0.6
     anchor: float | None = 1.0
     settle: float | None = 0.1
@@ -313,7 +324,15 @@ def stream_forward(
     stream: Stream,
     cfg: TrainConfig,
 ) -> tuple[Array, dict[str, Array]]:
-    """y normalized with the memory pooled with the batch, and the updated memory.
+    """y with each example normalized on its own against the memory, and the updated memory.
+
+    Each example's statistics are pooled with a reference counted as
+    ``stream.prior`` examples (:func:`example_forward`): the memory, or for an
+    anchored example the training statistics; a young memory (``settle``)
+    counts as one example; an example that gives each feature one value (a
+    dense layer's) is normalized with the reference alone. The memory then takes
+    in the whole batch (:func:`update_memory`), cut first by its most surprising
+    example, or re-seeded from the training statistics if an example was anchored.
 
     Args:
       x: the input.
@@ -333,43 +352,32 @@ def stream_forward(
     scored = None  # how well the memory describes each example, where something reads it
     if stream.surprise is not None or stream.anchor is not None:
         scored = example_scores(x, mask, running, cfg)
-    if stream.anchor is None:
-        y, batch = prior_forward(
-            x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True
-        )
-        back = per_example = None
-    else:
+    # The batch's own statistics, which the memory takes in (its output is not used).
+    _, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
+    reference, counted_as, back, per_example = running, prior, None, None
+    if stream.anchor is not None:  # an anchored example's reference: the training statistics
         assert scored is not None
         trained = (training[0].reshape(bshape), training[1].reshape(bshape))
         back = anchored(x, mask, trained, scored, stream.anchor, cfg)
         per_example = back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
-        group = jnp.broadcast_to(per_example, x.shape)
-        if mask is not None:
-            group = group & mask
-        other = ~group if mask is None else mask & ~group
-        y_t, _ = prior_forward(
-            x, scale, bias, group, trained, prior, cfg, "pooled", finite_only=True
-        )
-        y_m, _ = prior_forward(
-            x, scale, bias, other, running, prior, cfg, "pooled", finite_only=True
-        )
-        y = jnp.where(per_example, y_t, y_m)
-        _, batch = prior_forward(
-            x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True
+        reference = (
+            jnp.where(per_example, trained[0], running[0]),
+            jnp.where(per_example, trained[1], running[1]),
         )
     cut = None
     if stream.surprise is not None:
         assert scored is not None
         cut = surprise_cut(scored, stream, cfg)
-    if stream.settle is not None and stream.prior > 1:  # a young memory counts as one example
+    if examples_size(x.shape, cfg.stats.reduce_axes) == 1:  # one value has no statistics
+        counted_as = jnp.asarray(jnp.inf, jnp.float32)
+    elif stream.settle is not None and stream.prior > 1:  # a young memory counts as one example
         count = memory["stream_count"].reshape(bshape)
         kept = count if cut is None else jnp.minimum(count, cut.astype(count.dtype))
         young = kept < stream.settle * stream.horizon
-        one = jnp.asarray(1.0, jnp.float32)
-        y_e = example_forward(x, scale, bias, mask, running, one, cfg)
-        if per_example is not None:  # anchored examples keep the training statistics
+        if per_example is not None:  # not for the training statistics of anchored examples
             young = young & ~per_example
-        y = jnp.where(young, y_e, y)
+        counted_as = jnp.where(young, jnp.asarray(1.0, jnp.float32), prior)
+    y = example_forward(x, scale, bias, mask, reference, counted_as, cfg)
     if back is not None:  # the memory restarts from the training statistics
         fire = memory_reseeded(back, cfg)
         shape = memory["stream_mean"].shape
@@ -425,7 +433,8 @@ def example_forward(
 
     The prior mode on batches of one: an example is a slice along axis 0 when
     axis 0 is reduced, the whole local array otherwise; nothing is summed over
-    devices.
+    devices. ``running`` and ``prior`` may differ from example to example (they
+    broadcast against the per-example statistics, of ``x``'s rank).
     """
     # Per example: the reduced axes without the batch axis, on this device alone.
     axes = tuple(a for a in cfg.stats.reduce_axes if a != 0)

@@ -117,6 +117,15 @@ def np_prior(x, scale, bias, run_mean, run_var, prior, form, axis=-1, eps=1e-5, 
     return s * (x - mean) / np.sqrt(var + eps) + b
 
 
+def np_prior_each(x, scale, bias, run_mean, run_var, prior, axis=-1):
+    """:func:`np_prior` (pooled) on each example of ``x`` (a slice along axis 0) alone: the
+    stream mode's output for examples that give each feature several values."""
+    x = np.asarray(x, np.float64)
+    ys = [np_prior(x[i : i + 1], scale, bias, run_mean, run_var, prior, "pooled", axis)
+          for i in range(len(x))]  # fmt: skip
+    return np.concatenate(ys)
+
+
 def np_stream_memory(memory, x, horizon, axis=-1):
     """The stream memory after taking in batch ``x``, float64, without the surprise cut.
 

@@ -29,19 +29,20 @@ def np_stream(
     """Outputs and memories (count, mean, var) after each (B, ..., C) batch, in float64.
 
     An example is a slice along axis 0, with one value per feature for (B, C)
-    input and H·W for NHWC. With ``surprise`` (τ; jbn.Stream's default 0.6), the
-    count is first cut to the least over the examples of horizon / (1 + (log r /
+    input and H·W for NHWC. Each example is normalized on its own: its values'
+    statistics pooled with a reference counted as ``prior`` examples, the memory
+    (or, anchored, the training statistics); with one value per feature, the
+    reference alone. With ``surprise`` (τ; jbn.Stream's default 0.6), the count
+    is first cut to the least over the examples of horizon / (1 + (log r /
     τ)²), r an example's mean over its counted finite features of the mean over
     its values of (x - μ_m)² / (σ²_m + ε). With ``anchor`` (δ; default 1.0), an
     example whose score (the same mean of (x - μ)² / (σ² + ε) + log(σ² + ε))
     under the training statistics is lower than under the memory by more than δ
-    is normalized with the training statistics pooled with the other such
-    examples; if there is one, the memory restarts from the training statistics
-    (counted as the horizon, no cut) before it takes the batch in. With
-    ``settle`` (default 0.1), where the memory's count after the cut is below
-    settle · horizon, every example that is not anchored is normalized on its
-    own (when prior > 1): its values' statistics pooled with the memory counted
-    as one example.
+    takes the training statistics as its reference; if there is one, the memory
+    restarts from the training statistics (counted as the horizon, no cut)
+    before it takes the batch in. With ``settle`` (default 0.1), where the
+    memory's count after the cut is below settle · horizon, an example that is
+    not anchored counts the memory as one example (when prior > 1).
     """
     scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
     mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
@@ -61,14 +62,15 @@ def np_stream(
         cnt = np.where(good, cnt, 0.0) / per_example
         return np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0), cnt
 
-    def pooled(x, mask, mean_r, var_r, prior=prior):  # the reference counted as prior examples
+    def pooled(x, mask, mean_r, var_r, prior):  # the reference counted as prior examples
         mu_b, var_b, cnt = group_stats(x, mask)
-        if math.isinf(prior):
-            return mean_r, var_r
-        tot = prior + cnt
-        mean = (prior * mean_r + cnt * mu_b) / tot
-        var = (prior * var_r + cnt * var_b + prior * cnt / tot * (mean_r - mu_b) ** 2) / tot
-        return mean, var
+        n = np.broadcast_to(np.asarray(prior, np.float64), mu_b.shape)
+        alone = np.isinf(n) | (cnt == 0)
+        n = np.where(alone, 1.0, n)
+        tot = n + cnt
+        mean = (n * mean_r + cnt * mu_b) / tot
+        var = (n * var_r + cnt * var_b + n * cnt / tot * (mean_r - mu_b) ** 2) / tot
+        return np.where(alone, mean_r, mean), np.where(alone, var_r, var)
 
     def scores(xi, mi, mean, var):  # one example: (r, score), or None without a counted value
         keep = mi & np.isfinite(xi)
@@ -94,11 +96,7 @@ def np_stream(
             for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
                 s_t, s_m = scores(xi, mi, mean0, var0), scores(xi, mi, mu, var_m)
                 back[i] = s_t is not None and s_t[1] + anchor < s_m[1]
-        by_example = back.reshape((-1,) + (1,) * (x.ndim - 1))
-        mean_t, var_t = pooled(x, mask & by_example, mean0, var0)
-        mean, var = pooled(x, mask & ~by_example, mu, var_m)
-        y = np.where(by_example, scale * (x - mean_t) / np.sqrt(var_t + EPS) + bias,
-                     scale * (x - mean) / np.sqrt(var + EPS) + bias)  # fmt: skip
+        young = np.zeros(C, bool)
         if settle is not None and prior > 1:
             cut = horizon
             if surprise is not None:
@@ -107,10 +105,15 @@ def np_stream(
                     if sc is not None:
                         cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
             young = np.minimum(n_m, cut) < settle * horizon
-            for i in np.flatnonzero(~back):
-                mean_e, var_e = pooled(x[i : i + 1], mask[i : i + 1], mu, var_m, 1.0)
-                y_e = scale * (x[i] - mean_e) / np.sqrt(var_e + EPS) + bias
-                y[i] = np.where(young, y_e, y[i])
+        one_value = math.prod(x.shape[1:-1]) == 1
+        y = np.empty_like(x)
+        for i in range(len(x)):
+            mean_r, var_r = (mean0, var0) if back[i] else (mu, var_m)
+            n = np.where(young & ~back[i], 1.0, prior)
+            if one_value:  # one value per feature: the reference alone
+                n = np.full(C, np.inf)
+            mean_e, var_e = pooled(x[i : i + 1], mask[i : i + 1], mean_r, var_r, n)
+            y[i] = scale * (x[i] - mean_e) / np.sqrt(var_e + EPS) + bias
         ys.append(y)
         mu_b, var_b, cnt = group_stats(x, mask)
         good = cnt > 0
@@ -266,7 +269,8 @@ def test_a_young_memory_normalizes_each_example_on_its_own_as_numpy_does(shape):
     ys_ref, mem_ref = np_stream(xs, masks, *args, anchor=None)
     check_stream_steps(params, state, mode, xs, masks, ys_ref, mem_ref)
     ys_plain, _ = np_stream(xs, masks, *args, anchor=None, settle=None)
-    assert np.max(np.abs(ys_plain[0] - ys_ref[0])) > 0.1  # the reference takes the path
+    takes_path = len(shape) > 2  # one value per feature: the memory alone, young or not
+    assert (np.max(np.abs(ys_plain[0] - ys_ref[0])) > 0.1) == takes_path
     # An example's output does not depend on the rest of its batch.
     other = xs[0].copy()
     other[2:] = rng.normal(-5.0, 3.0, other[2:].shape)
@@ -275,7 +279,7 @@ def test_a_young_memory_normalizes_each_example_on_its_own_as_numpy_does(shape):
     np.testing.assert_allclose(y_other[1], y[1], rtol=1e-6, atol=1e-6)
     plain = jbn.Stream(horizon=50.0, prior=8.0, surprise=0.5, anchor=None, settle=None)
     y_plain, _ = step(params, state, other, masks[0], plain)
-    assert np.max(np.abs(np.asarray(y_plain[1]) - np.asarray(y[1]))) > 0.1
+    assert (np.max(np.abs(np.asarray(y_plain[1]) - np.asarray(y[1]))) > 0.1) == takes_path
 
 
 def test_a_young_memory_differentiates_as_the_prior_mode_on_each_example_alone():
@@ -302,28 +306,38 @@ def test_a_young_memory_differentiates_as_the_prior_mode_on_each_example_alone()
     check_grads(loss_jit, (params, x), order=1, modes=["rev"], atol=5e-2, rtol=5e-2)
 
 
-def test_infinite_horizon_with_surprise_stays_the_prior():
+def each_alone(params, state, x, train):
+    """``bn_forward`` on each example of ``x`` as a batch of its own, concatenated."""
+    ys = [jbn.bn_forward(params, state, x[i : i + 1], train)[0] for i in range(len(x))]
+    return jnp.concatenate(ys)
+
+
+def test_infinite_horizon_with_surprise_stays_the_prior_on_each_example():
     rng, params, state = setup(9)
-    x = rng.normal(3.0, 2.0, (8, C)).astype(np.float32)
+    x = rng.normal(3.0, 2.0, (8, 2, 2, C)).astype(np.float32)
     y, s = step(params, state, x, None, jbn.Stream(math.inf, 4.0, surprise=0.5))
-    want, _ = jbn.bn_forward(params, state, x, False, prior=4.0)
-    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        y, each_alone(params, state, x, jbn.Prior(4.0)), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(s["stream_mean"], state["mean"])
     assert np.all(np.isinf(s["stream_count"]))
+    dense = x[:, 0, 0]  # one value per feature: the training statistics alone
+    y, _ = step(params, state, dense, None, jbn.Stream(math.inf, 4.0, surprise=0.5))
+    np.testing.assert_allclose(y, jbn.bn_forward(params, state, dense, False)[0], rtol=1e-6)
 
 
-def test_infinite_horizon_is_the_prior_and_zero_prior_is_batch_statistics():
+def test_infinite_horizon_is_the_prior_and_zero_prior_is_each_examples_statistics():
     rng, params, state = setup(1)
-    xs = [rng.normal(3.0, 2.0, (8, C)).astype(np.float32) for _ in range(3)]
+    xs = [rng.normal(3.0, 2.0, (8, 2, 2, C)).astype(np.float32) for _ in range(3)]
     s_inf, s_zero = state, state
     for x in xs:
         y, s_inf = step(params, s_inf, x, None, jbn.Stream(math.inf, 4.0))
-        want, _ = jbn.bn_forward(params, state, x, False, prior=4.0)
-        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+        want = each_alone(params, state, x, jbn.Prior(4.0))
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(s_inf["stream_mean"], state["mean"])
         np.testing.assert_array_equal(s_inf["stream_var"], state["var"])
         y, s_zero = step(params, s_zero, x, None, jbn.Stream(16.0, 0.0))
-        want, _ = jbn.bn_forward(params, state, x, True)
+        want = each_alone(params, state, x, True)  # instance normalization
         np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
     assert not np.array_equal(s_zero["stream_mean"], state["mean"])  # it still remembers
 
@@ -389,23 +403,36 @@ def test_scan_over_a_stream_and_bf16():
         np.testing.assert_allclose(s16[k], s32[k], rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_through_the_batch_share_only():
+@pytest.mark.parametrize("shape", [(8, C), (8, 2, 2, C)], ids=["dense", "nhwc"])
+def test_gradient_through_each_examples_share_only(shape):
     _, params, state = setup(5)
-    mode = jbn.Stream(10.0, 3.0)
-    x = jnp.asarray(np.random.default_rng(5).normal(1, 2, (8, C)), jnp.float32)
+    mode = jbn.Stream(10.0, 3.0, surprise=None, anchor=None, settle=None)  # the memory as prior
+    x = jnp.asarray(np.random.default_rng(5).normal(1, 2, shape), jnp.float32)
     s = jbn.start_stream(state, mode)
     s = {**s, "stream_mean": s["stream_mean"] + 0.5}
     as_prior = {"mean": s["stream_mean"], "var": s["stream_var"]}
 
-    def loss(p, x, st, m):
-        return jnp.sum(jnp.sin(jbn.bn_forward(p, st, x, m)[0]))
+    def loss(p, x, st):
+        return jnp.sum(jnp.sin(jbn.bn_forward(p, st, x, mode)[0]))
 
-    g = jax.grad(loss, argnums=(0, 1, 2))(params, x, s, mode)
-    want = jax.grad(loss, argnums=(0, 1))(params, x, as_prior, jbn.Prior(3.0))
+    def alone(p, x):  # the prior mode on each example, N = 3; the memory alone for dense input
+        train = jbn.Prior(3.0) if len(shape) > 2 else False
+        return jnp.sum(jnp.sin(each_alone(p, as_prior, x, train)))
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, x, s)
+    want = jax.jit(jax.grad(alone, argnums=(0, 1)))(params, x)
     for got, ref in zip(jax.tree.leaves(g[:2]), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     for k in ("stream_mean", "stream_var"):
         np.testing.assert_array_equal(g[2][k], 0.0)
+    # With every default (some examples anchored or young here), still none into the memory.
+    g_state = jax.jit(
+        jax.grad(
+            lambda st: jnp.sum(jnp.sin(jbn.bn_forward(params, st, x, jbn.Stream(10.0, 3.0))[0]))
+        )
+    )(s)
+    for k in ("stream_mean", "stream_var"):
+        np.testing.assert_array_equal(g_state[k], 0.0)
 
 
 @pytest.mark.parametrize("surprise", [None, 0.6])

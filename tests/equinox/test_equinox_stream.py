@@ -12,7 +12,7 @@ import pytest
 
 import jbn
 import jbn.equinox
-from tests.np_reference import np_prior, np_stream_memories, np_stream_memory
+from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
 
@@ -123,7 +123,7 @@ def test_tent_carries_the_memory_and_a_non_finite_step_keeps_it():
 
 def test_stream_settings_enter_the_jit_cache_key():
     plain, state0 = batch_norm()
-    x = jax.random.normal(jax.random.key(6), (8, 3)) * 2.0 + 1.0
+    x = jax.random.normal(jax.random.key(6), (8, 3, 2, 2)) * 2.0 + 1.0  # H·W values per example
     traces = []
 
     @eqx.filter_jit
@@ -134,7 +134,8 @@ def test_stream_settings_enter_the_jit_cache_key():
     for horizon, prior in ((10.0, 2.0), (50.0, 30.0), (10.0, 2.0)):
         bn, state = jbn.equinox.use_stream(plain, state0, jbn.Stream(horizon, prior, surprise=None))
         y, state = f(bn, state, x)
-        want = np_prior(x, bn.weight, bn.bias, *RUNNING, prior, "pooled")
+        want = np_prior_each(x, bn.weight, bn.bias, *RUNNING, prior, axis=1)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-        assert_memory(state.get(bn.state_index), np_stream_memory((*RUNNING, horizon), x, horizon))
+        memory = np_stream_memory((*RUNNING, horizon), x, horizon, axis=1)
+        assert_memory(state.get(bn.state_index), memory)
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jbn
-from tests.np_reference import np_prior, np_stream_memories, np_stream_memory
+from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
 
@@ -134,7 +134,7 @@ def test_tent_carries_the_memory_and_a_non_finite_step_keeps_it():
 
 def test_stream_settings_enter_the_jit_cache_key():
     bn = nn.BatchNorm(use_running_average=True)
-    x = jax.random.normal(jax.random.key(6), (8, 3)) * 2.0 + 1.0
+    x = jax.random.normal(jax.random.key(6), (8, 2, 2, 3)) * 2.0 + 1.0  # H·W values per example
     v = {**bn.init(jax.random.key(0), x), "batch_stats": RUNNING}
     p = v["params"]
     traces = []
@@ -147,7 +147,7 @@ def test_stream_settings_enter_the_jit_cache_key():
     for horizon, prior in ((10.0, 2.0), (50.0, 30.0), (10.0, 2.0)):
         with jbn.linen.use_stream(jbn.Stream(horizon, prior, surprise=None)):
             y, updates = f(v, x)
-        want = np_prior(x, p["scale"], p["bias"], RUNNING["mean"], RUNNING["var"], prior, "pooled")
+        want = np_prior_each(x, p["scale"], p["bias"], RUNNING["mean"], RUNNING["var"], prior)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
         memory = np_stream_memory((RUNNING["mean"], RUNNING["var"], horizon), x, horizon)
         assert_memory(updates["batch_stats"], memory)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jbn
-from tests.np_reference import np_prior, np_stream_memories, np_stream_memory
+from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
 
@@ -109,7 +109,7 @@ def test_stream_settings_enter_the_jit_cache_key():
     bn = with_running(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
     bn.eval()
     scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
-    x = jax.random.normal(jax.random.key(6), (8, 3)) * 2.0 + 1.0
+    x = jax.random.normal(jax.random.key(6), (8, 2, 2, 3)) * 2.0 + 1.0  # H·W values per example
     traces = []
 
     @nnx.jit
@@ -120,7 +120,7 @@ def test_stream_settings_enter_the_jit_cache_key():
     for horizon, prior in ((10.0, 2.0), (50.0, 30.0), (10.0, 2.0)):
         bn = jbn.nnx.use_stream(bn, jbn.Stream(horizon, prior, surprise=None))
         y = f(bn, x)
-        want = np_prior(x, scale, bias, *RUNNING, prior, "pooled")
+        want = np_prior_each(x, scale, bias, *RUNNING, prior)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
         assert_memory(bn, np_stream_memory((*RUNNING, horizon), x, horizon))
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace
