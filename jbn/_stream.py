@@ -114,15 +114,14 @@ class Stream:
     speaks little for examples it does not describe, and one just cut by a
     shift waits until it has seen enough of the new domain.
 
-    The defaults were chosen on the demo's CNN. On three trained copies they
-    give 59 to 65 % mean accuracy over four shifted domains and 98.8 to 99.7 %
+    The defaults were chosen on the demo's CNN. On two trained copies they
+    give 62 to 67 % mean accuracy over four shifted domains and 98.9 to 99.7 %
     clean, at batch 1, 8 and 64, with the test set streamed in its own order or
-    sorted by label (runs of one class), and 98.4 to 99.3 % clean when the
+    sorted by label (runs of one class), and 98.7 to 99.5 % clean when the
     stream returns to clean data after the four shifts. With the five domains
-    mixed example by example, two of them keep 98.8 to 99.0 % on the clean
-    examples and 38 to 42 % on the shifted ones (per-example statistics alone:
-    48 %); see the test-time adaptation guide, which says where the mode still
-    fails.
+    mixed example by example they keep 98.6 to 99.4 % on the clean examples and
+    48 to 49 % on the shifted ones; see the test-time adaptation guide, which
+    says where the mode still fails.
 
     Attributes:
       horizon: the memory's length in examples, > 0 (``inf``: the memory never
