@@ -124,10 +124,7 @@ def prior_forward(
     """
     cd = compute_dtype(x.dtype)
     rd = real_dtype(cd)
-    mean_b, var_b, n = batch_stats(x, mask, cfg.stats, running[0])
-    n = n.astype(rd)
-    if finite_only:
-        n = jnp.where(jnp.isfinite(mean_b) & jnp.isfinite(var_b), n, 0.0)
+    mean_b, var_b, n = _own_stats(x, mask, running, cfg, finite_only)
     run_mean = lax.stop_gradient(running[0]).astype(cd)
     run_var = lax.stop_gradient(running[1]).astype(rd)
     per_example = examples_size(x.shape, cfg.stats.reduce_axes)
@@ -139,10 +136,40 @@ def prior_forward(
     mean, var = prior_stats(run_mean, run_var, mean_w, var_w, w, form)
     a = scale.astype(rd) * lax.rsqrt(var + cfg.epsilon)
     y = (x.astype(cd) - mean) * a + bias.astype(rd)
+    return y.astype(cfg.out_dtype), _share(mean_b, var_b, n, (run_mean, run_var), per_example)
+
+
+def batch_share(
+    x: Array, mask: Array | None, running: tuple[Array, Array], cfg: TrainConfig
+) -> tuple[Array, Array, Array]:
+    """The batch's own ``(mean, var, examples)``, what :func:`prior_forward` returns beside y.
+
+    Without gradient; a feature whose statistics are not finite, or that has no
+    counted value, has 0 examples and the ``running`` statistics.
+    """
+    mean_b, var_b, n = _own_stats(x, mask, running, cfg, finite_only=True)
+    cd = compute_dtype(x.dtype)
+    ref = (running[0].astype(cd), running[1].astype(real_dtype(cd)))
+    return _share(mean_b, var_b, n, ref, examples_size(x.shape, cfg.stats.reduce_axes))
+
+
+def _own_stats(
+    x: Array, mask: Array | None, running: tuple[Array, Array], cfg: TrainConfig, finite_only: bool
+) -> tuple[Array, Array, Array]:
+    """The batch's mean, variance and counted values per feature (0 where not finite, if asked)."""
+    mean_b, var_b, n = batch_stats(x, mask, cfg.stats, running[0])
+    n = n.astype(real_dtype(compute_dtype(x.dtype)))
+    if finite_only:
+        n = jnp.where(jnp.isfinite(mean_b) & jnp.isfinite(var_b), n, 0.0)
+    return mean_b, var_b, n
+
+
+def _share(
+    mean_b: Array, var_b: Array, n: Array, running: tuple[Array, Array], per_example: int
+) -> tuple[Array, Array, Array]:
     has_say = n > 0
-    batch = (
-        lax.stop_gradient(jnp.where(has_say, mean_b, run_mean)),
-        lax.stop_gradient(jnp.where(has_say, var_b, run_var)),
+    return (
+        lax.stop_gradient(jnp.where(has_say, mean_b, running[0])),
+        lax.stop_gradient(jnp.where(has_say, var_b, running[1])),
         lax.stop_gradient(n / per_example),
     )
-    return y.astype(cfg.out_dtype), batch

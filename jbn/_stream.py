@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _checks as checks
-from ._prior import examples_size, prior_forward, prior_stats
+from ._prior import batch_share, examples_size, prior_forward, prior_stats
 from ._stats import StatsConfig, abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
 from ._tree import split_entries
@@ -351,8 +351,7 @@ def stream_forward(
     scored = None  # how well the memory describes each example, where something reads it
     if stream.surprise is not None or stream.anchor is not None:
         scored = example_scores(x, mask, running, cfg)
-    # The batch's own statistics, which the memory takes in (its output is not used).
-    _, batch = prior_forward(x, scale, bias, mask, running, prior, cfg, "pooled", finite_only=True)
+    batch = batch_share(x, mask, running, cfg)  # what the memory takes in
     reference, counted_as, back, per_example = running, prior, None, None
     if stream.anchor is not None:  # an anchored example's reference: the training statistics
         assert scored is not None
