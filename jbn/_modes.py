@@ -3,8 +3,8 @@
 ``True`` (training: batch statistics, the running ones updated), ``False``
 (evaluation: the running statistics), :class:`jbn.Prior` (test-time
 adaptation: the running statistics pooled with the batch's, nothing updated)
-or :class:`jbn.Stream` (a memory of the stream's statistics pooled with the
-batch's, the memory updated), or :class:`jbn.Accumulate` (gradient
+or :class:`jbn.Stream` (a memory of the stream's statistics pooled with each
+example's own, the memory updated), or :class:`jbn.Accumulate` (gradient
 accumulation: batch statistics, added to an accumulator that
 :func:`jbn.bn_commit` turns into one running update). Each mode carries its own settings; the older
 keywords ``prior=N, prior_form=...`` with ``train=False`` are the same

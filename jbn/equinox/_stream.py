@@ -59,9 +59,10 @@ def _memories(
 def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[Any, eqx.nn.State]:
     """The model with every ``jbn.equinox.BatchNorm`` in the stream mode, and its state.
 
-    Each layer then normalizes every batch (along its ``axis_name``) with a
-    memory of the stream's statistics, counted as ``stream.prior`` examples,
-    pooled with the batch's own, and returns the memory updated in the state
+    Each layer then normalizes every example with its own statistics pooled
+    with a memory of the stream's statistics, counted as ``stream.prior``
+    examples, takes the batch (along its ``axis_name``) into the memory, and
+    returns the memory updated in the state
     (:class:`jbn.Stream`), in training and inference mode alike; the running
     statistics are left alone. The memory starts from the running statistics;
     :func:`reset_stream` returns to them, and ``use_stream(model, state, None)``

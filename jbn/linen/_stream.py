@@ -170,9 +170,9 @@ def use_stream(
 ) -> Iterator[None]:
     """The stream mode for every linen batch norm while the context is active.
 
-    Each ``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` normalizes every batch
-    with a memory of the stream's statistics, counted as ``stream.prior``
-    examples, pooled with the batch's own, and updates the memory
+    Each ``flax.linen.BatchNorm`` and ``jbn.BatchNorm`` normalizes every
+    example with its own statistics pooled with a memory of the stream's
+    statistics, counted as ``stream.prior`` examples, and updates the memory
     (:class:`jbn.Stream`), whatever ``use_running_average`` the model passes;
     the running statistics are left alone. The memory lives in
     ``batch_stats`` (``stream_mean``, ``stream_var``, ``stream_count``),

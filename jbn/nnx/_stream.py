@@ -30,10 +30,10 @@ def _batch_norms(model: Any, tool: str) -> list[BatchNorm]:
 def use_stream(model: Any, stream: Stream | None) -> Any:
     """Puts, in place, every batch norm of an NNX model into the stream mode (or out of it).
 
-    Each ``jbn.nnx.BatchNorm`` then normalizes every batch with a memory of the
-    stream's statistics, counted as ``stream.prior`` examples, pooled with the
-    batch's own, and updates the memory (:class:`jbn.Stream`), in training and
-    evaluation mode alike; the running statistics are left alone. The memory
+    Each ``jbn.nnx.BatchNorm`` then normalizes every example with its own
+    statistics pooled with a memory of the stream's, counted as
+    ``stream.prior`` examples, and updates the memory (:class:`jbn.Stream`), in
+    training and evaluation mode alike; the running statistics are left alone. The memory
     starts from the running statistics; :func:`reset_stream` returns to them
     and ``use_stream(model, None)`` takes the layers out of the mode, removing
     the memory. A ``flax.nnx.BatchNorm`` is first converted to
