@@ -96,14 +96,14 @@ def np_stream(
             for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
                 s_t, s_m = scores(xi, mi, mean0, var0), scores(xi, mi, mu, var_m)
                 back[i] = s_t is not None and s_t[1] + anchor < s_m[1]
+        cut = horizon  # the surprise cut: the least over the examples
+        if surprise is not None:
+            for xi, mi in zip(x, mask, strict=True):
+                sc = scores(xi, mi, mu, var_m)
+                if sc is not None:
+                    cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
         young = np.zeros(C, bool)
         if settle is not None and prior > 1:
-            cut = horizon
-            if surprise is not None:
-                for xi, mi in zip(x, mask, strict=True):
-                    sc = scores(xi, mi, mu, var_m)
-                    if sc is not None:
-                        cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
             young = np.minimum(n_m, cut) < settle * horizon
         one_value = math.prod(x.shape[1:-1]) == 1
         y = np.empty_like(x)
@@ -117,14 +117,7 @@ def np_stream(
         ys.append(y)
         mu_b, var_b, cnt = group_stats(x, mask)
         good = cnt > 0
-        if surprise is not None and good.any():
-            cut = horizon
-            for xi, mi in zip(x, mask, strict=True):
-                sc = scores(xi, mi, mu, var_m)
-                if sc is not None:
-                    cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
-            if back.any():
-                cut = horizon
+        if surprise is not None and good.any() and not back.any():  # no cut when re-seeded
             n_m = np.where(good, np.minimum(n_m, cut), n_m)
             m2 = var_m * n_m
         if back.any():  # the memory restarts from the training statistics
