@@ -188,9 +188,9 @@ def bn_forward(
     is. ``train`` may also be a test-time mode, which carries its settings:
     ``jbn.Prior(N)`` normalizes with the running statistics, counted as N
     examples, pooled with the batch's own (the same as ``train=False,
-    prior=N``), and ``jbn.Stream(horizon, prior)`` each example with its own
-    statistics pooled with a memory of the stream's, the memory returned updated in
-    the new state (see :class:`jbn.Stream`). ``jbn.Accumulate()`` is training
+    prior=N``), and ``jbn.Stream(horizon, prior)`` normalizes each example with
+    its own statistics pooled with a memory of the stream's, the memory returned
+    updated in the new state (see :class:`jbn.Stream`). ``jbn.Accumulate()`` is training
     on a micro-batch that leaves the running statistics alone and adds the
     micro-batch's statistics to an accumulator in the state, for
     :func:`jbn.bn_commit` to apply as one update (see :class:`jbn.Accumulate`).

@@ -33,10 +33,10 @@ def use_stream(model: Any, stream: Stream | None) -> Any:
     Each ``jbn.nnx.BatchNorm`` then normalizes every example with its own
     statistics pooled with a memory of the stream's, counted as
     ``stream.prior`` examples, and updates the memory (:class:`jbn.Stream`), in
-    training and evaluation mode alike; the running statistics are left alone. The memory
-    starts from the running statistics; :func:`reset_stream` returns to them
-    and ``use_stream(model, None)`` takes the layers out of the mode, removing
-    the memory. A ``flax.nnx.BatchNorm`` is first converted to
+    training and evaluation mode alike; the running statistics are left alone.
+    The memory starts from the running statistics; :func:`reset_stream` returns
+    to them and ``use_stream(model, None)`` takes the layers out of the mode,
+    removing the memory. A ``flax.nnx.BatchNorm`` is first converted to
     ``jbn.nnx.BatchNorm`` (as by :func:`jbn.nnx.convert`)::
 
       >>> import jax.numpy as jnp, jbn
