@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _checks as checks
+from . import _relay as relay
 from ._prior import batch_share, examples_size, prior_forward, prior_stats
 from ._stats import StatsConfig, abs_sq, compute_dtype, real_dtype
 from ._train import TrainConfig
@@ -142,10 +143,11 @@ class Stream:
     """
 
     horizon: float = 8000.0
-    prior: float = 4.0
+    prior: float = 3.0
     surprise: float | None = 0.6
     anchor: float | None = 1.0
     settle: float | None = 0.1
+    gate: float | None = 0.8
 
     def __post_init__(self) -> None:
         horizon = checks.real(self.horizon, "horizon", low=0.0, strict=True)
@@ -160,6 +162,9 @@ class Stream:
         if self.settle is not None:
             settle = checks.real(self.settle, "settle", low=0.0, high=1.0, strict=True)
             object.__setattr__(self, "settle", settle)
+        if self.gate is not None:
+            gate = checks.real(self.gate, "gate", low=0.0, strict=True)
+            object.__setattr__(self, "gate", gate)
 
 
 def split_memory(state: Any) -> tuple[Any, dict[str, Any]]:
@@ -263,17 +268,25 @@ def example_scores(
     return r, score, features > 0
 
 
-def surprise_cut(scored: tuple[Array, Array, Array], stream: Stream, cfg: TrainConfig) -> Array:
+def surprise_cut(
+    scored: tuple[Array, Array, Array],
+    stream: Stream,
+    cfg: TrainConfig,
+    may_cut: Array | None = None,
+) -> Array:
     """The count the memory is cut to before a batch: the strongest cut of its examples.
 
     Each example's cut is ``horizon / (1 + (log r / τ)²)``, with ``scored`` =
     :func:`example_scores` against the memory; the batch's is the least over
     its examples (and over the devices of ``axis_name``), so a batch of n
     examples is cut as its most surprising example would cut it alone, at any
-    batch size. ``horizon`` where no example has a counted value.
+    batch size. Only the examples ``may_cut`` allows (:func:`gate_verdict`;
+    None: all) count. ``horizon`` where no example counts.
     """
     assert stream.surprise is not None
     r, _, counted = scored
+    if may_cut is not None:
+        counted = counted & may_cut
     log_r = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny)) / stream.surprise
     cuts = jnp.where(counted, stream.horizon / (1.0 + log_r * log_r), stream.horizon)
     cut = jnp.min(cuts)
@@ -347,16 +360,19 @@ def stream_forward(
     """
     bshape = scale.shape
     running = (memory["stream_mean"].reshape(bshape), memory["stream_var"].reshape(bshape))
+    trained = (training[0].reshape(bshape), training[1].reshape(bshape))
     prior = jnp.asarray(stream.prior, jnp.float32)
     scored = None  # how well the memory describes each example, where something reads it
     if stream.surprise is not None or stream.anchor is not None:
         scored = example_scores(x, mask, running, cfg)
+    to_training = None  # how well the training statistics describe it, likewise
+    if stream.anchor is not None or (stream.surprise is not None and stream.gate is not None):
+        to_training = example_scores(x, mask, trained, cfg)
     batch = batch_share(x, mask, running, cfg)  # what the memory takes in
     reference, counted_as, back, per_example = running, prior, None, None
     if stream.anchor is not None:  # an anchored example's reference: the training statistics
-        assert scored is not None
-        trained = (training[0].reshape(bshape), training[1].reshape(bshape))
-        back = anchored(x, mask, trained, scored, stream.anchor, cfg)
+        assert scored is not None and to_training is not None
+        back = anchored(to_training, scored, stream.anchor, cfg)
         per_example = back.reshape(back.shape + (1,) * (x.ndim - back.ndim))
         reference = (
             jnp.where(per_example, trained[0], running[0]),
@@ -365,7 +381,11 @@ def stream_forward(
     cut = None
     if stream.surprise is not None:
         assert scored is not None
-        cut = surprise_cut(scored, stream, cfg)
+        may_cut = None
+        if stream.gate is not None:
+            assert to_training is not None
+            may_cut = gate_verdict(to_training, stream.gate)
+        cut = surprise_cut(scored, stream, cfg, may_cut)
     if examples_size(x.shape, cfg.stats.reduce_axes) == 1:  # one value has no statistics
         counted_as = jnp.asarray(jnp.inf, jnp.float32)
     elif stream.settle is not None and stream.prior > 1:  # a young memory counts as one example
@@ -386,22 +406,43 @@ def stream_forward(
     return y, update_memory(memory, batch, stream.horizon, cut)
 
 
+def gate_verdict(to_training: tuple[Array, Array, Array], gate: float) -> Array:
+    """Per example: whether it may cut a memory, by the forward pass's first batch norm.
+
+    An example is far from the training domain when |log r| > ``gate``, with r
+    from ``to_training`` = :func:`example_scores` against the training
+    statistics. Inside a link (:mod:`jbn._relay`: the frontends' models) the
+    first batch norm of a forward pass gives the verdict and the layers after it
+    take it; a layer outside one, or the first, gives its own.
+    """
+    r, _, counted = to_training
+    log_r = jnp.log(jnp.maximum(r, jnp.finfo(r.dtype).tiny))
+    own = counted & (jnp.abs(log_r) > gate)
+    link = relay.current()
+    if link is None:
+        return own
+    passing, key, root = link
+    given = passing.receive(key, root, own.shape)
+    if given is not None:
+        return given
+    passing.send(own)
+    return own
+
+
 def anchored(
-    x: Array,
-    mask: Array | None,
-    training: tuple[Array, Array],
+    to_training: tuple[Array, Array, Array],
     scored: tuple[Array, Array, Array],
     anchor: float,
     cfg: TrainConfig,
 ) -> Array:
-    """Per example: whether ``training = (mean, var)`` describes it better by ``anchor``.
+    """Per example: whether the training statistics describe it better by ``anchor``.
 
     Compares :func:`example_scores`' Gaussian scores under the training
-    statistics with ``scored``, the memory's; an example without a counted
-    value is never anchored. One entry per example (axis 0 when it is reduced,
-    else one for the whole local array).
+    statistics (``to_training``) with ``scored``, the memory's; an example
+    without a counted value is never anchored. One entry per example (axis 0
+    when it is reduced, else one for the whole local array).
     """
-    _, s_train, counted = example_scores(x, mask, training, cfg)
+    _, s_train, counted = to_training
     _, s_memory, _ = scored
     back = counted & (s_train + anchor < s_memory)
     if 0 not in cfg.stats.reduce_axes:

@@ -18,6 +18,7 @@ from .._accumulate import ACCUMULATOR, Accumulate
 from .._batch_norm import bn_forward, bn_init
 from .._checks import PriorForm, Residual
 from .._modes import layer_mode
+from .._relay import Link, linked
 from .._stream import MEMORY, Stream
 from ._layer import Layer, Output
 
@@ -154,6 +155,7 @@ class BatchNorm(Layer):
     prior: float | None = eqx.field(static=True)
     prior_form: PriorForm = eqx.field(static=True)
     stream: Stream | None = eqx.field(static=True)  # set by jbn.equinox.use_stream
+    stream_link: Link | None = eqx.field(static=True)  # its place on the model's relay, likewise
     accumulation: Accumulate | None = eqx.field(static=True)  # jbn.equinox.use_accumulation
 
     def __init__(
@@ -193,6 +195,7 @@ class BatchNorm(Layer):
         self.autodiff = checks.python_bool(autodiff, "autodiff")
         self.mode = mode
         self.stream = None
+        self.stream_link = None
         self.accumulation = None
         dtype = _default_dtype() if dtype is None else dtype
         params, state = bn_init(input_size, dtype=dtype, cumulative=True)
@@ -234,20 +237,21 @@ class BatchNorm(Layer):
         running["count"] = stored.get("feature_count", stored["count"])
         # jbn.equinox.use_stream's memory, jbn.equinox.use_accumulation's accumulator.
         running |= {k: stored[k] for k in (*MEMORY, *ACCUMULATOR) if k in stored}
-        y, new = bn_forward(
-            params,
-            running,
-            x,
-            mode,
-            axis=0,
-            momentum=self.momentum,
-            epsilon=self.eps,
-            mask=mask,
-            axis_name=None if mode is False else self.axis_name,
-            autodiff=self.autodiff,
-            debias=self.momentum is not None,
-            **{**options.jbn_kwargs(self), "prior": None},  # the prior is in the mode
-        )
+        with linked(self.stream_link):
+            y, new = bn_forward(
+                params,
+                running,
+                x,
+                mode,
+                axis=0,
+                momentum=self.momentum,
+                epsilon=self.eps,
+                mask=mask,
+                axis_name=None if mode is False else self.axis_name,
+                autodiff=self.autodiff,
+                debias=self.momentum is not None,
+                **{**options.jbn_kwargs(self), "prior": None},  # the prior is in the mode
+            )
         if squeeze:
             y = y[:, 0]
         if isinstance(mode, Accumulate):

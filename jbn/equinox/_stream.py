@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 
 from .. import _checks as checks
+from .._relay import Link, Relay
 from .._stream import MEMORY, Stream, check_stream, start_memory
 from ._batch_norm import BatchNorm
 from ._forward import is_batch_norm
@@ -89,11 +90,16 @@ def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[
         check_stream(stream)
     bns = _batch_norms(model, "jbn.equinox.use_stream")
     new_state = _memories(state, bns, [stream] * len(bns))
-    return jax.tree.map(
-        lambda n: with_field(n, "stream", stream) if isinstance(n, BatchNorm) else n,
-        model,
-        is_leaf=is_batch_norm,
-    ), new_state
+    passing = Relay()  # the model's: the first batch norm's verdict, to the rest
+    index = iter(range(len(bns)))
+
+    def switch(node: Any) -> Any:
+        if not isinstance(node, BatchNorm):
+            return node
+        link = None if stream is None else Link(passing, next(index))
+        return with_field(with_field(node, "stream", stream), "stream_link", link)
+
+    return jax.tree.map(switch, model, is_leaf=is_batch_norm), new_state
 
 
 def reset_stream(model: Any, state: eqx.nn.State) -> eqx.nn.State:

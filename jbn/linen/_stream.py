@@ -24,6 +24,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from .._batch_norm import bn_forward
 from .._prior import Prior
+from .._relay import Relay, linked
 from .._stream import MEMORY, Stream, check_stream
 from .._stream import reset_stream as reset_state
 from .._stream import start_stream as start_state
@@ -41,6 +42,8 @@ class _State(threading.local):
         # (mode, where, tool, forward) per active adapting context (use_prior, use_stream,
         # gradient accumulation's), innermost last.
         self.settings: list[tuple[Any, Any, str, Forward]] = []
+        # The stream mode's verdict, from a forward pass's first batch norm to the rest.
+        self.relay = Relay()
 
 
 _state = _State()
@@ -99,7 +102,8 @@ def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax
         )
     names = ("mean", "var", *(k for k in MEMORY if module.has_variable("batch_stats", k)))
     state = {name: module.get_variable("batch_stats", name) for name in names}
-    y, new = run_batch_norm(module, x, mask, stream, state)
+    with linked(_state.relay, module.path, module.scope.root):
+        y, new = run_batch_norm(module, x, mask, stream, state)
     for k in MEMORY:
         module.put_variable("batch_stats", k, new[k])
     return y

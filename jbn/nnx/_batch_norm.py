@@ -23,6 +23,7 @@ from .._accumulate import ACCUMULATOR, Accumulate
 from .._batch_norm import bn_forward
 from .._checks import PriorForm, Residual
 from .._modes import Mode, layer_mode
+from .._relay import Link, linked
 from .._stream import MEMORY, Stream
 
 # flax.nnx.BatchNorm's settings, kept as attributes under flax's names.
@@ -107,6 +108,7 @@ class BatchNorm(nnx.Module):
         prior: jax.typing.ArrayLike | None  # a number, or a scalar array set by jbn.nnx.use_prior
         prior_form: PriorForm
         stream: Stream | None  # set by jbn.nnx.use_stream
+        stream_link: Link | None  # its place on the model's relay, likewise
         accumulation: Accumulate | None  # set by jbn.nnx.use_accumulation
 
     def __init__(
@@ -202,7 +204,10 @@ class BatchNorm(nnx.Module):
         carried = {Stream: MEMORY, Accumulate: ACCUMULATOR}.get(type(mode), ())
         state |= {k: getattr(self, k)[...] for k in carried}
         kwargs = options.forward_kwargs(self, rmax=rmax, dmax=dmax)
-        y, new_state = bn_forward(params, state, x, mode, mask=mask, **{**kwargs, "prior": None})
+        with linked(getattr(self, "stream_link", None)):
+            y, new_state = bn_forward(
+                params, state, x, mode, mask=mask, **{**kwargs, "prior": None}
+            )
         if mode is True:
             _store(self, new_state)
         else:

@@ -15,6 +15,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from .. import _checks as checks
+from .._relay import Link, Relay
 from .._stream import MEMORY, Stream, check_stream, start_memory
 from ._batch_norm import BatchNorm
 from ._convert import _check_to_jbn, _to_jbn
@@ -62,14 +63,17 @@ def use_stream(model: Any, stream: Stream | None) -> Any:
             if isinstance(node, nnx.BatchNorm):
                 _check_to_jbn(node)
         model = replace_modules(model, lambda m: isinstance(m, nnx.BatchNorm), _to_jbn)
-    for node in _batch_norms(model, "jbn.nnx.use_stream"):
+    passing = Relay()  # the model's: the first batch norm's verdict, to the rest
+    for index, node in enumerate(_batch_norms(model, "jbn.nnx.use_stream")):
         if stream is None:
             if getattr(node, "stream", None) is not None:
                 for k in MEMORY:
                     delattr(node, k)
             node.stream = None
+            node.stream_link = None
         else:
             node.stream = stream
+            node.stream_link = Link(passing, index)
             _seed(node, stream)
     return model
 

@@ -24,7 +24,8 @@ EPS = 1e-5
 
 
 def np_stream(
-    xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6, anchor=1.0, settle=0.1
+    xs, masks, scale, bias, mean0, var0, horizon, prior, surprise=0.6, anchor=1.0, settle=0.1,
+    gate=0.8, verdicts=None,
 ):
     """Outputs and memories (count, mean, var) after each (B, ..., C) batch, in float64.
 
@@ -42,7 +43,11 @@ def np_stream(
     restarts from the training statistics (counted as the horizon, no cut)
     before it takes the batch in. With ``settle`` (default 0.1), where the
     memory's count after the cut is below settle · horizon, an example that is
-    not anchored counts the memory as one example (when prior > 1).
+    not anchored counts the memory as one example (when prior > 1). With
+    ``gate`` (default 0.8), only an example whose r under the training
+    statistics has |log r| > gate counts in the cut; ``verdicts`` (one boolean
+    per example per batch), when given, says instead which examples count (the
+    verdict of an earlier layer, passed along).
     """
     scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
     mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
@@ -98,9 +103,16 @@ def np_stream(
                 back[i] = s_t is not None and s_t[1] + anchor < s_m[1]
         cut = horizon  # the surprise cut: the least over the examples
         if surprise is not None:
-            for xi, mi in zip(x, mask, strict=True):
+            for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
                 sc = scores(xi, mi, mu, var_m)
-                if sc is not None:
+                if verdicts is not None:
+                    far = bool(verdicts[len(ys)][i])
+                elif gate is not None:
+                    s_t = scores(xi, mi, mean0, var0)
+                    far = s_t is not None and abs(np.log(s_t[0])) > gate
+                else:
+                    far = True
+                if sc is not None and far:
                     cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
         young = np.zeros(C, bool)
         if settle is not None and prior > 1:
