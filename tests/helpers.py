@@ -273,3 +273,42 @@ def check_nonfinite_recalibration(layers, reference, counts=None) -> None:
         # A cumulative layer counts, per feature, the batches it took in: none for
         # feature 0, all but batch 1 for feature 2.
         np.testing.assert_array_equal(counts, [0, 3, 2, 3])
+
+
+def relay_stream(seed: int = 0):
+    """Two layers' inputs and NumPy's memories when the first layer's verdict gates both.
+
+    A model with two batch norms, both with running statistics ``running``,
+    the first fed ``xs`` and the second ``zs`` (NHWC, 3 features). ``zs`` is
+    far from the training statistics throughout, so the second layer's own
+    verdict would let every example cut its memory; ``xs`` is far, then like
+    the training data, then half and half, so the relayed verdict lets only
+    those examples cut.
+
+    Returns:
+      ``(running, xs, zs, first, second, own)``: the float64 memories (mean,
+      var, count) after each batch of the first layer, of the second with the
+      first's verdict, and of the second with its own (for a test's power).
+    """
+    from tests.np_reference import np_stream, np_verdicts
+
+    rng = np.random.default_rng(seed)
+    mean = np.array([-1.0, 0.0, 0.5])
+    var = np.array([0.5, 1.0, 2.0])
+    shape = (6, 2, 2, 3)
+    near = [mean + np.sqrt(var) * rng.normal(size=shape) for _ in range(3)]
+    far = [rng.normal(3.0, 2.5, shape) for _ in range(2)]
+    xs = [far[0], near[0], near[1], np.concatenate([near[2][:3], far[1][3:]])]
+    zs = [rng.normal(-4.0, 3.0, shape) for _ in xs]
+    xs, zs = ([v.astype(np.float32) for v in vs] for vs in (xs, zs))
+    verdicts = np_verdicts(xs, mean, var)
+    ones, zeros = np.ones(3), np.zeros(3)
+    masks = [None] * len(xs)
+    args = (ones, zeros, mean, var, 40.0, 4.0, 0.6, None)  # scale, bias, ..., surprise, no anchor
+    _, first = np_stream(xs, masks, *args, gate=0.8)
+    _, second = np_stream(zs, masks, *args, verdicts=verdicts)
+    _, own = np_stream(zs, masks, *args, gate=0.8)
+    assert max(abs(a[0][0] - b[0][0]) for a, b in zip(second, own, strict=True)) > 1.0
+    running = (mean.astype(np.float32), var.astype(np.float32))
+    first, second, own = ([(mu, v, n) for n, mu, v in ms] for ms in (first, second, own))
+    return running, xs, zs, first, second, own

@@ -158,3 +158,159 @@ def np_stream_memories(running, xs, horizon, axis=-1):
         memory = np_stream_memory(memory, x, horizon, axis)
         out.append(memory)
     return out
+
+
+def np_stream(
+    xs,
+    masks,
+    scale,
+    bias,
+    mean0,
+    var0,
+    horizon,
+    prior,
+    surprise=0.6,
+    anchor=1.0,
+    settle=0.1,
+    gate=0.8,
+    verdicts=None,
+    eps=1e-5,
+):
+    """The stream mode: outputs and memories (count, mean, var) after each (B, ..., C) batch.
+
+    In float64; the features are the last axis, and the memory starts from
+    ``(mean0, var0)`` counted as ``horizon``.
+
+    An example is a slice along axis 0, with one value per feature for (B, C)
+    input and H·W for NHWC. Each example is normalized on its own: its values'
+    statistics pooled with a reference counted as ``prior`` examples, the memory
+    (or, anchored, the training statistics); with one value per feature, the
+    reference alone. With ``surprise`` (τ; jbn.Stream's default 0.6), the count
+    is first cut to the least over the examples of horizon / (1 + (log r /
+    τ)²), r an example's mean over its counted finite features of the mean over
+    its values of (x - μ_m)² / (σ²_m + ε). With ``anchor`` (δ; default 1.0), an
+    example whose score (the same mean of (x - μ)² / (σ² + ε) + log(σ² + ε))
+    under the training statistics is lower than under the memory by more than δ
+    takes the training statistics as its reference; if there is one, the memory
+    restarts from the training statistics (counted as the horizon, no cut)
+    before it takes the batch in. With ``settle`` (default 0.1), where the
+    memory's count after the cut is below settle · horizon, an example that is
+    not anchored counts the memory as one example (when prior > 1). With
+    ``gate`` (default 0.8), only an example whose r under the training
+    statistics has |log r| > gate counts in the cut; ``verdicts`` (one boolean
+    per example per batch), when given, says instead which examples count (the
+    verdict of an earlier layer, passed along).
+    """
+    scale, bias = (np.asarray(v, np.float64) for v in (scale, bias))
+    mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
+    finite = math.isfinite(horizon)
+    C = mean0.shape[-1]
+    n_m = np.full(C, horizon, np.float64)
+    mu, m2 = mean0.copy(), var0 * (horizon if finite else 1.0)
+    ys, memories = [], []
+
+    def group_stats(x, mask):  # per feature over the examples and values of the mask
+        axes = tuple(range(x.ndim - 1))
+        cnt = mask.sum(axes).astype(np.float64)
+        good = cnt > 0
+        mu_b = np.where(good, np.sum(np.where(mask, x, 0.0), axes) / np.maximum(cnt, 1), 0.0)
+        var_b = np.sum(np.where(mask, (x - mu_b) ** 2, 0.0), axes) / np.maximum(cnt, 1)
+        good &= np.isfinite(mu_b) & np.isfinite(var_b)
+        per_example = np.prod(x.shape[1:-1], dtype=np.float64)
+        cnt = np.where(good, cnt, 0.0) / per_example
+        return np.where(good, mu_b, 0.0), np.where(good, var_b, 0.0), cnt
+
+    def pooled(x, mask, mean_r, var_r, prior):  # the reference counted as prior examples
+        mu_b, var_b, cnt = group_stats(x, mask)
+        n = np.broadcast_to(np.asarray(prior, np.float64), mu_b.shape)
+        alone = np.isinf(n) | (cnt == 0)
+        n = np.where(alone, 1.0, n)
+        tot = n + cnt
+        mean = (n * mean_r + cnt * mu_b) / tot
+        var = (n * var_r + cnt * var_b + n * cnt / tot * (mean_r - mu_b) ** 2) / tot
+        return np.where(alone, mean_r, mean), np.where(alone, var_r, var)
+
+    def scores(xi, mi, mean, var):  # one example: (r, score), or None without a counted value
+        keep = mi & np.isfinite(xi)
+        inner = tuple(range(xi.ndim - 1))
+        values = keep.sum(inner)
+        feat = values > 0
+        if not feat.any():
+            return None
+        e = np.sum(np.where(keep, (xi - mean) ** 2 / (var + eps), 0.0), inner)
+        e = e[feat] / values[feat]
+        feat_ok = np.isfinite(e)
+        if not feat_ok.any():
+            return None
+        e = e[feat_ok]
+        return np.mean(e), np.mean(e + np.log(var + eps)[feat][feat_ok])
+
+    for x, mask in zip(xs, masks, strict=True):
+        x = np.asarray(x, np.float64)
+        mask = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+        var_m = m2 / n_m if finite else m2
+        back = np.zeros(len(x), bool)
+        if anchor is not None:
+            for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
+                s_t, s_m = scores(xi, mi, mean0, var0), scores(xi, mi, mu, var_m)
+                back[i] = s_t is not None and s_t[1] + anchor < s_m[1]
+        cut = horizon  # the surprise cut: the least over the examples
+        if surprise is not None:
+            for i, (xi, mi) in enumerate(zip(x, mask, strict=True)):
+                sc = scores(xi, mi, mu, var_m)
+                if verdicts is not None:
+                    far = bool(verdicts[len(ys)][i])
+                elif gate is not None:
+                    s_t = scores(xi, mi, mean0, var0)
+                    far = s_t is not None and abs(np.log(s_t[0])) > gate
+                else:
+                    far = True
+                if sc is not None and far:
+                    cut = min(cut, horizon / (1.0 + (np.log(sc[0]) / surprise) ** 2))
+        young = np.zeros(C, bool)
+        if settle is not None and prior > 1:
+            young = np.minimum(n_m, cut) < settle * horizon
+        one_value = math.prod(x.shape[1:-1]) == 1
+        y = np.empty_like(x)
+        for i in range(len(x)):
+            mean_r, var_r = (mean0, var0) if back[i] else (mu, var_m)
+            n = np.where(young & ~back[i], 1.0, prior)
+            if one_value:  # one value per feature: the reference alone
+                n = np.full(C, np.inf)
+            mean_e, var_e = pooled(x[i : i + 1], mask[i : i + 1], mean_r, var_r, n)
+            y[i] = scale * (x[i] - mean_e) / np.sqrt(var_e + eps) + bias
+        ys.append(y)
+        mu_b, var_b, cnt = group_stats(x, mask)
+        good = cnt > 0
+        if surprise is not None and good.any() and not back.any():  # no cut when re-seeded
+            n_m = np.where(good, np.minimum(n_m, cut), n_m)
+            m2 = var_m * n_m
+        if back.any():  # the memory restarts from the training statistics
+            n_m, mu = np.full(C, horizon, np.float64), mean0.copy()
+            m2 = var0 * (horizon if finite else 1.0)
+        if finite:
+            n = n_m + cnt
+            delta = mu_b - mu
+            mu = mu + delta * cnt / n
+            m2 = m2 + cnt * var_b + delta**2 * n_m * cnt / n
+            capped = np.minimum(n, horizon)
+            m2, n_m = m2 * capped / n, capped
+        memories.append((n_m.copy(), mu.copy(), (m2 / n_m if finite else m2)))
+    return ys, memories
+
+
+def np_verdicts(xs, mean0, var0, gate=0.8, eps=1e-5):
+    """Per batch of ``xs`` (features last), per example: whether |log r| > ``gate``.
+
+    r is the mean over the example's features of the mean over its values of
+    (x - μ)² / (σ² + ε) under ``(mean0, var0)``: the verdict a model's first
+    batch norm in the stream mode passes to the ones after it.
+    """
+    mean0, var0 = np.asarray(mean0, np.float64), np.asarray(var0, np.float64)
+    out = []
+    for x in xs:
+        x = np.asarray(x, np.float64)
+        inner = tuple(range(1, x.ndim - 1))
+        e = np.mean((x - mean0) ** 2 / (var0 + eps), axis=inner).reshape(len(x), -1)
+        out.append(np.abs(np.log(e.mean(axis=1))) > gate)
+    return out

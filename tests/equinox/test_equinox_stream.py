@@ -12,6 +12,7 @@ import pytest
 
 import jbn
 import jbn.equinox
+from tests.helpers import relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -139,3 +140,41 @@ def test_stream_settings_enter_the_jit_cache_key():
         memory = np_stream_memory((*RUNNING, horizon), x, horizon, axis=1)
         assert_memory(state.get(bn.state_index), memory)
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace
+
+
+class TwoBatchNorms(eqx.Module):
+    first: jbn.equinox.BatchNorm
+    second: jbn.equinox.BatchNorm
+
+    def __init__(self):
+        self.first = jbn.equinox.BatchNorm(3, "batch", dtype=np.float32)
+        self.second = jbn.equinox.BatchNorm(3, "batch", dtype=np.float32)
+
+    def __call__(self, x, z, state):
+        y, state = self.first(x, state)
+        w, state = self.second(z, state)
+        return (y, w), state
+
+
+def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
+    """Per example under vmap: the second layer's memory is cut only by examples the first
+    finds far from training."""
+    _, xs, zs, first, second, _ = relay_stream()
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    model, state = eqx.nn.make_with_state(TwoBatchNorms)()
+    for bn in (model.first, model.second):
+        stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}
+        state = state.set(bn.state_index, jax.tree.map(jnp.asarray, stored))
+    model, state = jbn.equinox.use_stream(eqx.nn.inference_mode(model), state, mode)
+
+    @eqx.filter_jit
+    def run(model, x, z, state):
+        return jax.vmap(model, axis_name="batch", in_axes=(0, 0, None), out_axes=(0, None))(
+            x, z, state
+        )
+
+    for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
+        # Equinox's layout: each example (channels, height, width).
+        _, state = run(model, x.transpose(0, 3, 1, 2), z.transpose(0, 3, 1, 2), state)
+        assert_memory(state.get(model.first.state_index), want_first)
+        assert_memory(state.get(model.second.state_index), want_second)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jbn
+from tests.helpers import relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -152,3 +153,39 @@ def test_stream_settings_enter_the_jit_cache_key():
         memory = np_stream_memory((RUNNING["mean"], RUNNING["var"], horizon), x, horizon)
         assert_memory(updates["batch_stats"], memory)
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace
+
+
+RELAY = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+
+
+class TwoBatchNorms(nn.Module):
+    @nn.compact
+    def __call__(self, x, z):
+        return nn.BatchNorm(use_running_average=True)(x), jbn.BatchNorm(use_running_average=True)(z)
+
+
+def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
+    """The second batch norm's memory is cut only by examples the first finds far from training."""
+    (mean, var), xs, zs, first, second, _ = relay_stream()
+    model = TwoBatchNorms()
+    variables = model.init(jax.random.key(0), xs[0], zs[0])
+    stats = {"mean": jnp.asarray(mean), "var": jnp.asarray(var)}
+    variables = {**variables, "batch_stats": {"BatchNorm_0": stats, "BatchNorm_1": stats}}
+
+    @jax.jit
+    @jbn.linen.use_stream(RELAY)
+    def run(v, x, z):
+        return model.apply(v, x, z, mutable=["batch_stats"])
+
+    v = jbn.linen.start_stream(variables, RELAY)
+    for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
+        _, updates = run(v, x, z)
+        v = {**v, **updates}
+        for name, (mu, sigma2, count) in (
+            ("BatchNorm_0", want_first),
+            ("BatchNorm_1", want_second),
+        ):
+            got = v["batch_stats"][name]
+            np.testing.assert_allclose(got["stream_count"], count, rtol=1e-6)
+            np.testing.assert_allclose(got["stream_mean"], mu, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(got["stream_var"], sigma2, rtol=2e-5, atol=2e-5)

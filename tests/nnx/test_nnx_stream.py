@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jbn
+from tests.helpers import relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -124,3 +125,26 @@ def test_stream_settings_enter_the_jit_cache_key():
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
         assert_memory(bn, np_stream_memory((*RUNNING, horizon), x, horizon))
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace
+
+
+class TwoBatchNorms(nnx.Module):
+    def __init__(self):
+        self.first = with_running(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+        self.second = with_running(jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(1)))
+
+    def __call__(self, x, z):
+        return self.first(x), self.second(z)
+
+
+def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
+    """The second batch norm's memory is cut only by examples the first finds far from training."""
+    _, xs, zs, first, second, _ = relay_stream()
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    model = TwoBatchNorms()
+    model.eval()
+    model = jbn.nnx.use_stream(model, mode)
+    run = nnx.jit(lambda m, x, z: m(x, z))
+    for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
+        run(model, x, z)
+        assert_memory(model.first, want_first)
+        assert_memory(model.second, want_second)
