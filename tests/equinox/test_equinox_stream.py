@@ -178,3 +178,32 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
         _, state = run(model, x.transpose(0, 3, 1, 2), z.transpose(0, 3, 1, 2), state)
         assert_memory(state.get(model.first.state_index), want_first)
         assert_memory(state.get(model.second.state_index), want_second)
+
+
+class SplitBN(eqx.Module):
+    """Two batch norms on the example's halves of channels (memories independent of TENT)."""
+
+    two: TwoBatchNorms
+    head: eqx.nn.Linear
+
+    def __init__(self):
+        self.two = TwoBatchNorms()
+        self.head = eqx.nn.Linear(6, 3, key=jax.random.key(0))
+
+    def __call__(self, x, state):
+        (y, w), state = self.two(x[:3], x[3:], state)
+        return self.head(jnp.concatenate([y, w]).mean((1, 2))), state
+
+
+def test_tent_relays_the_first_verdict_as_use_stream_does():
+    _, xs, zs, first, second, _ = relay_stream()
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    model, state = eqx.nn.make_with_state(SplitBN)()
+    for bn in (model.two.first, model.two.second):
+        stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}
+        state = state.set(bn.state_index, jax.tree.map(jnp.asarray, stored))
+    tent = jbn.equinox.Tent(eqx.nn.inference_mode(model), state, tx=optax.adam(1e-2), stream=mode)
+    for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
+        tent.update(jnp.concatenate([x, z], -1).transpose(0, 3, 1, 2))
+        assert_memory(tent.state.get(model.two.first.state_index), want_first)
+        assert_memory(tent.state.get(model.two.second.state_index), want_second)

@@ -148,3 +148,27 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
         run(model, x, z)
         assert_memory(model.first, want_first)
         assert_memory(model.second, want_second)
+
+
+class SplitBN(nnx.Module):
+    """Two batch norms on the input's halves of channels (their memories do not depend on TENT)."""
+
+    def __init__(self):
+        self.two = TwoBatchNorms()
+        self.head = nnx.Linear(6, 3, rngs=nnx.Rngs(2))
+
+    def __call__(self, x):
+        y, w = self.two(x[..., :3], x[..., 3:])
+        return self.head(jnp.concatenate([y, w], -1).mean((1, 2)))
+
+
+def test_tent_relays_the_first_verdict_as_use_stream_does():
+    _, xs, zs, first, second, _ = relay_stream()
+    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    model = SplitBN()
+    model.eval()
+    tent = jbn.nnx.Tent(model, tx=optax.adam(1e-2), stream=mode)
+    for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
+        tent.update(jnp.concatenate([x, z], -1))
+        assert_memory(model.two.first, want_first)
+        assert_memory(model.two.second, want_second)
