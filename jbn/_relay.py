@@ -33,9 +33,17 @@ from jax.extend.core import get_opaque_trace_state
 
 
 class Relay:
-    """The verdict of one model's first batch norm in the current forward pass."""
+    """The verdict of one model's first batch norm in the current forward pass.
 
-    def __init__(self) -> None:
+    ``size``, where known (NNX, Equinox: the layers switched into the mode), is
+    the number of layers on the relay: once each has run in a pass, the verdict
+    is dropped, so that no traced value outlives its trace (``jax.checking_leaks``).
+    Linen's relay, per thread, is dropped by :meth:`clear` when the outermost
+    module call returns.
+    """
+
+    def __init__(self, size: int | None = None) -> None:
+        self._size = size
         self._verdict: jax.Array | None = None
         self._seen: set[Hashable] = set()  # the layers that ran in the current pass
         self._trace: Any = None
@@ -59,12 +67,18 @@ class Relay:
         if not fits:
             self._verdict, self._seen, self._root, self._trace = None, set(), root, trace
         self._seen.add(key)
+        if self._size is not None and len(self._seen) >= self._size:
+            self._verdict = None  # every layer has run: the pass is over
         return verdict if fits else None
 
     def send(self, verdict: jax.Array) -> None:
         """Keeps ``verdict`` for the layers after this one, if the pass has none yet."""
-        if self._verdict is None:
+        if self._verdict is None and (self._size is None or len(self._seen) < self._size):
             self._verdict = verdict
+
+    def clear(self) -> None:
+        """Drops the verdict and the model call: the pass is over."""
+        self._verdict = self._root = None
 
 
 @dataclasses.dataclass(frozen=True)

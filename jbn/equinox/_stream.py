@@ -90,7 +90,7 @@ def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[
         check_stream(stream)
     bns = _batch_norms(model, "jbn.equinox.use_stream")
     new_state = _memories(state, bns, [stream] * len(bns))
-    passing = Relay()  # the model's: the first batch norm's verdict, to the rest
+    passing = Relay(len(bns))  # the model's: the first batch norm's verdict, to the rest
     index = iter(range(len(bns)))
 
     def switch(node: Any) -> Any:

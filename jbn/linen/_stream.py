@@ -42,8 +42,10 @@ class _State(threading.local):
         # (mode, where, tool, forward) per active adapting context (use_prior, use_stream,
         # gradient accumulation's), innermost last.
         self.settings: list[tuple[Any, Any, str, Forward]] = []
-        # The stream mode's verdict, from a forward pass's first batch norm to the rest.
+        # The stream mode's verdict, from a forward pass's first batch norm to the rest,
+        # dropped when the outermost module call (at depth 0) returns.
         self.relay = Relay()
+        self.depth = 0
 
 
 _state = _State()
@@ -134,11 +136,24 @@ def _adapted(module: Any, call: Call) -> Any:
     return forward(module, call, mode)
 
 
-_interceptor = interceptor(
+_adapting = interceptor(
     _adapted,
     active=lambda: bool(_state.settings),
     error=lambda cls: never_reaches_base(f"{_state.settings[-1][2]} cannot adapt")(cls),
 )
+
+
+def _interceptor(
+    next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: Any
+) -> Any:
+    """``_adapting``; the relay's verdict is dropped when the outermost module call returns."""
+    _state.depth += 1
+    try:
+        return _adapting(next_fun, args, kwargs, context)
+    finally:
+        _state.depth -= 1
+        if _state.depth == 0:
+            _state.relay.clear()
 
 
 @contextlib.contextmanager

@@ -63,8 +63,9 @@ def use_stream(model: Any, stream: Stream | None) -> Any:
             if isinstance(node, nnx.BatchNorm):
                 _check_to_jbn(node)
         model = replace_modules(model, lambda m: isinstance(m, nnx.BatchNorm), _to_jbn)
-    passing = Relay()  # the model's: the first batch norm's verdict, to the rest
-    for index, node in enumerate(_batch_norms(model, "jbn.nnx.use_stream")):
+    bns = _batch_norms(model, "jbn.nnx.use_stream")
+    passing = Relay(len(bns))  # the model's: the first batch norm's verdict, to the rest
+    for index, node in enumerate(bns):
         if stream is None:
             if getattr(node, "stream", None) is not None:
                 for k in MEMORY:

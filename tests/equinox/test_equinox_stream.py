@@ -178,6 +178,8 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
         _, state = run(model, x.transpose(0, 3, 1, 2), z.transpose(0, 3, 1, 2), state)
         assert_memory(state.get(model.first.state_index), want_first)
         assert_memory(state.get(model.second.state_index), want_second)
+        # No traced verdict outlives its trace (jax.checking_leaks would say).
+        assert model.first.stream_link.relay._verdict is None
 
 
 class SplitBN(eqx.Module):

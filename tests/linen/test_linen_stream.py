@@ -183,6 +183,9 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
         v = {**v, **updates}
         assert_memory(v["batch_stats"]["BatchNorm_0"], want_first)
         assert_memory(v["batch_stats"]["BatchNorm_1"], want_second)
+        # No traced verdict or model call outlives its trace (jax.checking_leaks would say).
+        assert jbn.linen._stream._state.relay._verdict is None
+        assert jbn.linen._stream._state.relay._root is None
 
 
 class SplitBN(nn.Module):

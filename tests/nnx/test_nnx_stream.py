@@ -148,6 +148,8 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
         run(model, x, z)
         assert_memory(model.first, want_first)
         assert_memory(model.second, want_second)
+        # No traced verdict outlives its trace (jax.checking_leaks would say).
+        assert model.first.stream_link.relay._verdict is None
 
 
 class SplitBN(nnx.Module):
