@@ -104,7 +104,8 @@ def _stream_forward(module: nn.Module, x: Any, mask: Any, stream: Stream) -> jax
         )
     names = ("mean", "var", *(k for k in MEMORY if module.has_variable("batch_stats", k)))
     state = {name: module.get_variable("batch_stats", name) for name in names}
-    with linked(_state.relay, module.path, module.scope.root):
+    root = None if module.scope is None else module.scope.root  # the model call: one apply
+    with linked(_state.relay, module.path, root):
         y, new = run_batch_norm(module, x, mask, stream, state)
     for k in MEMORY:
         module.put_variable("batch_stats", k, new[k])
