@@ -143,13 +143,13 @@ class Stream:
         leaves the training statistics). Default 8000.
       prior: N, the examples the memory counts as when an example's own
         statistics are pooled with it, >= 0 (``inf``: the memory alone; 0: each
-        example's own statistics, instance normalization). Default 3.
+        example's own statistics, instance normalization). Default 2.
       surprise: τ > 0, how much a surprising example shortens the memory
         (smaller: more), or None: never. Default 0.6.
       anchor: δ > 0, the margin of score by which the training statistics must
         describe an example better than the memory for it to be normalized with
         them and for the memory to be re-seeded from them, or None: never.
-        Default 1.0.
+        Default 0.7.
       settle: the share of ``horizon``, in (0, 1], that the memory must hold
         (after the surprise cut) to be counted as ``prior`` examples; a younger
         memory counts as one example (no effect when ``prior`` <= 1). None:
@@ -157,15 +157,15 @@ class Stream:
       gate: the |log r| against the training statistics, > 0, beyond which the
         first batch norm of a forward pass finds an example far from the
         training domain, so that it may cut the memories; or None: every
-        example may. Default 0.8.
+        example may. Default 0.9.
     """
 
     horizon: float = 8000.0
-    prior: float = 3.0
+    prior: float = 2.0
     surprise: float | None = 0.6
-    anchor: float | None = 1.0
+    anchor: float | None = 0.7
     settle: float | None = 0.1
-    gate: float | None = 0.8
+    gate: float | None = 0.9
 
     def __post_init__(self) -> None:
         horizon = checks.real(self.horizon, "horizon", low=0.0, strict=True)

@@ -301,7 +301,7 @@ def relay_stream(seed: int = 0):
     xs = [far[0], near[0], near[1], np.concatenate([near[2][:3], far[1][3:]])]
     zs = [rng.normal(-4.0, 3.0, shape) for _ in xs]
     xs, zs = ([v.astype(np.float32) for v in vs] for vs in (xs, zs))
-    verdicts = np_verdicts(xs, mean, var)
+    verdicts = np_verdicts(xs, mean, var, gate=0.8)
     ones, zeros = np.ones(3), np.zeros(3)
     masks = [None] * len(xs)
     args = (ones, zeros, mean, var, 40.0, 4.0, 0.6, None)  # scale, bias, ..., surprise, no anchor

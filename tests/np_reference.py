@@ -170,9 +170,9 @@ def np_stream(
     horizon,
     prior,
     surprise=0.6,
-    anchor=1.0,
+    anchor=0.7,
     settle=0.1,
-    gate=0.8,
+    gate=0.9,
     verdicts=None,
     eps=1e-5,
 ):
@@ -188,7 +188,7 @@ def np_stream(
     reference alone. With ``surprise`` (τ; jbn.Stream's default 0.6), the count
     is first cut to the least over the examples of horizon / (1 + (log r /
     τ)²), r an example's mean over its counted finite features of the mean over
-    its values of (x - μ_m)² / (σ²_m + ε). With ``anchor`` (δ; default 1.0), an
+    its values of (x - μ_m)² / (σ²_m + ε). With ``anchor`` (δ; default 0.7), an
     example whose score (the same mean of (x - μ)² / (σ² + ε) + log(σ² + ε))
     under the training statistics is lower than under the memory by more than δ
     takes the training statistics as its reference; if there is one, the memory
@@ -196,7 +196,7 @@ def np_stream(
     before it takes the batch in. With ``settle`` (default 0.1), where the
     memory's count after the cut is below settle · horizon, an example that is
     not anchored counts the memory as one example (when prior > 1). With
-    ``gate`` (default 0.8), only an example whose r under the training
+    ``gate`` (default 0.9), only an example whose r under the training
     statistics has |log r| > gate counts in the cut; ``verdicts`` (one boolean
     per example per batch), when given, says instead which examples count (the
     verdict of an earlier layer, passed along).
@@ -299,7 +299,7 @@ def np_stream(
     return ys, memories
 
 
-def np_verdicts(xs, mean0, var0, gate=0.8, eps=1e-5):
+def np_verdicts(xs, mean0, var0, gate=0.9, eps=1e-5):
     """Per batch of ``xs`` (features last), per example: whether |log r| > ``gate``.
 
     r is the mean over the example's features of the mean over its values of
