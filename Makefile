@@ -6,9 +6,9 @@
 #   pip install -c requirements/lock.txt -e ".[dev]"
 # and reinstalls when pyproject.toml or the lock changed. The other targets:
 #   make typecheck  basedpyright on jbn/ (its settings: [tool.basedpyright] in pyproject.toml)
-#   make test-min   the library's default tests (all but tests/demo and tests/benchmarks, which
-#                   run at the locked versions) in .venv-min, with the lowest supported
-#                   versions (requirements/minimum.txt)
+#   make test-min   the library's default tests (all but tests/demo, tests/benchmarks and the
+#                   docs' and README's examples, which run at the locked versions) in .venv-min,
+#                   with the lowest supported versions (requirements/minimum.txt)
 #   make lock       regenerates requirements/lock.txt: a fresh temporary venv, an unconstrained
 #                   pip install -e ".[dev,docs]", pip freeze; commit the result
 
@@ -39,7 +39,8 @@ typecheck: $(STAMP)
 	$(VENV)/bin/basedpyright --pythonpath $(PY)
 
 test-min: $(STAMP_MIN)
-	$(PY_MIN) -m pytest --ignore=tests/demo --ignore=tests/benchmarks $(ARGS)
+	$(PY_MIN) -m pytest --ignore=tests/demo --ignore=tests/benchmarks \
+	  --ignore=tests/test_docs.py --ignore=tests/test_readme.py $(ARGS)
 
 venv: $(STAMP)
 

@@ -64,9 +64,10 @@ def use_stream(model: Any, state: eqx.nn.State, stream: Stream | None) -> tuple[
     with a memory of the stream's statistics, counted as ``stream.prior``
     examples, takes the batch (along its ``axis_name``) into the memory, and
     returns the memory updated in the state (:class:`jbn.Stream`), in training
-    and inference mode alike; the running statistics are left alone. The memory starts from the running statistics;
-    :func:`reset_stream` returns to them, and ``use_stream(model, state, None)``
-    takes the layers out of the mode and the memory out of the state::
+    and inference mode alike; the running statistics are left alone. The memory
+    starts from the running statistics; :func:`reset_stream` returns to them,
+    and ``use_stream(model, state, None)`` takes the layers out of the mode and
+    the memory out of the state::
 
       >>> import equinox as eqx, jax, jax.numpy as jnp, jbn.equinox
       >>> bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
