@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+import jbn
 from mnist_demo import config as demo_config
 from mnist_demo import mnist
 
@@ -275,6 +276,10 @@ def check_nonfinite_recalibration(layers, reference, counts=None) -> None:
         np.testing.assert_array_equal(counts, [0, 3, 2, 3])
 
 
+# The stream mode of the relay tests (:func:`relay_stream`): every frontend's model runs it.
+RELAY = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+
+
 def relay_stream(seed: int = 0):
     """Two layers' inputs and NumPy's memories when the first layer's verdict gates both.
 
@@ -301,13 +306,14 @@ def relay_stream(seed: int = 0):
     xs = [far[0], near[0], near[1], np.concatenate([near[2][:3], far[1][3:]])]
     zs = [rng.normal(-4.0, 3.0, shape) for _ in xs]
     xs, zs = ([v.astype(np.float32) for v in vs] for vs in (xs, zs))
-    verdicts = np_verdicts(xs, mean, var, gate=0.8)
+    verdicts = np_verdicts(xs, mean, var, gate=RELAY.gate)
     ones, zeros = np.ones(3), np.zeros(3)
     masks = [None] * len(xs)
-    args = (ones, zeros, mean, var, 40.0, 4.0, 0.6, None)  # scale, bias, ..., surprise, no anchor
-    _, first = np_stream(xs, masks, *args, gate=0.8)
+    mode = (RELAY.horizon, RELAY.prior, RELAY.surprise, RELAY.anchor)
+    args = (ones, zeros, mean, var, *mode)  # scale, bias, the training statistics, the mode
+    _, first = np_stream(xs, masks, *args, gate=RELAY.gate)
     _, second = np_stream(zs, masks, *args, verdicts=verdicts)
-    _, own = np_stream(zs, masks, *args, gate=0.8)
+    _, own = np_stream(zs, masks, *args, gate=RELAY.gate)
     assert max(abs(a[0][0] - b[0][0]) for a, b in zip(second, own, strict=True)) > 1.0
     running = (mean.astype(np.float32), var.astype(np.float32))
     first, second, own = ([(mu, v, n) for n, mu, v in ms] for ms in (first, second, own))

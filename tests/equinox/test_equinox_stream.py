@@ -12,7 +12,7 @@ import pytest
 
 import jbn
 import jbn.equinox
-from tests.helpers import relay_stream
+from tests.helpers import RELAY, relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -160,7 +160,7 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
     """Per example under vmap: the second layer's memory is cut only by examples the first
     finds far from training."""
     _, xs, zs, first, second, _ = relay_stream()
-    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    mode = RELAY
     model, state = eqx.nn.make_with_state(TwoBatchNorms)()
     for bn in (model.first, model.second):
         stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}
@@ -199,7 +199,7 @@ class SplitBN(eqx.Module):
 
 def test_tent_relays_the_first_verdict_as_use_stream_does():
     _, xs, zs, first, second, _ = relay_stream()
-    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    mode = RELAY
     model, state = eqx.nn.make_with_state(SplitBN)()
     for bn in (model.two.first, model.two.second):
         stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}

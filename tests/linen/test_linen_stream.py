@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jbn
-from tests.helpers import relay_stream
+from tests.helpers import RELAY, relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -153,9 +153,6 @@ def test_stream_settings_enter_the_jit_cache_key():
         memory = np_stream_memory((RUNNING["mean"], RUNNING["var"], horizon), x, horizon)
         assert_memory(updates["batch_stats"], memory)
     assert len(traces) == 2  # the first settings again: jit's cache, no new trace
-
-
-RELAY = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
 
 
 class TwoBatchNorms(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jbn
-from tests.helpers import relay_stream
+from tests.helpers import RELAY, relay_stream
 from tests.np_reference import np_prior_each, np_stream_memories, np_stream_memory
 
 MODE = jbn.Stream(horizon=20.0, prior=4.0)
@@ -139,7 +139,7 @@ class TwoBatchNorms(nnx.Module):
 def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
     """The second batch norm's memory is cut only by examples the first finds far from training."""
     _, xs, zs, first, second, _ = relay_stream()
-    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    mode = RELAY
     model = TwoBatchNorms()
     model.eval()
     model = jbn.nnx.use_stream(model, mode)
@@ -166,7 +166,7 @@ class SplitBN(nnx.Module):
 
 def test_tent_relays_the_first_verdict_as_use_stream_does():
     _, xs, zs, first, second, _ = relay_stream()
-    mode = jbn.Stream(horizon=40.0, prior=4.0, surprise=0.6, anchor=None, gate=0.8)
+    mode = RELAY
     model = SplitBN()
     model.eval()
     tent = jbn.nnx.Tent(model, tx=optax.adam(1e-2), stream=mode)
