@@ -160,12 +160,11 @@ def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
     """Per example under vmap: the second layer's memory is cut only by examples the first
     finds far from training."""
     _, xs, zs, first, second, _ = relay_stream()
-    mode = RELAY
     model, state = eqx.nn.make_with_state(TwoBatchNorms)()
     for bn in (model.first, model.second):
         stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}
         state = state.set(bn.state_index, jax.tree.map(jnp.asarray, stored))
-    model, state = jbn.equinox.use_stream(eqx.nn.inference_mode(model), state, mode)
+    model, state = jbn.equinox.use_stream(eqx.nn.inference_mode(model), state, RELAY)
 
     @eqx.filter_jit
     def run(model, x, z, state):
@@ -199,12 +198,11 @@ class SplitBN(eqx.Module):
 
 def test_tent_relays_the_first_verdict_as_use_stream_does():
     _, xs, zs, first, second, _ = relay_stream()
-    mode = RELAY
     model, state = eqx.nn.make_with_state(SplitBN)()
     for bn in (model.two.first, model.two.second):
         stored = {**state.get(bn.state_index), "mean": RUNNING[0], "var": RUNNING[1]}
         state = state.set(bn.state_index, jax.tree.map(jnp.asarray, stored))
-    tent = jbn.equinox.Tent(eqx.nn.inference_mode(model), state, tx=optax.adam(1e-2), stream=mode)
+    tent = jbn.equinox.Tent(eqx.nn.inference_mode(model), state, tx=optax.adam(1e-2), stream=RELAY)
     for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
         tent.update(jnp.concatenate([x, z], -1).transpose(0, 3, 1, 2))
         assert_memory(tent.state.get(model.two.first.state_index), want_first)

@@ -139,10 +139,9 @@ class TwoBatchNorms(nnx.Module):
 def test_the_first_batch_norms_verdict_gates_the_next_ones_cut_as_numpy_does():
     """The second batch norm's memory is cut only by examples the first finds far from training."""
     _, xs, zs, first, second, _ = relay_stream()
-    mode = RELAY
     model = TwoBatchNorms()
     model.eval()
-    model = jbn.nnx.use_stream(model, mode)
+    model = jbn.nnx.use_stream(model, RELAY)
     run = nnx.jit(lambda m, x, z: m(x, z))
     for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
         run(model, x, z)
@@ -166,10 +165,9 @@ class SplitBN(nnx.Module):
 
 def test_tent_relays_the_first_verdict_as_use_stream_does():
     _, xs, zs, first, second, _ = relay_stream()
-    mode = RELAY
     model = SplitBN()
     model.eval()
-    tent = jbn.nnx.Tent(model, tx=optax.adam(1e-2), stream=mode)
+    tent = jbn.nnx.Tent(model, tx=optax.adam(1e-2), stream=RELAY)
     for x, z, want_first, want_second in zip(xs, zs, first, second, strict=True):
         tent.update(jnp.concatenate([x, z], -1))
         assert_memory(model.two.first, want_first)
